@@ -1,0 +1,25 @@
+//! The cq worker: keeps one websocket to the broker, runs the jobs it is pushed as Docker
+//! containers, and streams their logs and outputs back. The Docker executor and the
+//! reconnecting controller arrive with the worker daemon; today this crate only names the
+//! defaults a worker announces in its hello.
+
+use protocol::messages::{HeldJob, WorkerHello};
+use protocol::{PROTOCOL_VERSION, WorkerId};
+
+/// Jobs a worker runs at once unless told otherwise.
+pub const DEFAULT_SLOTS: u32 = 1;
+
+/// The hello a worker with these settings sends first.
+pub fn hello(worker_id: WorkerId, queues: Vec<String>, slots: u32, held: Vec<HeldJob>) -> WorkerHello {
+    WorkerHello {
+        protocol: PROTOCOL_VERSION,
+        token: None,
+        worker_id,
+        queues,
+        slots,
+        gpus: 0,
+        tags: Vec::new(),
+        held,
+        agent: Some(concat!("cq-worker/", env!("CARGO_PKG_VERSION")).into()),
+    }
+}
