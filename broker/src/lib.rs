@@ -1,8 +1,24 @@
 //! The cq broker: holds every queue in memory, makes changes durable in a snapshot log, pushes
 //! jobs to workers over websockets and streams state and logs to watchers.
+//!
+//! A request flows through the modules in this order: [`http`] or [`ws`] (parse, authenticate,
+//! [`submission`] normalises definitions) → [`runtime`] (the core task and the log writer) →
+//! [`core`] (the state machine) → [`event`] records written by [`log`] → [`outbox`] (delivery
+//! to connections).
 
+pub mod auth;
 pub mod core;
 pub mod event;
+pub mod http;
+pub mod log;
+pub mod outbox;
+pub mod runtime;
+pub mod server;
+pub mod submission;
+pub mod ui;
+pub mod ws;
+
+pub use server::{Config, run};
 
 /// How the broker names itself in welcomes.
 pub const BROKER_AGENT: &str = concat!("cq/", env!("CARGO_PKG_VERSION"));

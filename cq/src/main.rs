@@ -1,1 +1,235 @@
-fn main(){}
+//! The `cq` command: argument parsing, logging setup, signals and wiring. The work is done by
+//! the broker and worker libraries and by [`client`].
+
+mod client;
+mod commands;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// cq: run containerised jobs on remote computers, reliably, and watch them live.
+///
+/// Start everything on this machine with `cq dev`, then submit a job with
+/// `cq submit --image busybox --wait -- echo hello`.
+#[derive(Debug, Parser)]
+#[command(name = "cq", version, propagate_version = true, max_term_width = 100)]
+struct Cli {
+    /// Log format of the broker and worker.
+    #[arg(long, global = true, env = "CQ_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info`, `debug`, `broker=debug`.
+    #[arg(long, global = true, env = "CQ_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a broker on this machine with embedded defaults (loopback, no tokens).
+    Dev(DevArgs),
+    /// Run a broker: queues in memory, durable in a snapshot log, websockets and HTTP.
+    Broker(BrokerArgs),
+    /// Put a job on a queue; print its id, or follow it with --wait.
+    Submit(SubmitArgs),
+    /// Show a job, a queue, or all queues.
+    Status(StatusArgs),
+    /// Print a job's logs; follow them with -f.
+    Logs(LogsArgs),
+    /// Cancel a queued or running job.
+    Cancel(CancelArgs),
+}
+
+/// Where the broker is and how to authenticate to it.
+#[derive(Debug, Args, Clone)]
+struct Connection {
+    /// Broker URL.
+    #[arg(long, env = "CQ_URL", default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// Client token, if the broker requires one.
+    #[arg(long, env = "CQ_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct DevArgs {
+    /// Address to listen on.
+    #[arg(long, env = "CQ_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Where the broker keeps its log (default: the user's data directory).
+    #[arg(long, env = "CQ_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct BrokerArgs {
+    /// Address to listen on.
+    #[arg(long, env = "CQ_LISTEN", default_value = "127.0.0.1:8000")]
+    listen: SocketAddr,
+    /// Directory for the snapshot log.
+    #[arg(long, env = "CQ_DATA_DIR", default_value = "cq-data")]
+    data_dir: PathBuf,
+    /// `always`: fsync before acknowledging (default, survives power loss). `never`: leave it to
+    /// the OS (survives the broker being killed, not the machine crashing).
+    #[arg(long, env = "CQ_FSYNC", value_enum, default_value_t = Fsync::Always)]
+    fsync: Fsync,
+    /// Token clients must present.
+    #[arg(long, env = "CQ_CLIENT_TOKEN", hide_env_values = true, conflicts_with = "client_token_file")]
+    client_token: Option<String>,
+    /// File holding the client token.
+    #[arg(long, env = "CQ_CLIENT_TOKEN_FILE")]
+    client_token_file: Option<PathBuf>,
+    /// Token workers must present.
+    #[arg(long, env = "CQ_WORKER_TOKEN", hide_env_values = true, conflicts_with = "worker_token_file")]
+    worker_token: Option<String>,
+    /// File holding the worker token.
+    #[arg(long, env = "CQ_WORKER_TOKEN_FILE")]
+    worker_token_file: Option<PathBuf>,
+    /// How long finished jobs and their logs are kept.
+    #[arg(long, env = "CQ_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    retention: std::time::Duration,
+    /// How long a disconnected worker keeps its jobs before they are queued again.
+    #[arg(long, env = "CQ_LEASE_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+    lease_grace: std::time::Duration,
+    /// Lost attempts a job survives unless its submission says otherwise.
+    #[arg(long, env = "CQ_RETRIES", default_value_t = 3)]
+    retries: u32,
+    /// Largest log kept per job, in bytes.
+    #[arg(long, env = "CQ_MAX_LOG_BYTES", default_value_t = 16 << 20)]
+    max_log_bytes: usize,
+    /// Largest HTTP request body, in bytes.
+    #[arg(long, env = "CQ_MAX_BODY", default_value_t = broker::http::DEFAULT_MAX_BODY)]
+    max_body: u64,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Fsync {
+    Always,
+    Never,
+}
+
+#[derive(Debug, Args)]
+struct SubmitArgs {
+    #[command(flatten)]
+    conn: Connection,
+    /// Queue to put the job on.
+    #[arg(long, short, env = "CQ_QUEUE", default_value = "local")]
+    queue: String,
+    /// Docker image to run.
+    #[arg(long, short)]
+    image: Option<String>,
+    /// A job definition in JSON (see docs/protocol.md); flags override its fields.
+    #[arg(long, short)]
+    file: Option<PathBuf>,
+    /// Environment variable for the job, KEY=VALUE; repeatable.
+    #[arg(long, short, value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Longest the job may run, e.g. 90s, 20m, 1h.
+    #[arg(long)]
+    max_duration: Option<String>,
+    /// Tag a worker must carry; repeatable.
+    #[arg(long)]
+    tag: Vec<String>,
+    /// Namespace: a newer job in the same namespace supersedes this one.
+    #[arg(long, env = "CQ_NAMESPACE")]
+    namespace: Option<String>,
+    /// Higher runs first.
+    #[arg(long)]
+    priority: Option<i32>,
+    /// Run again even if a finished result is cached.
+    #[arg(long)]
+    force: bool,
+    /// Lost attempts the job survives.
+    #[arg(long)]
+    retries: Option<u32>,
+    /// Follow the job: print its logs live and exit with its exit code.
+    #[arg(long, short)]
+    wait: bool,
+    /// The command to run, after `--`.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    conn: Connection,
+    /// A job id; without it, show the queue (or every queue).
+    job: Option<String>,
+    /// Queue to show.
+    #[arg(long, short, env = "CQ_QUEUE")]
+    queue: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct LogsArgs {
+    #[command(flatten)]
+    conn: Connection,
+    job: String,
+    /// Keep following until the job finishes.
+    #[arg(long, short)]
+    follow: bool,
+    /// Start at this line.
+    #[arg(long, default_value_t = 0)]
+    since: u64,
+}
+
+#[derive(Debug, Args)]
+struct CancelArgs {
+    #[command(flatten)]
+    conn: Connection,
+    job: String,
+    /// Only withdraw this namespace's interest; the job stops when no one wants it.
+    #[arg(long)]
+    namespace: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log, cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cq: cannot start the async runtime: {e}");
+            return ExitCode::from(125);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Dev(a) => commands::dev(a).await,
+            Command::Broker(a) => commands::broker(a).await,
+            Command::Submit(a) => commands::submit(a).await,
+            Command::Status(a) => commands::status(a).await,
+            Command::Logs(a) => commands::logs(a).await,
+            Command::Cancel(a) => commands::cancel(a).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cq: {e:#}");
+            ExitCode::from(125)
+        }
+    }
+}
+
+fn init_tracing(filter: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,425 @@
+//! The HTTP layer (warp): the JSON API under `/q` and `/j`, server-sent events, health and
+//! metrics, the websocket upgrades and the embedded UI. Documented in `docs/http-api.md`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::fmt::Write;
+use std::sync::Arc;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
+use protocol::JobId;
+use protocol::definition::parse_json;
+use protocol::job::JobState;
+use protocol::messages::{ErrorBody, ErrorCode, SubmitBody, SubmitOutcome};
+use serde::Deserialize;
+use serde_json::json;
+use warp::http::StatusCode;
+use warp::{Filter, Rejection, Reply};
+
+use crate::auth::{Role, bearer};
+use crate::core::{Command, Reply as CoreReply};
+use crate::runtime::ReplyTo;
+use crate::ws::{self, Context};
+use crate::{submission, ui};
+
+/// Largest request body accepted by default (a submission with inline inputs).
+pub const DEFAULT_MAX_BODY: u64 = 4 << 20;
+/// Default and largest page of log lines.
+pub const LOG_PAGE: usize = 10_000;
+
+/// An API error on its way to becoming a JSON response.
+#[derive(Debug)]
+struct ApiError(ErrorBody);
+
+impl warp::reject::Reject for ApiError {}
+
+fn reject(code: ErrorCode, message: impl Into<String>) -> Rejection {
+    warp::reject::custom(ApiError(ErrorBody::new(code, message)))
+}
+
+/// HTTP status of each error code.
+pub fn status_of(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::BadMessage | ErrorCode::VersionMismatch => StatusCode::BAD_REQUEST,
+        ErrorCode::InvalidDefinition => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden => StatusCode::FORBIDDEN,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::Conflict | ErrorCode::StaleAttempt => StatusCode::CONFLICT,
+        ErrorCode::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+fn error_reply(body: ErrorBody) -> warp::reply::Response {
+    let status = status_of(body.code);
+    let mut resp = warp::reply::with_status(warp::reply::json(&json!({ "error": body })), status).into_response();
+    if body.code == ErrorCode::Unauthorized {
+        resp.headers_mut().insert("www-authenticate", warp::http::HeaderValue::from_static("Bearer"));
+    }
+    resp
+}
+
+fn json_reply<T: serde::Serialize>(status: StatusCode, value: &T) -> warp::reply::Response {
+    warp::reply::with_status(warp::reply::json(value), status).into_response()
+}
+
+/// Turns a core reply into a response; `ok` renders the success case.
+fn respond(reply: CoreReply, ok: impl FnOnce(CoreReply) -> warp::reply::Response) -> warp::reply::Response {
+    match reply {
+        CoreReply::Error(e) => error_reply(e),
+        other => ok(other),
+    }
+}
+
+/// All routes, with errors rendered as JSON.
+pub fn routes(ctx: Arc<Context>, max_body: u64) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone {
+    let with_ctx = {
+        let ctx = ctx.clone();
+        warp::any().map(move || ctx.clone())
+    };
+    let client = with_ctx.clone().and(client_auth(ctx.clone()));
+    let ready = with_ctx.clone().and_then(|ctx: Arc<Context>| async move {
+        if ctx.handle.is_ready() { Ok(ctx) } else { Err(reject(ErrorCode::Unavailable, "the broker is still recovering its log")) }
+    });
+
+    let healthz = warp::path!("healthz").and(warp::get()).map(|| warp::reply::with_status("ok\n", StatusCode::OK).into_response());
+    let readyz = warp::path!("readyz").and(warp::get()).and(with_ctx.clone()).map(|ctx: Arc<Context>| {
+        if ctx.handle.is_ready() {
+            warp::reply::with_status("ready\n", StatusCode::OK).into_response()
+        } else {
+            warp::reply::with_status("recovering\n", StatusCode::SERVICE_UNAVAILABLE).into_response()
+        }
+    });
+    let metrics = warp::path!("metrics").and(warp::get()).and(ready.clone()).then(metrics);
+
+    let submit = warp::path!("q" / String / "j")
+        .and(warp::post())
+        .and(client.clone())
+        .and(body_limited(max_body))
+        .and_then(|queue: String, ctx: Arc<Context>, body: Bytes| async move {
+            let parsed = parse_json::<SubmitBody>(&body).map_err(|e| {
+                let code = if e.malformed { ErrorCode::BadMessage } else { ErrorCode::InvalidDefinition };
+                reject(code, e.to_string())
+            })?;
+            let submit = submission::prepare(&queue, parsed.definition, parsed.namespace, parsed.priority, parsed.force, parsed.retries)
+                .map_err(|e| warp::reject::custom(ApiError(e)))?;
+            let reply = ctx.handle.call(Command::Submit(submit)).await;
+            Ok::<_, Rejection>(respond(reply, |r| match r {
+                CoreReply::Submitted { outcome, job } => {
+                    let status = if matches!(outcome, SubmitOutcome::Created | SubmitOutcome::Rerun) { StatusCode::CREATED } else { StatusCode::OK };
+                    json_reply(status, &json!({ "jobId": job.id, "outcome": outcome, "job": job }))
+                }
+                other => unexpected(other),
+            }))
+        });
+
+    let list = warp::path!("q" / String / "j")
+        .and(warp::get())
+        .and(client.clone())
+        .and(warp::query::<ListQuery>())
+        .and_then(|queue: String, ctx: Arc<Context>, q: ListQuery| async move {
+            let state = match q.state.as_deref() {
+                None => None,
+                Some(s) => Some(serde_json::from_value::<JobState>(json!(s)).map_err(|_| reject(ErrorCode::BadMessage, format!("unknown state `{s}`; use queued, assigned, running or finished")))?),
+            };
+            let reply = ctx.handle.call(Command::ListJobs { queue, state, limit: q.limit.unwrap_or(100) }).await;
+            Ok::<_, Rejection>(respond(reply, |r| match r {
+                CoreReply::Jobs(jobs) => json_reply(StatusCode::OK, &json!({ "jobs": jobs })),
+                other => unexpected(other),
+            }))
+        });
+
+    let summary = warp::path!("q" / String).and(warp::get()).and(client.clone()).then(|queue: String, ctx: Arc<Context>| async move {
+        respond(ctx.handle.call(Command::Summary { queue: Some(queue) }).await, |r| match r {
+            CoreReply::Summary(mut s) if !s.is_empty() => json_reply(StatusCode::OK, &s.remove(0)),
+            other => unexpected(other),
+        })
+    });
+    let queues = warp::path!("q").and(warp::get()).and(client.clone()).then(|ctx: Arc<Context>| async move {
+        respond(ctx.handle.call(Command::Summary { queue: None }).await, |r| match r {
+            CoreReply::Summary(s) => json_reply(StatusCode::OK, &json!({ "queues": s })),
+            other => unexpected(other),
+        })
+    });
+
+    let job = warp::path!("j" / String).and(warp::get()).and(client.clone()).and_then(|id: String, ctx: Arc<Context>| async move {
+        let job = parse_id(&id)?;
+        Ok::<_, Rejection>(respond(ctx.handle.call(Command::GetJob { job }).await, |r| match r {
+            CoreReply::Job(view) => json_reply(StatusCode::OK, &view),
+            other => unexpected(other),
+        }))
+    });
+
+    let logs = warp::path!("j" / String / "logs")
+        .and(warp::get())
+        .and(client.clone())
+        .and(warp::query::<LogsQuery>())
+        .and_then(|id: String, ctx: Arc<Context>, q: LogsQuery| async move {
+            let job = parse_id(&id)?;
+            let limit = q.limit.unwrap_or(LOG_PAGE).min(LOG_PAGE);
+            Ok::<_, Rejection>(respond(ctx.handle.call(Command::GetLogs { job, since: q.since.unwrap_or(0), limit }).await, |r| match r {
+                CoreReply::Logs { offset, lines, total, finished } => {
+                    let next = offset + lines.len() as u64;
+                    json_reply(StatusCode::OK, &json!({ "jobId": job, "offset": offset, "next": next, "total": total, "finished": finished, "lines": lines }))
+                }
+                other => unexpected(other),
+            }))
+        });
+
+    let events = warp::path!("j" / String / "events")
+        .and(warp::get())
+        .and(client.clone())
+        .and(warp::query::<LogsQuery>())
+        .and_then(|id: String, ctx: Arc<Context>, q: LogsQuery| async move {
+            let job = parse_id(&id)?;
+            let stream = follow_job(ctx, job, q.since.unwrap_or(0)).await;
+            Ok::<_, Rejection>(warp::sse::reply(warp::sse::keep_alive().stream(stream)).into_response())
+        });
+
+    let cancel = warp::path!("j" / String / "cancel")
+        .and(warp::post())
+        .and(client.clone())
+        .and(warp::query::<CancelQuery>())
+        .and(body_limited(64 << 10))
+        .and_then(|id: String, ctx: Arc<Context>, q: CancelQuery, body: Bytes| async move {
+            let job = parse_id(&id)?;
+            let from_body = if body.iter().all(u8::is_ascii_whitespace) {
+                None
+            } else {
+                parse_json::<CancelBody>(&body).map_err(|e| reject(ErrorCode::BadMessage, e.to_string()))?.namespace
+            };
+            let namespace = from_body.or(q.namespace);
+            Ok::<_, Rejection>(respond(ctx.handle.call(Command::Cancel { job, namespace }).await, |r| match r {
+                CoreReply::Cancelled(view) => json_reply(StatusCode::OK, &view),
+                other => unexpected(other),
+            }))
+        });
+
+    let forget = warp::path!("j" / String).and(warp::delete()).and(client.clone()).and_then(|id: String, ctx: Arc<Context>| async move {
+        let job = parse_id(&id)?;
+        Ok::<_, Rejection>(respond(ctx.handle.call(Command::Forget { job }).await, |_| StatusCode::NO_CONTENT.into_response()))
+    });
+
+    let ws_client = warp::path!("ws" / "client").and(warp::ws()).and(with_ctx.clone()).and(warp::header::optional::<String>("authorization")).map(
+        |upgrade: warp::ws::Ws, ctx: Arc<Context>, auth: Option<String>| {
+            let token = bearer(auth.as_deref()).map(str::to_string);
+            let ctx = (*ctx).clone();
+            ws::limits(upgrade).on_upgrade(move |socket| ws::serve(socket, Role::Client, ctx, token)).into_response()
+        },
+    );
+    let ws_worker = warp::path!("ws" / "worker").and(warp::ws()).and(with_ctx.clone()).and(warp::header::optional::<String>("authorization")).map(
+        |upgrade: warp::ws::Ws, ctx: Arc<Context>, auth: Option<String>| {
+            let token = bearer(auth.as_deref()).map(str::to_string);
+            let ctx = (*ctx).clone();
+            ws::limits(upgrade).on_upgrade(move |socket| ws::serve(socket, Role::Worker, ctx, token)).into_response()
+        },
+    );
+
+    let api = healthz
+        .or(readyz)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(ws_client)
+        .unify()
+        .or(ws_worker)
+        .unify()
+        .or(submit)
+        .unify()
+        .or(list)
+        .unify()
+        .or(summary)
+        .unify()
+        .or(queues)
+        .unify()
+        .or(logs)
+        .unify()
+        .or(events)
+        .unify()
+        .or(cancel)
+        .unify()
+        .or(job)
+        .unify()
+        .or(forget)
+        .unify()
+        .or(ui::routes())
+        .unify();
+    api.recover(recover).unify().with(warp::reply::with::header("x-content-type-options", "nosniff")).map(Reply::into_response)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    limit: Option<usize>,
+    #[allow(dead_code)]
+    token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    since: Option<u64>,
+    limit: Option<usize>,
+    #[allow(dead_code)]
+    token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelQuery {
+    namespace: Option<String>,
+    #[allow(dead_code)]
+    token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    namespace: Option<String>,
+}
+
+fn unexpected(reply: CoreReply) -> warp::reply::Response {
+    tracing::error!(?reply, "unexpected reply from the core");
+    error_reply(ErrorBody::new(ErrorCode::Internal, "unexpected reply"))
+}
+
+fn parse_id(id: &str) -> Result<JobId, Rejection> {
+    id.parse().map_err(|e: protocol::id::BadDigest| reject(ErrorCode::BadMessage, format!("bad job id: {e}")))
+}
+
+/// Requires the client token, from `Authorization: Bearer` or a `token` query parameter (for
+/// `EventSource`, which cannot set headers).
+fn client_auth(ctx: Arc<Context>) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and(warp::query::<HashMap<String, String>>().or(warp::any().map(HashMap::new)).unify())
+        .and_then(move |header: Option<String>, query: HashMap<String, String>| {
+            let ctx = ctx.clone();
+            async move {
+                let given = bearer(header.as_deref()).or(query.get("token").map(String::as_str));
+                match ctx.tokens.check(Role::Client, given) {
+                    Ok(()) => Ok(()),
+                    Err(ErrorCode::Unauthorized) => Err(reject(ErrorCode::Unauthorized, "this broker requires a client token: send `Authorization: Bearer <token>`")),
+                    Err(code) => Err(reject(code, "wrong client token")),
+                }
+            }
+        })
+        .untuple_one()
+}
+
+/// The request body, refused with 413 beyond `max` bytes (with or without a Content-Length).
+fn body_limited(max: u64) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
+    warp::header::optional::<u64>("content-length").and(warp::body::stream()).and_then(move |len, stream| collect_limited(len, stream, max))
+}
+
+async fn collect_limited<S, B>(len: Option<u64>, stream: S, max: u64) -> Result<Bytes, Rejection>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let too_large = || reject(ErrorCode::TooLarge, format!("the request body is larger than {max} bytes"));
+    if len.is_some_and(|l| l > max) {
+        return Err(too_large());
+    }
+    let mut stream = std::pin::pin!(stream);
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let mut chunk = chunk.map_err(|e| reject(ErrorCode::BadMessage, format!("reading the body: {e}")))?;
+        if buf.len() as u64 + chunk.remaining() as u64 > max {
+            return Err(too_large());
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            buf.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Follows a job as server-sent events: its state now and on each change, and its log from
+/// `since`; the stream ends when the job finishes.
+async fn follow_job(ctx: Arc<Context>, job: JobId, since: u64) -> impl Stream<Item = Result<warp::sse::Event, Infallible>> {
+    let reg = ctx.handle.outbox.register();
+    let conn = reg.conn;
+    ctx.handle.send(Command::WatchJob { conn, job, since, follow: true }, ReplyTo::None).await;
+    let guard = Unwatch { ctx: ctx.clone(), conn };
+    futures_util::stream::unfold((reg, guard), |(mut reg, guard)| async move {
+        let text = reg.rx.recv().await?;
+        Some((Ok(warp::sse::Event::default().data(text.to_string())), (reg, guard)))
+    })
+}
+
+/// Tells the core that an event stream ended, however it ended.
+struct Unwatch {
+    ctx: Arc<Context>,
+    conn: u64,
+}
+
+impl Drop for Unwatch {
+    fn drop(&mut self) {
+        let ctx = self.ctx.clone();
+        let conn = self.conn;
+        ctx.handle.outbox.unregister(conn);
+        tokio::spawn(async move {
+            ctx.handle.send(Command::Disconnected { conn }, ReplyTo::None).await;
+        });
+    }
+}
+
+async fn metrics(ctx: Arc<Context>) -> warp::reply::Response {
+    let CoreReply::Overview(o) = ctx.handle.call(Command::Overview).await else {
+        return error_reply(ErrorBody::new(ErrorCode::Unavailable, "no metrics"));
+    };
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family("cq_jobs", "gauge", "Jobs held by the broker, by queue and state (queued = not yet assigned).");
+    let mut text = std::mem::take(&mut out);
+    for q in &o.queues {
+        for (state, n) in [("queued", q.queued), ("assigned", q.assigned), ("running", q.running), ("finished", q.finished)] {
+            let _ = writeln!(text, "cq_jobs{{queue=\"{}\",state=\"{state}\"}} {n}", q.queue);
+        }
+    }
+    let gauge = |text: &mut String, name: &str, help: &str, value: &dyn Fn(&protocol::job::QueueSummary) -> f64| {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for q in &o.queues {
+            let _ = writeln!(text, "{name}{{queue=\"{}\"}} {}", q.queue, value(q));
+        }
+    };
+    gauge(&mut text, "cq_oldest_queued_seconds", "Age of the oldest queued job.", &|q| q.oldest_queued_ms.unwrap_or(0) as f64 / 1000.0);
+    gauge(&mut text, "cq_workers", "Connected workers serving the queue.", &|q| q.workers as f64);
+    gauge(&mut text, "cq_slots", "Job slots of the connected workers.", &|q| q.slots as f64);
+    gauge(&mut text, "cq_free_slots", "Free job slots of connected, non-draining workers.", &|q| q.free_slots as f64);
+    let _ = writeln!(text, "# HELP cq_jobs_finished_total Jobs finished since the broker started, by reason.\n# TYPE cq_jobs_finished_total counter");
+    for (queue, reason, n) in &o.finished {
+        let _ = writeln!(text, "cq_jobs_finished_total{{queue=\"{queue}\",reason=\"{}\"}} {n}", reason.as_str());
+    }
+    let _ = writeln!(text, "# HELP cq_dispatched_total Assignments pushed to workers since the broker started.\n# TYPE cq_dispatched_total counter\ncq_dispatched_total {}", o.dispatched);
+    let _ = writeln!(text, "# HELP cq_connections Open websocket and event-stream connections.\n# TYPE cq_connections gauge\ncq_connections {}", ctx.handle.outbox.connections());
+    warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4").into_response()
+}
+
+async fn recover(rejection: Rejection) -> Result<warp::reply::Response, Infallible> {
+    let body = if let Some(ApiError(body)) = rejection.find::<ApiError>() {
+        body.clone()
+    } else if rejection.is_not_found() {
+        ErrorBody::new(ErrorCode::NotFound, "no such endpoint; see docs/http-api.md")
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        return Ok(json_reply(StatusCode::METHOD_NOT_ALLOWED, &json!({ "error": ErrorBody::new(ErrorCode::BadMessage, "method not allowed on this endpoint") })));
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        ErrorBody::new(ErrorCode::TooLarge, "the request body is too large")
+    } else if let Some(e) = rejection.find::<warp::reject::InvalidQuery>() {
+        ErrorBody::new(ErrorCode::BadMessage, format!("bad query string: {e}"))
+    } else if let Some(e) = rejection.find::<warp::reject::InvalidHeader>() {
+        ErrorBody::new(ErrorCode::BadMessage, format!("bad header: {e}"))
+    } else {
+        ErrorBody::new(ErrorCode::BadMessage, format!("bad request: {rejection:?}"))
+    };
+    Ok(error_reply(body))
+}

@@ -1,0 +1,342 @@
+//! Runs the core. One task owns the [`Core`] and applies commands in batches; a writer thread
+//! appends each batch's events to the log and fsyncs once for every group of batches waiting
+//! (group commit), and only then delivers the batch's messages and replies. So nothing is
+//! acknowledged, and no worker or watcher hears of a change, before it is durable.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use protocol::close;
+use protocol::messages::{BrokerToClient, BrokerToWorker, ErrorBody, ErrorCode};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::core::{Command, ConnId, Core, CoreConfig, Effect, Reply};
+use crate::event::SnapshotV1;
+use crate::log::{Log, LogError, SNAPSHOT_AFTER_BYTES, encode_event};
+use crate::outbox::Outbox;
+
+/// Commands waiting for the core task before senders wait.
+pub const COMMAND_QUEUE: usize = 8192;
+/// Most commands the core applies before handing a batch to the writer.
+pub const MAX_BATCH: usize = 1024;
+/// Batches waiting for the writer before the core task waits.
+pub const WRITER_QUEUE: usize = 64;
+
+/// When the log is fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncMode {
+    /// Before every acknowledgement (batched by group commit). Survives power loss.
+    Always,
+    /// Never explicitly: data reaches the OS before acknowledgements, so it survives the broker
+    /// being killed, but a machine crash can lose the last seconds.
+    Never,
+}
+
+/// Where the answer to a command goes.
+#[derive(Debug)]
+pub enum ReplyTo {
+    None,
+    /// A caller waiting on the reply (HTTP).
+    Call(oneshot::Sender<Reply>),
+    /// A client socket: the reply becomes a message, tagged with the client's request number.
+    Client { conn: ConnId, request: Option<u64> },
+    /// A worker socket: errors become messages.
+    Worker { conn: ConnId },
+}
+
+#[derive(Debug)]
+struct Request {
+    cmd: Command,
+    reply: ReplyTo,
+}
+
+/// A cheap, cloneable handle to the running core.
+#[derive(Debug, Clone)]
+pub struct Handle {
+    tx: mpsc::Sender<Request>,
+    pub outbox: Arc<Outbox>,
+    ready: Arc<AtomicBool>,
+}
+
+impl Handle {
+    /// Applies `cmd` and waits for the reply; for changes, until they are durable.
+    pub async fn call(&self, cmd: Command) -> Reply {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Request { cmd, reply: ReplyTo::Call(tx) }).await.is_err() {
+            return unavailable();
+        }
+        rx.await.unwrap_or_else(|_| unavailable())
+    }
+
+    /// Queues `cmd`; its reply, if any, goes where `reply` says. Returns false if the core has
+    /// stopped.
+    pub async fn send(&self, cmd: Command, reply: ReplyTo) -> bool {
+        self.tx.send(Request { cmd, reply }).await.is_ok()
+    }
+
+    /// True once recovery has finished and commands are being applied.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+}
+
+fn unavailable() -> Reply {
+    Reply::Error(ErrorBody::new(ErrorCode::Unavailable, "the broker is shutting down or cannot write its log"))
+}
+
+/// Wall-clock milliseconds derived from tokio's clock, so that a paused test clock drives the
+/// core's notion of time too.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    wall0: u64,
+    t0: Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        let wall0 = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        Clock { wall0, t0: Instant::now() }
+    }
+
+    pub fn now(&self) -> u64 {
+        self.wall0 + self.t0.elapsed().as_millis() as u64
+    }
+
+    fn instant(&self, ms: u64) -> Instant {
+        self.t0 + Duration::from_millis(ms.saturating_sub(self.wall0))
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+#[derive(Debug)]
+enum Delivery {
+    Effect(Effect),
+    Reply(oneshot::Sender<Reply>, Reply),
+}
+
+#[derive(Debug, Default)]
+struct Batch {
+    bytes: Vec<u8>,
+    deliveries: Vec<Delivery>,
+    snapshot: Option<SnapshotV1>,
+}
+
+/// Settings of the store and core.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub data_dir: PathBuf,
+    pub fsync: FsyncMode,
+    pub core: CoreConfig,
+}
+
+/// Starts the core task (which first recovers the log). The returned future ends with the
+/// core: after `shutdown` flips to true, or on a storage failure.
+pub fn start(config: StoreConfig, shutdown: watch::Receiver<bool>) -> (Handle, tokio::task::JoinHandle<Result<(), LogError>>) {
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let outbox = Arc::new(Outbox::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let handle = Handle { tx, outbox: outbox.clone(), ready: ready.clone() };
+    let task = tokio::spawn(core_task(config, rx, outbox, ready, shutdown));
+    (handle, task)
+}
+
+async fn core_task(
+    config: StoreConfig,
+    mut rx: mpsc::Receiver<Request>,
+    outbox: Arc<Outbox>,
+    ready: Arc<AtomicBool>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), LogError> {
+    let StoreConfig { data_dir, fsync, core: core_config } = config;
+    let started = std::time::Instant::now();
+    let (mut core, log, report) = tokio::task::spawn_blocking(move || {
+        let mut core = Core::new(core_config);
+        let (log, report) = Log::recover(&data_dir, &mut core)?;
+        Ok::<_, LogError>((core, log, report))
+    })
+    .await
+    .expect("recovery does not panic")?;
+    let clock = Clock::new();
+    core.finish_recovery(clock.now());
+    tracing::info!(
+        jobs = core.job_count(),
+        snapshot_jobs = report.snapshot_jobs,
+        replayed_events = report.replayed_events,
+        truncated_bytes = report.truncated_bytes,
+        generation = report.generation,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "recovered"
+    );
+    let mut log_bytes = log.bytes_since_snapshot;
+    let (wtx, wrx) = mpsc::channel::<Batch>(WRITER_QUEUE);
+    let writer_outbox = outbox.clone();
+    let writer = std::thread::Builder::new()
+        .name("cq-log-writer".into())
+        .spawn(move || writer_loop(log, wrx, writer_outbox, fsync))
+        .expect("spawning the log writer");
+    if report.replayed_events > 0 {
+        // Fold the replayed tail into a fresh snapshot so the next start is fast.
+        let _ = wtx.send(Batch { snapshot: Some(core.snapshot()), ..Default::default() }).await;
+        log_bytes = 0;
+    }
+    ready.store(true, Ordering::Release);
+
+    loop {
+        let deadline = core.next_deadline().map(|d| clock.instant(d));
+        let first = tokio::select! {
+            biased;
+            _ = stopped(&mut shutdown) => break,
+            r = rx.recv() => match r {
+                Some(r) => Some(r),
+                None => break,
+            },
+            _ = sleep_until(deadline) => None,
+        };
+        let mut batch = Batch::default();
+        match first {
+            Some(req) => apply(&mut core, &clock, req, &mut batch),
+            None => apply(&mut core, &clock, Request { cmd: Command::Tick, reply: ReplyTo::None }, &mut batch),
+        }
+        for _ in 1..MAX_BATCH {
+            match rx.try_recv() {
+                Ok(req) => apply(&mut core, &clock, req, &mut batch),
+                Err(_) => break,
+            }
+        }
+        if batch.bytes.is_empty() && batch.deliveries.is_empty() {
+            continue;
+        }
+        log_bytes += batch.bytes.len() as u64;
+        if log_bytes >= SNAPSHOT_AFTER_BYTES {
+            batch.snapshot = Some(core.snapshot());
+            log_bytes = 0;
+        }
+        if wtx.send(batch).await.is_err() {
+            break;
+        }
+    }
+    ready.store(false, Ordering::Release);
+    // Commands still queued were never acknowledged; dropping them tells their callers so.
+    rx.close();
+    let _ = wtx.send(Batch { snapshot: Some(core.snapshot()), ..Default::default() }).await;
+    drop(wtx);
+    tokio::task::spawn_blocking(move || writer.join().expect("the log writer does not panic")).await.expect("joining the writer")
+}
+
+/// Resolves once the shutdown flag is set (never, if its sender is gone without setting it).
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Applies one request and records its events, effects and reply in the batch, in order.
+fn apply(core: &mut Core, clock: &Clock, req: Request, batch: &mut Batch) {
+    let is_read = req.cmd.is_read();
+    let reply = core.apply(clock.now(), req.cmd);
+    let (events, effects) = core.take_output();
+    for e in &events {
+        encode_event(e, &mut batch.bytes);
+    }
+    batch.deliveries.extend(effects.into_iter().map(Delivery::Effect));
+    match req.reply {
+        ReplyTo::None => {}
+        ReplyTo::Call(tx) if is_read => {
+            let _ = tx.send(reply);
+        }
+        ReplyTo::Call(tx) => batch.deliveries.push(Delivery::Reply(tx, reply)),
+        ReplyTo::Client { conn, request } => {
+            let msg = match reply {
+                Reply::Submitted { outcome, job } => Some(BrokerToClient::Submitted { request, outcome, job }),
+                Reply::Cancelled(job) => Some(BrokerToClient::Cancelled { request, job }),
+                Reply::Error(mut e) => {
+                    e.request = request;
+                    Some(BrokerToClient::Error(e))
+                }
+                _ => None,
+            };
+            if let Some(msg) = msg {
+                batch.deliveries.push(Delivery::Effect(Effect::Client { to: vec![conn], msg: Arc::new(msg) }));
+            }
+        }
+        ReplyTo::Worker { conn } => {
+            if let Reply::Error(e) = reply {
+                batch.deliveries.push(Delivery::Effect(Effect::Worker { to: conn, msg: BrokerToWorker::Error(e) }));
+            }
+        }
+    }
+}
+
+/// Most batches written with one fsync.
+const MAX_GROUP: usize = 256;
+
+fn writer_loop(mut log: Log, mut rx: mpsc::Receiver<Batch>, outbox: Arc<Outbox>, fsync: FsyncMode) -> Result<(), LogError> {
+    while let Some(first) = rx.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(b) => group.push(b),
+                Err(_) => break,
+            }
+        }
+        let written = write_group(&mut log, &group, fsync);
+        if let Err(e) = written {
+            tracing::error!(error = %e, "the log cannot be written; stopping so that nothing unsaved is acknowledged");
+            for b in group {
+                for d in b.deliveries {
+                    if let Delivery::Reply(tx, _) = d {
+                        let _ = tx.send(unavailable());
+                    }
+                }
+            }
+            outbox.close_all(close::GOING_AWAY, "broker storage failure");
+            return Err(e);
+        }
+        for b in group {
+            for d in b.deliveries {
+                match d {
+                    Delivery::Effect(e) => outbox.deliver(e),
+                    Delivery::Reply(tx, r) => {
+                        let _ = tx.send(r);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn write_group(log: &mut Log, group: &[Batch], fsync: FsyncMode) -> Result<(), LogError> {
+    let mut unsynced = false;
+    for b in group {
+        if !b.bytes.is_empty() {
+            log.append(&b.bytes)?;
+            unsynced = true;
+        }
+        if let Some(s) = &b.snapshot {
+            log.rotate(s)?;
+            unsynced = false;
+        }
+    }
+    if unsynced && fsync == FsyncMode::Always {
+        log.sync()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! The websocket layer: `/ws/client` for browsers and CLIs, `/ws/worker` for workers. Each
+//! socket starts with a versioned hello, then carries JSON messages both ways. Inbound messages
+//! become core commands; outbound ones come from the connection's bounded queue in the outbox.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use protocol::definition::parse_json;
+use protocol::messages::{BrokerToClient, BrokerToWorker, ClientToBroker, ErrorBody, ErrorCode, WorkerToBroker};
+use protocol::{MAX_WS_MESSAGE, PROTOCOL_VERSION, close};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use warp::ws::{Message, WebSocket};
+
+use crate::auth::{Role, Tokens};
+use crate::core::{Command, ConnId, Reply};
+use crate::outbox::Registration;
+use crate::runtime::{Handle, ReplyTo};
+use crate::submission;
+
+/// How long a new socket may take to send its hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the broker pings each socket.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+/// A socket silent for this long is closed as dead.
+pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Most queued outbound messages written before one flush.
+const WRITE_BATCH: usize = 64;
+
+/// What every socket task needs.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub handle: Handle,
+    pub tokens: Tokens,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
+type Stream = futures_util::stream::SplitStream<WebSocket>;
+
+/// Applies the size limits to an upgrade.
+pub fn limits(ws: warp::ws::Ws) -> warp::ws::Ws {
+    ws.max_message_size(MAX_WS_MESSAGE).max_frame_size(MAX_WS_MESSAGE)
+}
+
+/// Serves one socket of `role`. `header_token` is the bearer token of the upgrade request.
+pub async fn serve(socket: WebSocket, role: Role, ctx: Context, header_token: Option<String>) {
+    let (mut sink, mut stream) = socket.split();
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, next_text(&mut stream)).await {
+        Err(_) => return close_with(&mut sink, close::HELLO_TIMEOUT, "no hello within 10 seconds").await,
+        Ok(Err(code)) => return close_with(&mut sink, code, "socket error before hello").await,
+        Ok(Ok(None)) => return,
+        Ok(Ok(Some(text))) => text,
+    };
+    match role {
+        Role::Client => client_session(sink, stream, ctx, header_token, hello).await,
+        Role::Worker => worker_session(sink, stream, ctx, header_token, hello).await,
+    }
+}
+
+async fn client_session(mut sink: Sink, stream: Stream, ctx: Context, header_token: Option<String>, hello: String) {
+    let hello = match parse_json::<ClientToBroker>(hello.as_bytes()) {
+        Ok(ClientToBroker::Hello(h)) => h,
+        Ok(_) => return refuse(&mut sink, Role::Client, ErrorCode::BadMessage, close::BAD_HELLO, "the first message must be a hello".into()).await,
+        Err(e) => return refuse(&mut sink, Role::Client, ErrorCode::BadMessage, close::BAD_HELLO, format!("malformed hello: {e}")).await,
+    };
+    if hello.protocol != PROTOCOL_VERSION {
+        let m = format!("this broker speaks protocol {PROTOCOL_VERSION}, the client {}", hello.protocol);
+        return refuse(&mut sink, Role::Client, ErrorCode::VersionMismatch, close::VERSION_MISMATCH, m).await;
+    }
+    if let Err(code) = ctx.tokens.check(Role::Client, header_token.as_deref().or(hello.token.as_deref())) {
+        return refuse(&mut sink, Role::Client, code, close::UNAUTHORIZED, token_message(code, Role::Client)).await;
+    }
+    let reg = ctx.handle.outbox.register();
+    let welcome = BrokerToClient::Welcome { protocol: PROTOCOL_VERSION, broker: crate::BROKER_AGENT.into() };
+    if sink.send(Message::text(serde_json::to_string(&welcome).expect("serialises"))).await.is_err() {
+        ctx.handle.outbox.unregister(reg.conn);
+        return;
+    }
+    tracing::debug!(conn = reg.conn, agent = hello.agent.as_deref().unwrap_or(""), "client connected");
+    session_loop(sink, stream, reg, &ctx, Role::Client).await;
+}
+
+async fn worker_session(mut sink: Sink, stream: Stream, ctx: Context, header_token: Option<String>, hello: String) {
+    let hello = match parse_json::<WorkerToBroker>(hello.as_bytes()) {
+        Ok(WorkerToBroker::Hello(h)) => h,
+        Ok(_) => return refuse(&mut sink, Role::Worker, ErrorCode::BadMessage, close::BAD_HELLO, "the first message must be a hello".into()).await,
+        Err(e) => return refuse(&mut sink, Role::Worker, ErrorCode::BadMessage, close::BAD_HELLO, format!("malformed hello: {e}")).await,
+    };
+    if hello.protocol != PROTOCOL_VERSION {
+        let m = format!("this broker speaks protocol {PROTOCOL_VERSION}, the worker {}", hello.protocol);
+        return refuse(&mut sink, Role::Worker, ErrorCode::VersionMismatch, close::VERSION_MISMATCH, m).await;
+    }
+    if let Err(code) = ctx.tokens.check(Role::Worker, header_token.as_deref().or(hello.token.as_deref())) {
+        return refuse(&mut sink, Role::Worker, code, close::UNAUTHORIZED, token_message(code, Role::Worker)).await;
+    }
+    let reg = ctx.handle.outbox.register();
+    let worker_id = hello.worker_id.clone();
+    if let Reply::Error(e) = ctx.handle.call(Command::WorkerHello { conn: reg.conn, hello }).await {
+        ctx.handle.outbox.unregister(reg.conn);
+        ctx.handle.send(Command::Disconnected { conn: reg.conn }, ReplyTo::None).await;
+        return refuse(&mut sink, Role::Worker, e.code, close::BAD_HELLO, e.message).await;
+    }
+    tracing::info!(conn = reg.conn, worker = %worker_id, "worker connected");
+    session_loop(sink, stream, reg, &ctx, Role::Worker).await;
+    tracing::info!(worker = %worker_id, "worker disconnected");
+}
+
+fn token_message(code: ErrorCode, role: Role) -> String {
+    let which = if role == Role::Client { "client" } else { "worker" };
+    if code == ErrorCode::Unauthorized {
+        format!("this broker requires a {which} token: send it as `Authorization: Bearer <token>` or in the hello")
+    } else {
+        format!("wrong {which} token")
+    }
+}
+
+/// Answers with an error message, then closes.
+async fn refuse(sink: &mut Sink, role: Role, code: ErrorCode, close_code: u16, message: String) {
+    let body = ErrorBody::new(code, message);
+    let text = match role {
+        Role::Client => serde_json::to_string(&BrokerToClient::Error(body)),
+        Role::Worker => serde_json::to_string(&BrokerToWorker::Error(body)),
+    }
+    .expect("serialises");
+    let _ = sink.send(Message::text(text)).await;
+    close_with(sink, close_code, "refused").await;
+}
+
+async fn close_with(sink: &mut Sink, code: u16, reason: &'static str) {
+    let _ = sink.send(Message::close_with(code, reason)).await;
+    let _ = sink.close().await;
+}
+
+/// The next text message; `Ok(None)` when the peer closed, `Err(code)` on a protocol error.
+async fn next_text(stream: &mut Stream) -> Result<Option<String>, u16> {
+    loop {
+        match stream.next().await {
+            None => return Ok(None),
+            Some(Err(e)) => return Err(error_code(&e)),
+            Some(Ok(m)) if m.is_close() => return Ok(None),
+            Some(Ok(m)) if m.is_text() => return Ok(Some(m.to_str().unwrap_or_default().to_string())),
+            Some(Ok(m)) if m.is_binary() => return Ok(Some(String::new())),
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+fn error_code(e: &warp::Error) -> u16 {
+    let text = e.to_string();
+    if text.contains("Space limit exceeded") || text.contains("too long") || text.contains("Capacity") { close::TOO_BIG } else { 1002 }
+}
+
+async fn session_loop(mut sink: Sink, mut stream: Stream, mut reg: Registration, ctx: &Context, role: Role) {
+    let conn = reg.conn;
+    let mut shutdown = ctx.shutdown.clone();
+    let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT_INTERVAL, HEARTBEAT_INTERVAL);
+    let mut last_heard = Instant::now();
+    let close: Option<(u16, &'static str)> = loop {
+        tokio::select! {
+            inbound = stream.next() => match inbound {
+                None => break None,
+                Some(Err(e)) => break Some((error_code(&e), "websocket error")),
+                Some(Ok(m)) => {
+                    last_heard = Instant::now();
+                    if m.is_close() {
+                        break None;
+                    }
+                    if m.is_text() {
+                        let text = m.to_str().unwrap_or_default();
+                        if let Some(reply) = inbound_message(text, conn, role, ctx).await {
+                            if sink.send(Message::text(reply)).await.is_err() {
+                                break None;
+                            }
+                        }
+                    } else if m.is_binary() {
+                        let e = ErrorBody::new(ErrorCode::BadMessage, "binary frames are not accepted; send JSON text");
+                        if sink.send(Message::text(error_text(role, e))).await.is_err() {
+                            break None;
+                        }
+                    }
+                }
+            },
+            out = reg.rx.recv() => match out {
+                Some(text) => {
+                    if sink.feed(Message::text(text.to_string())).await.is_err() {
+                        break None;
+                    }
+                    let mut n = 1;
+                    while n < WRITE_BATCH {
+                        let Ok(text) = reg.rx.try_recv() else { break };
+                        if sink.feed(Message::text(text.to_string())).await.is_err() {
+                            break;
+                        }
+                        n += 1;
+                    }
+                    if sink.flush().await.is_err() {
+                        break None;
+                    }
+                }
+                // The outbox dropped us: the close signal says why.
+                None => break Some(reg.close.get().unwrap_or((close::LAGGING, "dropped"))),
+            },
+            _ = reg.close.wait() => break reg.close.get(),
+            _ = heartbeat.tick() => {
+                if last_heard.elapsed() > HEARTBEAT_TIMEOUT {
+                    break Some((close::HEARTBEAT_TIMEOUT, "nothing heard within the heartbeat timeout"));
+                }
+                if sink.send(Message::ping(Vec::new())).await.is_err() {
+                    break None;
+                }
+            }
+            _ = crate::runtime::stopped(&mut shutdown) => break Some((close::GOING_AWAY, "broker shutting down")),
+        }
+    };
+    ctx.handle.outbox.unregister(conn);
+    if let Some((code, reason)) = close {
+        // Flush what is still queued (e.g. the last job update before a follow ends) first.
+        while let Ok(text) = reg.rx.try_recv() {
+            let _ = sink.feed(Message::text(text.to_string())).await;
+        }
+        close_with(&mut sink, code, reason).await;
+    }
+    ctx.handle.send(Command::Disconnected { conn }, ReplyTo::None).await;
+}
+
+fn error_text(role: Role, e: ErrorBody) -> String {
+    match role {
+        Role::Client => serde_json::to_string(&BrokerToClient::Error(e)),
+        Role::Worker => serde_json::to_string(&BrokerToWorker::Error(e)),
+    }
+    .expect("serialises")
+}
+
+/// Turns one inbound text message into a command. Returns an error message to send back at
+/// once if the message is not acceptable.
+async fn inbound_message(text: &str, conn: ConnId, role: Role, ctx: &Context) -> Option<String> {
+    match role {
+        Role::Worker => {
+            let msg = match parse_json::<WorkerToBroker>(text.as_bytes()) {
+                Ok(m) => m,
+                Err(e) => return Some(error_text(role, ErrorBody::new(ErrorCode::BadMessage, format!("not a worker message: {e}")))),
+            };
+            ctx.handle.send(Command::Worker { conn, msg }, ReplyTo::Worker { conn }).await;
+            None
+        }
+        Role::Client => {
+            let msg = match parse_json::<ClientToBroker>(text.as_bytes()) {
+                Ok(m) => m,
+                Err(e) => {
+                    let code = if e.field.starts_with("data.definition") { ErrorCode::InvalidDefinition } else { ErrorCode::BadMessage };
+                    return Some(error_text(role, ErrorBody::new(code, format!("not a client message: {e}"))));
+                }
+            };
+            let (cmd, request) = match msg {
+                ClientToBroker::Hello(_) => return Some(error_text(role, ErrorBody::new(ErrorCode::BadMessage, "hello was already sent on this socket"))),
+                ClientToBroker::Submit(m) => match submission::prepare(&m.queue, m.definition, m.namespace, m.priority, m.force, m.retries) {
+                    Ok(s) => (Command::Submit(s), m.request),
+                    Err(mut e) => {
+                        e.request = m.request;
+                        return Some(error_text(role, e));
+                    }
+                },
+                ClientToBroker::Cancel { request, job_id, namespace } => (Command::Cancel { job: job_id, namespace }, request),
+                ClientToBroker::WatchQueue { queue } => (Command::WatchQueue { conn, queue }, None),
+                ClientToBroker::UnwatchQueue { queue } => (Command::UnwatchQueue { conn, queue }, None),
+                ClientToBroker::WatchJob { job_id, since } => (Command::WatchJob { conn, job: job_id, since, follow: false }, None),
+                ClientToBroker::UnwatchJob { job_id } => (Command::UnwatchJob { conn, job: job_id }, None),
+            };
+            ctx.handle.send(cmd, ReplyTo::Client { conn, request }).await;
+            None
+        }
+    }
+}
+
+/// Shared by the HTTP layer: the context as an `Arc` for warp filters.
+pub type SharedContext = Arc<Context>;

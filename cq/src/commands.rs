@@ -1,0 +1,336 @@
+//! The CLI commands: each turns parsed arguments into calls on the broker library or the API
+//! client, and prints what a person wants to see.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context as _, Result, bail};
+use broker::auth::Tokens;
+use broker::core::CoreConfig;
+use broker::runtime::{FsyncMode, StoreConfig};
+use protocol::definition::{DurationSpec, JobDefinition, parse_json};
+use protocol::{FinishReason, JobId, JobState, JobView, LogLine, Stream};
+use serde_json::{Value, json};
+
+use crate::client::Client;
+use crate::{BrokerArgs, CancelArgs, DevArgs, Fsync, LogsArgs, StatusArgs, SubmitArgs};
+
+pub async fn dev(args: DevArgs) -> Result<ExitCode> {
+    let data_dir = match args.data_dir {
+        Some(d) => d,
+        None => dirs::data_local_dir().map(|d| d.join("cq").join("dev")).unwrap_or_else(|| PathBuf::from("cq-dev-data")),
+    };
+    if !args.listen.ip().is_loopback() {
+        tracing::warn!(listen = %args.listen, "cq dev has no tokens; anyone who can reach this address can run jobs. Use `cq broker` with tokens instead");
+    }
+    let config = broker::Config {
+        store: StoreConfig { data_dir: data_dir.clone(), fsync: FsyncMode::Always, core: CoreConfig::default() },
+        tokens: Tokens::default(),
+        max_body: broker::http::DEFAULT_MAX_BODY,
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    eprintln!("cq dev: broker on http://{addr} (data in {})", data_dir.display());
+    eprintln!("cq dev: open http://{addr}/ in a browser; submit with `cq submit --url http://{addr} --image IMAGE --wait -- COMMAND`");
+    broker::run(listener, config, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
+    let read_token = |value: Option<String>, file: Option<PathBuf>, what: &str| -> Result<Option<String>> {
+        let token = match (value, file) {
+            (Some(v), _) => Some(v),
+            (None, Some(f)) => Some(std::fs::read_to_string(&f).with_context(|| format!("reading the {what} token file {}", f.display()))?.trim().to_string()),
+            (None, None) => None,
+        };
+        if token.as_deref() == Some("") {
+            bail!("the {what} token is empty");
+        }
+        Ok(token)
+    };
+    let tokens = Tokens {
+        client: read_token(args.client_token, args.client_token_file, "client")?,
+        worker: read_token(args.worker_token, args.worker_token_file, "worker")?,
+    };
+    if tokens.client.is_none() && !args.listen.ip().is_loopback() {
+        tracing::warn!(listen = %args.listen, "no client token: anyone who can reach this address can submit jobs");
+    }
+    let core = CoreConfig {
+        lease_grace_ms: args.lease_grace.as_millis() as u64,
+        retention_ms: args.retention.as_millis() as u64,
+        default_retries: args.retries,
+        max_log_bytes: args.max_log_bytes,
+        ..CoreConfig::default()
+    };
+    let fsync = match args.fsync {
+        Fsync::Always => FsyncMode::Always,
+        Fsync::Never => FsyncMode::Never,
+    };
+    let config = broker::Config { store: StoreConfig { data_dir: args.data_dir, fsync, core }, tokens, max_body: args.max_body };
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    tracing::info!(addr = %listener.local_addr()?, "broker listening");
+    broker::run(listener, config, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
+    let client = Client::new(&args.conn.url, args.conn.token.clone())?;
+    let mut definition = match &args.file {
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            parse_json::<JobDefinition>(&bytes).with_context(|| format!("{} is not a valid job definition", path.display()))?
+        }
+        None => JobDefinition::default(),
+    };
+    if let Some(image) = args.image {
+        definition.image = Some(image);
+        definition.build = None;
+    }
+    if !args.command.is_empty() {
+        definition.command = Some(protocol::definition::CommandLine::Args(args.command));
+    }
+    for kv in &args.env {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--env wants KEY=VALUE, got `{kv}`"))?;
+        definition.env.insert(k.to_string(), v.to_string());
+    }
+    if let Some(d) = args.max_duration {
+        definition.max_duration = Some(DurationSpec::Text(d));
+    }
+    definition.tags.extend(args.tag);
+    if definition.image.is_none() && definition.build.is_none() {
+        bail!("say what to run: --image IMAGE (or --file job.json with an image or build)");
+    }
+    // Validate here too, so mistakes are reported before anything is sent.
+    definition.clone().normalize().context("invalid job")?;
+    let mut body = json!({ "definition": definition });
+    if let Some(ns) = args.namespace {
+        body["namespace"] = json!(ns);
+    }
+    if let Some(p) = args.priority {
+        body["priority"] = json!(p);
+    }
+    if args.force {
+        body["force"] = json!(true);
+    }
+    if let Some(r) = args.retries {
+        body["retries"] = json!(r);
+    }
+    let answer = client.post(&format!("/q/{}/j", args.queue), &body).await?;
+    let id: JobId = answer["jobId"].as_str().unwrap_or_default().parse().context("the broker's answer has no job id")?;
+    let outcome = answer["outcome"].as_str().unwrap_or("");
+    if !args.wait {
+        println!("{id}");
+        if outcome == "cached" {
+            eprintln!("(cached result; --force runs it again)");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    eprintln!("cq: job {id} ({outcome}) on queue {}", args.queue);
+    let view = follow(&client, id, 0).await?;
+    Ok(exit_code(&view))
+}
+
+/// Follows a job, printing its logs, and returns its final state.
+async fn follow(client: &Client, id: JobId, since: u64) -> Result<JobView> {
+    let mut last_state = None;
+    let view = client
+        .follow(id, since, print_line, |job| {
+            let state = (job.state, job.progress.as_ref().map(|p| p.phase));
+            if last_state != Some(state) && job.state != JobState::Finished {
+                let worker = job.worker.as_ref().map(|w| format!(" on {w}")).unwrap_or_default();
+                let phase = job.progress.as_ref().map(|p| format!(" ({})", serde_json::to_value(p.phase).unwrap_or_default().as_str().unwrap_or(""))).unwrap_or_default();
+                eprintln!("cq: {}{worker}{phase}", state_word(job.state));
+                last_state = Some(state);
+            }
+        })
+        .await?;
+    eprintln!("cq: {}", describe_end(&view));
+    Ok(view)
+}
+
+fn print_line(line: &LogLine) {
+    let text = &line.text;
+    let newline = if text.ends_with('\n') { "" } else { "\n" };
+    match line.stream {
+        Stream::Stdout => {
+            let mut out = std::io::stdout().lock();
+            let _ = write!(out, "{text}{newline}");
+            let _ = out.flush();
+        }
+        Stream::Stderr | Stream::System => eprint!("{text}{newline}"),
+    }
+}
+
+fn state_word(s: JobState) -> &'static str {
+    match s {
+        JobState::Queued => "queued",
+        JobState::Assigned => "assigned",
+        JobState::Running => "running",
+        JobState::Finished => "finished",
+    }
+}
+
+fn describe_end(v: &JobView) -> String {
+    let reason = v.reason.map(FinishReason::as_str).unwrap_or("finished");
+    let duration = match (v.started_at, v.finished_at) {
+        (Some(s), Some(f)) => format!(" in {:.1}s", f.saturating_sub(s) as f64 / 1000.0),
+        _ => String::new(),
+    };
+    let code = v.exit_code.map(|c| format!(", exit code {c}")).unwrap_or_default();
+    let message = v.message.as_ref().filter(|_| v.reason != Some(FinishReason::Failed)).map(|m| format!(": {m}")).unwrap_or_default();
+    format!("job {} {reason}{duration}{code}{message}", v.id.short())
+}
+
+/// The process exit code for a finished job: the container's own code, 124 when it timed
+/// out, 130 when cancelled or superseded, 125 when cq itself failed to run it.
+fn exit_code(v: &JobView) -> ExitCode {
+    match v.reason {
+        Some(FinishReason::Succeeded) => ExitCode::SUCCESS,
+        Some(FinishReason::Failed) => {
+            let code = v.exit_code.unwrap_or(1).rem_euclid(256) as u8;
+            ExitCode::from(if code == 0 { 1 } else { code })
+        }
+        Some(FinishReason::TimedOut) => ExitCode::from(124),
+        Some(FinishReason::Cancelled | FinishReason::Superseded) => ExitCode::from(130),
+        _ => ExitCode::from(125),
+    }
+}
+
+pub async fn status(args: StatusArgs) -> Result<ExitCode> {
+    let client = Client::new(&args.conn.url, args.conn.token)?;
+    if let Some(job) = args.job {
+        let id: JobId = job.parse().context("not a job id")?;
+        let v = client.get(&format!("/j/{id}")).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        } else {
+            let view: JobView = serde_json::from_value(v)?;
+            print_job(&view);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let summaries: Vec<Value> = match &args.queue {
+        Some(q) => vec![client.get(&format!("/q/{q}")).await?],
+        None => client.get("/q").await?["queues"].as_array().cloned().unwrap_or_default(),
+    };
+    let jobs = match &args.queue {
+        Some(q) => client.get(&format!("/q/{q}/j?limit=20")).await?["jobs"].as_array().cloned().unwrap_or_default(),
+        None => Vec::new(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&json!({ "queues": summaries, "jobs": jobs }))?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if summaries.is_empty() {
+        println!("no queues yet");
+    } else {
+        println!("{:<24} {:>7} {:>8} {:>7} {:>8} {:>7} {:>10}", "QUEUE", "QUEUED", "ASSIGNED", "RUNNING", "FINISHED", "WORKERS", "FREE SLOTS");
+    }
+    for s in &summaries {
+        println!(
+            "{:<24} {:>7} {:>8} {:>7} {:>8} {:>7} {:>10}",
+            s["queue"].as_str().unwrap_or(""),
+            s["queued"].as_u64().unwrap_or(0),
+            s["assigned"].as_u64().unwrap_or(0),
+            s["running"].as_u64().unwrap_or(0),
+            s["finished"].as_u64().unwrap_or(0),
+            s["workers"].as_u64().unwrap_or(0),
+            s["freeSlots"].as_u64().unwrap_or(0)
+        );
+    }
+    if !jobs.is_empty() {
+        println!("\n{:<12} {:<9} {:<11} {:>7} {:<20}", "JOB", "STATE", "REASON", "ATTEMPT", "WORKER");
+        for j in jobs {
+            let v: JobView = serde_json::from_value(j)?;
+            println!(
+                "{:<12} {:<9} {:<11} {:>7} {:<20}",
+                v.id.short(),
+                state_word(v.state),
+                v.reason.map(FinishReason::as_str).unwrap_or("-"),
+                v.attempt,
+                v.worker.map(|w| w.0).unwrap_or_else(|| "-".into())
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_job(v: &JobView) {
+    println!("job       {}", v.id);
+    println!("queue     {}", v.queue);
+    println!("state     {}{}", state_word(v.state), v.reason.map(|r| format!(" ({})", r.as_str())).unwrap_or_default());
+    if let Some(c) = v.exit_code {
+        println!("exit code {c}");
+    }
+    if let Some(m) = &v.message {
+        println!("message   {m}");
+    }
+    println!("attempt   {}", v.attempt);
+    if let Some(w) = &v.worker {
+        println!("worker    {w}");
+    }
+    if !v.namespaces.is_empty() {
+        println!("namespace {}", v.namespaces.join(", "));
+    }
+    println!("log lines {}", v.log_lines);
+    for o in &v.outputs {
+        println!("output    {} ({} bytes)", o.path, o.size);
+    }
+}
+
+pub async fn logs(args: LogsArgs) -> Result<ExitCode> {
+    let client = Client::new(&args.conn.url, args.conn.token)?;
+    let id: JobId = args.job.parse().context("not a job id")?;
+    if args.follow {
+        let view = follow(&client, id, args.since).await?;
+        return Ok(exit_code(&view));
+    }
+    let mut since = args.since;
+    loop {
+        let page = client.get(&format!("/j/{id}/logs?since={since}")).await?;
+        let lines: Vec<LogLine> = serde_json::from_value(page["lines"].clone())?;
+        for line in &lines {
+            print_line(line);
+        }
+        let next = page["next"].as_u64().unwrap_or(since);
+        if lines.is_empty() || next >= page["total"].as_u64().unwrap_or(0) {
+            break;
+        }
+        since = next;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn cancel(args: CancelArgs) -> Result<ExitCode> {
+    let client = Client::new(&args.conn.url, args.conn.token)?;
+    let id: JobId = args.job.parse().context("not a job id")?;
+    let body = match args.namespace {
+        Some(ns) => json!({ "namespace": ns }),
+        None => json!({}),
+    };
+    let v: JobView = serde_json::from_value(client.post(&format!("/j/{id}/cancel"), &body).await?)?;
+    if v.state == JobState::Finished {
+        println!("{}", describe_end(&v));
+    } else {
+        println!("job {} is {} (other namespaces still want it)", v.id.short(), state_word(v.state));
+    }
+    Ok(ExitCode::SUCCESS)
+}
