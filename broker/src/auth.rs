@@ -13,7 +13,10 @@ pub struct Tokens {
 
 impl std::fmt::Debug for Tokens {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tokens").field("client", &self.client.as_ref().map(|_| "<set>")).field("worker", &self.worker.as_ref().map(|_| "<set>")).finish()
+        f.debug_struct("Tokens")
+            .field("client", &self.client.as_ref().map(|_| "<set>"))
+            .field("worker", &self.worker.as_ref().map(|_| "<set>"))
+            .finish()
     }
 }
 

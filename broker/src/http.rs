@@ -75,17 +75,26 @@ fn respond(reply: CoreReply, ok: impl FnOnce(CoreReply) -> warp::reply::Response
 }
 
 /// All routes, with errors rendered as JSON.
-pub fn routes(ctx: Arc<Context>, max_body: u64) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone {
+pub fn routes(
+    ctx: Arc<Context>,
+    max_body: u64,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = Infallible> + Clone {
     let with_ctx = {
         let ctx = ctx.clone();
         warp::any().map(move || ctx.clone())
     };
     let client = with_ctx.clone().and(client_auth(ctx.clone()));
     let ready = with_ctx.clone().and_then(|ctx: Arc<Context>| async move {
-        if ctx.handle.is_ready() { Ok(ctx) } else { Err(reject(ErrorCode::Unavailable, "the broker is still recovering its log")) }
+        if ctx.handle.is_ready() {
+            Ok(ctx)
+        } else {
+            Err(reject(ErrorCode::Unavailable, "the broker is still recovering its log"))
+        }
     });
 
-    let healthz = warp::path!("healthz").and(warp::get()).map(|| warp::reply::with_status("ok\n", StatusCode::OK).into_response());
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::with_status("ok\n", StatusCode::OK).into_response());
     let readyz = warp::path!("readyz").and(warp::get()).and(with_ctx.clone()).map(|ctx: Arc<Context>| {
         if ctx.handle.is_ready() {
             warp::reply::with_status("ready\n", StatusCode::OK).into_response()
@@ -95,49 +104,65 @@ pub fn routes(ctx: Arc<Context>, max_body: u64) -> impl Filter<Extract = (warp::
     });
     let metrics = warp::path!("metrics").and(warp::get()).and(ready.clone()).then(metrics);
 
-    let submit = warp::path!("q" / String / "j")
-        .and(warp::post())
-        .and(client.clone())
-        .and(body_limited(max_body))
-        .and_then(|queue: String, ctx: Arc<Context>, body: Bytes| async move {
-            let parsed = parse_json::<SubmitBody>(&body).map_err(|e| {
-                let code = if e.malformed { ErrorCode::BadMessage } else { ErrorCode::InvalidDefinition };
-                reject(code, e.to_string())
-            })?;
-            let submit = submission::prepare(&queue, parsed.definition, parsed.namespace, parsed.priority, parsed.force, parsed.retries)
+    let submit =
+        warp::path!("q" / String / "j").and(warp::post()).and(client.clone()).and(body_limited(max_body)).and_then(
+            |queue: String, ctx: Arc<Context>, body: Bytes| async move {
+                let parsed = parse_json::<SubmitBody>(&body).map_err(|e| {
+                    let code = if e.malformed { ErrorCode::BadMessage } else { ErrorCode::InvalidDefinition };
+                    reject(code, e.to_string())
+                })?;
+                let submit = submission::prepare(
+                    &queue,
+                    parsed.definition,
+                    parsed.namespace,
+                    parsed.priority,
+                    parsed.force,
+                    parsed.retries,
+                )
                 .map_err(|e| warp::reject::custom(ApiError(e)))?;
-            let reply = ctx.handle.call(Command::Submit(submit)).await;
-            Ok::<_, Rejection>(respond(reply, |r| match r {
-                CoreReply::Submitted { outcome, job } => {
-                    let status = if matches!(outcome, SubmitOutcome::Created | SubmitOutcome::Rerun) { StatusCode::CREATED } else { StatusCode::OK };
-                    json_reply(status, &json!({ "jobId": job.id, "outcome": outcome, "job": job }))
-                }
-                other => unexpected(other),
-            }))
-        });
+                let reply = ctx.handle.call(Command::Submit(submit)).await;
+                Ok::<_, Rejection>(respond(reply, |r| match r {
+                    CoreReply::Submitted { outcome, job } => {
+                        let status = if matches!(outcome, SubmitOutcome::Created | SubmitOutcome::Rerun) {
+                            StatusCode::CREATED
+                        } else {
+                            StatusCode::OK
+                        };
+                        json_reply(status, &json!({ "jobId": job.id, "outcome": outcome, "job": job }))
+                    }
+                    other => unexpected(other),
+                }))
+            },
+        );
 
-    let list = warp::path!("q" / String / "j")
-        .and(warp::get())
-        .and(client.clone())
-        .and(warp::query::<ListQuery>())
-        .and_then(|queue: String, ctx: Arc<Context>, q: ListQuery| async move {
-            let state = match q.state.as_deref() {
-                None => None,
-                Some(s) => Some(serde_json::from_value::<JobState>(json!(s)).map_err(|_| reject(ErrorCode::BadMessage, format!("unknown state `{s}`; use queued, assigned, running or finished")))?),
-            };
-            let reply = ctx.handle.call(Command::ListJobs { queue, state, limit: q.limit.unwrap_or(100) }).await;
-            Ok::<_, Rejection>(respond(reply, |r| match r {
-                CoreReply::Jobs(jobs) => json_reply(StatusCode::OK, &json!({ "jobs": jobs })),
-                other => unexpected(other),
-            }))
-        });
+    let list =
+        warp::path!("q" / String / "j").and(warp::get()).and(client.clone()).and(warp::query::<ListQuery>()).and_then(
+            |queue: String, ctx: Arc<Context>, q: ListQuery| async move {
+                let state = match q.state.as_deref() {
+                    None => None,
+                    Some(s) => Some(serde_json::from_value::<JobState>(json!(s)).map_err(|_| {
+                        reject(
+                            ErrorCode::BadMessage,
+                            format!("unknown state `{s}`; use queued, assigned, running or finished"),
+                        )
+                    })?),
+                };
+                let reply = ctx.handle.call(Command::ListJobs { queue, state, limit: q.limit.unwrap_or(100) }).await;
+                Ok::<_, Rejection>(respond(reply, |r| match r {
+                    CoreReply::Jobs(jobs) => json_reply(StatusCode::OK, &json!({ "jobs": jobs })),
+                    other => unexpected(other),
+                }))
+            },
+        );
 
-    let summary = warp::path!("q" / String).and(warp::get()).and(client.clone()).then(|queue: String, ctx: Arc<Context>| async move {
-        respond(ctx.handle.call(Command::Summary { queue: Some(queue) }).await, |r| match r {
-            CoreReply::Summary(mut s) if !s.is_empty() => json_reply(StatusCode::OK, &s.remove(0)),
-            other => unexpected(other),
-        })
-    });
+    let summary = warp::path!("q" / String).and(warp::get()).and(client.clone()).then(
+        |queue: String, ctx: Arc<Context>| async move {
+            respond(ctx.handle.call(Command::Summary { queue: Some(queue) }).await, |r| match r {
+                CoreReply::Summary(mut s) if !s.is_empty() => json_reply(StatusCode::OK, &s.remove(0)),
+                other => unexpected(other),
+            })
+        },
+    );
     let queues = warp::path!("q").and(warp::get()).and(client.clone()).then(|ctx: Arc<Context>| async move {
         respond(ctx.handle.call(Command::Summary { queue: None }).await, |r| match r {
             CoreReply::Summary(s) => json_reply(StatusCode::OK, &json!({ "queues": s })),
@@ -145,13 +170,15 @@ pub fn routes(ctx: Arc<Context>, max_body: u64) -> impl Filter<Extract = (warp::
         })
     });
 
-    let job = warp::path!("j" / String).and(warp::get()).and(client.clone()).and_then(|id: String, ctx: Arc<Context>| async move {
-        let job = parse_id(&id)?;
-        Ok::<_, Rejection>(respond(ctx.handle.call(Command::GetJob { job }).await, |r| match r {
-            CoreReply::Job(view) => json_reply(StatusCode::OK, &view),
-            other => unexpected(other),
-        }))
-    });
+    let job = warp::path!("j" / String).and(warp::get()).and(client.clone()).and_then(
+        |id: String, ctx: Arc<Context>| async move {
+            let job = parse_id(&id)?;
+            Ok::<_, Rejection>(respond(ctx.handle.call(Command::GetJob { job }).await, |r| match r {
+                CoreReply::Job(view) => json_reply(StatusCode::OK, &view),
+                other => unexpected(other),
+            }))
+        },
+    );
 
     let logs = warp::path!("j" / String / "logs")
         .and(warp::get())
@@ -198,25 +225,33 @@ pub fn routes(ctx: Arc<Context>, max_body: u64) -> impl Filter<Extract = (warp::
             }))
         });
 
-    let forget = warp::path!("j" / String).and(warp::delete()).and(client.clone()).and_then(|id: String, ctx: Arc<Context>| async move {
-        let job = parse_id(&id)?;
-        Ok::<_, Rejection>(respond(ctx.handle.call(Command::Forget { job }).await, |_| StatusCode::NO_CONTENT.into_response()))
-    });
+    let forget = warp::path!("j" / String).and(warp::delete()).and(client.clone()).and_then(
+        |id: String, ctx: Arc<Context>| async move {
+            let job = parse_id(&id)?;
+            Ok::<_, Rejection>(respond(ctx.handle.call(Command::Forget { job }).await, |_| {
+                StatusCode::NO_CONTENT.into_response()
+            }))
+        },
+    );
 
-    let ws_client = warp::path!("ws" / "client").and(warp::ws()).and(with_ctx.clone()).and(warp::header::optional::<String>("authorization")).map(
-        |upgrade: warp::ws::Ws, ctx: Arc<Context>, auth: Option<String>| {
+    let ws_client = warp::path!("ws" / "client")
+        .and(warp::ws())
+        .and(with_ctx.clone())
+        .and(warp::header::optional::<String>("authorization"))
+        .map(|upgrade: warp::ws::Ws, ctx: Arc<Context>, auth: Option<String>| {
             let token = bearer(auth.as_deref()).map(str::to_string);
             let ctx = (*ctx).clone();
             ws::limits(upgrade).on_upgrade(move |socket| ws::serve(socket, Role::Client, ctx, token)).into_response()
-        },
-    );
-    let ws_worker = warp::path!("ws" / "worker").and(warp::ws()).and(with_ctx.clone()).and(warp::header::optional::<String>("authorization")).map(
-        |upgrade: warp::ws::Ws, ctx: Arc<Context>, auth: Option<String>| {
+        });
+    let ws_worker = warp::path!("ws" / "worker")
+        .and(warp::ws())
+        .and(with_ctx.clone())
+        .and(warp::header::optional::<String>("authorization"))
+        .map(|upgrade: warp::ws::Ws, ctx: Arc<Context>, auth: Option<String>| {
             let token = bearer(auth.as_deref()).map(str::to_string);
             let ctx = (*ctx).clone();
             ws::limits(upgrade).on_upgrade(move |socket| ws::serve(socket, Role::Worker, ctx, token)).into_response()
-        },
-    );
+        });
 
     let api = healthz
         .or(readyz)
@@ -247,7 +282,10 @@ pub fn routes(ctx: Arc<Context>, max_body: u64) -> impl Filter<Extract = (warp::
         .unify()
         .or(ui::routes())
         .unify();
-    api.recover(recover).unify().with(warp::reply::with::header("x-content-type-options", "nosniff")).map(Reply::into_response)
+    api.recover(recover)
+        .unify()
+        .with(warp::reply::with::header("x-content-type-options", "nosniff"))
+        .map(Reply::into_response)
 }
 
 #[derive(Debug, Deserialize)]
@@ -302,7 +340,10 @@ fn client_auth(ctx: Arc<Context>) -> impl Filter<Extract = (), Error = Rejection
                 let given = bearer(header.as_deref()).or(query.get("token").map(String::as_str));
                 match ctx.tokens.check(Role::Client, given) {
                     Ok(()) => Ok(()),
-                    Err(ErrorCode::Unauthorized) => Err(reject(ErrorCode::Unauthorized, "this broker requires a client token: send `Authorization: Bearer <token>`")),
+                    Err(ErrorCode::Unauthorized) => Err(reject(
+                        ErrorCode::Unauthorized,
+                        "this broker requires a client token: send `Authorization: Bearer <token>`",
+                    )),
                     Err(code) => Err(reject(code, "wrong client token")),
                 }
             }
@@ -312,7 +353,9 @@ fn client_auth(ctx: Arc<Context>) -> impl Filter<Extract = (), Error = Rejection
 
 /// The request body, refused with 413 beyond `max` bytes (with or without a Content-Length).
 fn body_limited(max: u64) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
-    warp::header::optional::<u64>("content-length").and(warp::body::stream()).and_then(move |len, stream| collect_limited(len, stream, max))
+    warp::header::optional::<u64>("content-length")
+        .and(warp::body::stream())
+        .and_then(move |len, stream| collect_limited(len, stream, max))
 }
 
 async fn collect_limited<S, B>(len: Option<u64>, stream: S, max: u64) -> Result<Bytes, Rejection>
@@ -343,7 +386,11 @@ where
 
 /// Follows a job as server-sent events: its state now and on each change, and its log from
 /// `since`; the stream ends when the job finishes.
-async fn follow_job(ctx: Arc<Context>, job: JobId, since: u64) -> impl Stream<Item = Result<warp::sse::Event, Infallible>> {
+async fn follow_job(
+    ctx: Arc<Context>,
+    job: JobId,
+    since: u64,
+) -> impl Stream<Item = Result<warp::sse::Event, Infallible>> {
     let reg = ctx.handle.outbox.register();
     let conn = reg.conn;
     ctx.handle.send(Command::WatchJob { conn, job, since, follow: true }, ReplyTo::None).await;
@@ -382,7 +429,9 @@ async fn metrics(ctx: Arc<Context>) -> warp::reply::Response {
     family("cq_jobs", "gauge", "Jobs held by the broker, by queue and state (queued = not yet assigned).");
     let mut text = std::mem::take(&mut out);
     for q in &o.queues {
-        for (state, n) in [("queued", q.queued), ("assigned", q.assigned), ("running", q.running), ("finished", q.finished)] {
+        for (state, n) in
+            [("queued", q.queued), ("assigned", q.assigned), ("running", q.running), ("finished", q.finished)]
+        {
             let _ = writeln!(text, "cq_jobs{{queue=\"{}\",state=\"{state}\"}} {n}", q.queue);
         }
     }
@@ -392,16 +441,29 @@ async fn metrics(ctx: Arc<Context>) -> warp::reply::Response {
             let _ = writeln!(text, "{name}{{queue=\"{}\"}} {}", q.queue, value(q));
         }
     };
-    gauge(&mut text, "cq_oldest_queued_seconds", "Age of the oldest queued job.", &|q| q.oldest_queued_ms.unwrap_or(0) as f64 / 1000.0);
+    gauge(&mut text, "cq_oldest_queued_seconds", "Age of the oldest queued job.", &|q| {
+        q.oldest_queued_ms.unwrap_or(0) as f64 / 1000.0
+    });
     gauge(&mut text, "cq_workers", "Connected workers serving the queue.", &|q| q.workers as f64);
     gauge(&mut text, "cq_slots", "Job slots of the connected workers.", &|q| q.slots as f64);
     gauge(&mut text, "cq_free_slots", "Free job slots of connected, non-draining workers.", &|q| q.free_slots as f64);
-    let _ = writeln!(text, "# HELP cq_jobs_finished_total Jobs finished since the broker started, by reason.\n# TYPE cq_jobs_finished_total counter");
+    let _ = writeln!(
+        text,
+        "# HELP cq_jobs_finished_total Jobs finished since the broker started, by reason.\n# TYPE cq_jobs_finished_total counter"
+    );
     for (queue, reason, n) in &o.finished {
         let _ = writeln!(text, "cq_jobs_finished_total{{queue=\"{queue}\",reason=\"{}\"}} {n}", reason.as_str());
     }
-    let _ = writeln!(text, "# HELP cq_dispatched_total Assignments pushed to workers since the broker started.\n# TYPE cq_dispatched_total counter\ncq_dispatched_total {}", o.dispatched);
-    let _ = writeln!(text, "# HELP cq_connections Open websocket and event-stream connections.\n# TYPE cq_connections gauge\ncq_connections {}", ctx.handle.outbox.connections());
+    let _ = writeln!(
+        text,
+        "# HELP cq_dispatched_total Assignments pushed to workers since the broker started.\n# TYPE cq_dispatched_total counter\ncq_dispatched_total {}",
+        o.dispatched
+    );
+    let _ = writeln!(
+        text,
+        "# HELP cq_connections Open websocket and event-stream connections.\n# TYPE cq_connections gauge\ncq_connections {}",
+        ctx.handle.outbox.connections()
+    );
     warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4").into_response()
 }
 
@@ -411,7 +473,10 @@ async fn recover(rejection: Rejection) -> Result<warp::reply::Response, Infallib
     } else if rejection.is_not_found() {
         ErrorBody::new(ErrorCode::NotFound, "no such endpoint; see docs/http-api.md")
     } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
-        return Ok(json_reply(StatusCode::METHOD_NOT_ALLOWED, &json!({ "error": ErrorBody::new(ErrorCode::BadMessage, "method not allowed on this endpoint") })));
+        return Ok(json_reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &json!({ "error": ErrorBody::new(ErrorCode::BadMessage, "method not allowed on this endpoint") }),
+        ));
     } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
         ErrorBody::new(ErrorCode::TooLarge, "the request body is too large")
     } else if let Some(e) = rejection.find::<warp::reject::InvalidQuery>() {

@@ -52,7 +52,8 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> LogError {
 pub fn encode_event(event: &Event, buf: &mut Vec<u8>) {
     let start = buf.len();
     buf.extend_from_slice(&[0u8; 8]);
-    bincode::serde::encode_into_std_write(event, buf, bincode::config::standard()).expect("writing to a Vec cannot fail");
+    bincode::serde::encode_into_std_write(event, buf, bincode::config::standard())
+        .expect("writing to a Vec cannot fail");
     let len = (buf.len() - start - 8) as u32;
     let crc = crc32fast::hash(&buf[start + 8..]);
     buf[start..start + 4].copy_from_slice(&len.to_le_bytes());
@@ -87,9 +88,13 @@ impl Log {
         for entry in fs::read_dir(dir).map_err(io_err(format!("reading {}", dir.display())))? {
             let name = entry.map_err(io_err("reading the data directory"))?.file_name();
             let name = name.to_string_lossy();
-            if let Some(g) = name.strip_prefix("snapshot-").and_then(|r| r.strip_suffix(".bin")).and_then(|g| g.parse().ok()) {
+            if let Some(g) =
+                name.strip_prefix("snapshot-").and_then(|r| r.strip_suffix(".bin")).and_then(|g| g.parse().ok())
+            {
                 generations.push((g, true));
-            } else if let Some(g) = name.strip_prefix("log-").and_then(|r| r.strip_suffix(".bin")).and_then(|g| g.parse().ok()) {
+            } else if let Some(g) =
+                name.strip_prefix("log-").and_then(|r| r.strip_suffix(".bin")).and_then(|g| g.parse().ok())
+            {
                 generations.push((g, false));
             }
         }
@@ -117,7 +122,8 @@ impl Log {
             create_log(dir, generation)?
         };
         let size = file.metadata().map_err(io_err(format!("reading {}", path.display())))?.len();
-        let log = Log { dir: dir.to_path_buf(), generation, file, bytes_since_snapshot: size.saturating_sub(HEADER_LEN) };
+        let log =
+            Log { dir: dir.to_path_buf(), generation, file, bytes_since_snapshot: size.saturating_sub(HEADER_LEN) };
         log.remove_older(generation);
         Ok((log, report))
     }
@@ -148,7 +154,10 @@ impl Log {
         header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
         header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
         header.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        f.write_all(&header).and_then(|_| f.write_all(&payload)).and_then(|_| f.sync_all()).map_err(io_err(format!("writing {}", tmp.display())))?;
+        f.write_all(&header)
+            .and_then(|_| f.write_all(&payload))
+            .and_then(|_| f.sync_all())
+            .map_err(io_err(format!("writing {}", tmp.display())))?;
         fs::rename(&tmp, &path).map_err(io_err(format!("renaming {}", tmp.display())))?;
         let file = create_log(&self.dir, next)?;
         sync_dir(&self.dir)?;
@@ -190,8 +199,16 @@ fn sync_dir(dir: &Path) -> Result<(), LogError> {
 
 fn create_log(dir: &Path, generation: u64) -> Result<File, LogError> {
     let path = log_path(dir, generation);
-    let mut f = OpenOptions::new().create(true).truncate(true).write(true).open(&path).map_err(io_err(format!("creating {}", path.display())))?;
-    f.write_all(LOG_MAGIC).and_then(|_| f.write_all(&FORMAT_VERSION.to_le_bytes())).and_then(|_| f.sync_all()).map_err(io_err(format!("writing {}", path.display())))?;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(format!("creating {}", path.display())))?;
+    f.write_all(LOG_MAGIC)
+        .and_then(|_| f.write_all(&FORMAT_VERSION.to_le_bytes()))
+        .and_then(|_| f.sync_all())
+        .map_err(io_err(format!("writing {}", path.display())))?;
     sync_dir(dir)?;
     Ok(f)
 }
@@ -221,14 +238,16 @@ fn read_snapshot(path: &Path) -> Result<SnapshotV1, LogError> {
         return Err(corrupt("checksum mismatch"));
     }
     // Version 1 is the only version so far; a later version decodes older ones here.
-    let (snapshot, _) = bincode::serde::decode_from_slice(payload, bincode::config::standard()).map_err(|e| corrupt(&e.to_string()))?;
+    let (snapshot, _) =
+        bincode::serde::decode_from_slice(payload, bincode::config::standard()).map_err(|e| corrupt(&e.to_string()))?;
     Ok(snapshot)
 }
 
 /// Replays every intact record of the log at `path` into `core`, truncates a torn or corrupt
 /// tail, and returns the file opened for appending.
 fn replay_log(path: &Path, core: &mut Core) -> Result<(File, u64, u64), LogError> {
-    let mut file = OpenOptions::new().read(true).write(true).open(path).map_err(io_err(format!("opening {}", path.display())))?;
+    let mut file =
+        OpenOptions::new().read(true).write(true).open(path).map_err(io_err(format!("opening {}", path.display())))?;
     let file_len = file.metadata().map_err(io_err(format!("reading {}", path.display())))?.len();
     let mut reader = BufReader::with_capacity(1 << 20, &mut file);
     let mut header = [0u8; HEADER_LEN as usize];
@@ -239,7 +258,10 @@ fn replay_log(path: &Path, core: &mut Core) -> Result<(File, u64, u64), LogError
         tracing::warn!(path = %path.display(), "log header is torn; starting the log afresh");
         drop(reader);
         file.set_len(0).map_err(io_err("truncating the log"))?;
-        file.write_all(LOG_MAGIC).and_then(|_| file.write_all(&FORMAT_VERSION.to_le_bytes())).and_then(|_| file.sync_all()).map_err(io_err("rewriting the log header"))?;
+        file.write_all(LOG_MAGIC)
+            .and_then(|_| file.write_all(&FORMAT_VERSION.to_le_bytes()))
+            .and_then(|_| file.sync_all())
+            .map_err(io_err("rewriting the log header"))?;
         return Ok((file, 0, file_len));
     }
     reader.read_exact(&mut header).map_err(io_err(format!("reading {}", path.display())))?;

@@ -42,9 +42,14 @@ pub enum ReplyTo {
     /// A caller waiting on the reply (HTTP).
     Call(oneshot::Sender<Reply>),
     /// A client socket: the reply becomes a message, tagged with the client's request number.
-    Client { conn: ConnId, request: Option<u64> },
+    Client {
+        conn: ConnId,
+        request: Option<u64>,
+    },
     /// A worker socket: errors become messages.
-    Worker { conn: ConnId },
+    Worker {
+        conn: ConnId,
+    },
 }
 
 #[derive(Debug)]
@@ -119,7 +124,7 @@ impl Default for Clock {
 #[derive(Debug)]
 enum Delivery {
     Effect(Effect),
-    Reply(oneshot::Sender<Reply>, Reply),
+    Reply(oneshot::Sender<Reply>, Box<Reply>),
 }
 
 #[derive(Debug, Default)]
@@ -139,7 +144,10 @@ pub struct StoreConfig {
 
 /// Starts the core task (which first recovers the log). The returned future ends with the
 /// core: after `shutdown` flips to true, or on a storage failure.
-pub fn start(config: StoreConfig, shutdown: watch::Receiver<bool>) -> (Handle, tokio::task::JoinHandle<Result<(), LogError>>) {
+pub fn start(
+    config: StoreConfig,
+    shutdown: watch::Receiver<bool>,
+) -> (Handle, tokio::task::JoinHandle<Result<(), LogError>>) {
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let outbox = Arc::new(Outbox::default());
     let ready = Arc::new(AtomicBool::new(false));
@@ -178,13 +186,14 @@ async fn core_task(
     let mut log_bytes = log.bytes_since_snapshot;
     let (wtx, wrx) = mpsc::channel::<Batch>(WRITER_QUEUE);
     let writer_outbox = outbox.clone();
-    let writer = std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("cq-log-writer".into())
         .spawn(move || writer_loop(log, wrx, writer_outbox, fsync))
         .expect("spawning the log writer");
+    let mut writer = Writer { tx: Some(wtx), thread: Some(thread) };
     if report.replayed_events > 0 {
         // Fold the replayed tail into a fresh snapshot so the next start is fast.
-        let _ = wtx.send(Batch { snapshot: Some(core.snapshot()), ..Default::default() }).await;
+        writer.send(Batch { snapshot: Some(core.snapshot()), ..Default::default() }).await;
         log_bytes = 0;
     }
     ready.store(true, Ordering::Release);
@@ -219,16 +228,46 @@ async fn core_task(
             batch.snapshot = Some(core.snapshot());
             log_bytes = 0;
         }
-        if wtx.send(batch).await.is_err() {
+        if !writer.send(batch).await {
             break;
         }
     }
     ready.store(false, Ordering::Release);
     // Commands still queued were never acknowledged; dropping them tells their callers so.
     rx.close();
-    let _ = wtx.send(Batch { snapshot: Some(core.snapshot()), ..Default::default() }).await;
-    drop(wtx);
-    tokio::task::spawn_blocking(move || writer.join().expect("the log writer does not panic")).await.expect("joining the writer")
+    writer.send(Batch { snapshot: Some(core.snapshot()), ..Default::default() }).await;
+    writer.tx = None;
+    let thread = writer.thread.take().expect("joined once");
+    tokio::task::spawn_blocking(move || thread.join().expect("the log writer does not panic"))
+        .await
+        .expect("joining the writer")
+}
+
+/// The log writer thread and the channel to it. If the core task is dropped before it ends
+/// (e.g. its runtime shut down), dropping this closes the channel and joins the thread, so no
+/// write to the log outlives the broker.
+struct Writer {
+    tx: Option<mpsc::Sender<Batch>>,
+    thread: Option<std::thread::JoinHandle<Result<(), LogError>>>,
+}
+
+impl Writer {
+    /// Hands a batch to the writer; false if it has stopped.
+    async fn send(&self, batch: Batch) -> bool {
+        match &self.tx {
+            Some(tx) => tx.send(batch).await.is_ok(),
+            None => false,
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Resolves once the shutdown flag is set (never, if its sender is gone without setting it).
@@ -261,7 +300,7 @@ fn apply(core: &mut Core, clock: &Clock, req: Request, batch: &mut Batch) {
         ReplyTo::Call(tx) if is_read => {
             let _ = tx.send(reply);
         }
-        ReplyTo::Call(tx) => batch.deliveries.push(Delivery::Reply(tx, reply)),
+        ReplyTo::Call(tx) => batch.deliveries.push(Delivery::Reply(tx, Box::new(reply))),
         ReplyTo::Client { conn, request } => {
             let msg = match reply {
                 Reply::Submitted { outcome, job } => Some(BrokerToClient::Submitted { request, outcome, job }),
@@ -287,7 +326,12 @@ fn apply(core: &mut Core, clock: &Clock, req: Request, batch: &mut Batch) {
 /// Most batches written with one fsync.
 const MAX_GROUP: usize = 256;
 
-fn writer_loop(mut log: Log, mut rx: mpsc::Receiver<Batch>, outbox: Arc<Outbox>, fsync: FsyncMode) -> Result<(), LogError> {
+fn writer_loop(
+    mut log: Log,
+    mut rx: mpsc::Receiver<Batch>,
+    outbox: Arc<Outbox>,
+    fsync: FsyncMode,
+) -> Result<(), LogError> {
     while let Some(first) = rx.blocking_recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -314,7 +358,7 @@ fn writer_loop(mut log: Log, mut rx: mpsc::Receiver<Batch>, outbox: Arc<Outbox>,
                 match d {
                     Delivery::Effect(e) => outbox.deliver(e),
                     Delivery::Reply(tx, r) => {
-                        let _ = tx.send(r);
+                        let _ = tx.send(*r);
                     }
                 }
             }

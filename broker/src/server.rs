@@ -26,7 +26,11 @@ pub struct Config {
 
 /// Serves on `listener` until `shutdown` resolves, then closes every socket with "going away",
 /// writes a final snapshot and returns. Returns early with an error if the log cannot be written.
-pub async fn run(listener: TcpListener, config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), LogError> {
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), LogError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (handle, core) = runtime::start(config.store, stop_rx.clone());
     let outbox = handle.outbox.clone();

@@ -26,11 +26,15 @@ pub fn prepare(
 ) -> Result<Submit, ErrorBody> {
     validate_name("queue", queue, false).map_err(|m| ErrorBody::new(ErrorCode::InvalidDefinition, m))?;
     if let Some(ns) = &namespace {
-        validate_name("namespace", ns, true).map_err(|m| ErrorBody::new(ErrorCode::InvalidDefinition, format!("`namespace`: {m}")))?;
+        validate_name("namespace", ns, true)
+            .map_err(|m| ErrorBody::new(ErrorCode::InvalidDefinition, format!("`namespace`: {m}")))?;
     }
     let priority = priority.unwrap_or(0);
     if priority.abs() > MAX_PRIORITY {
-        return Err(ErrorBody::new(ErrorCode::InvalidDefinition, format!("`priority`: must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")));
+        return Err(ErrorBody::new(
+            ErrorCode::InvalidDefinition,
+            format!("`priority`: must be between -{MAX_PRIORITY} and {MAX_PRIORITY}"),
+        ));
     }
     if retries.is_some_and(|r| r > MAX_RETRIES) {
         return Err(ErrorBody::new(ErrorCode::InvalidDefinition, format!("`retries`: at most {MAX_RETRIES}")));

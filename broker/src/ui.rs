@@ -21,6 +21,8 @@ fn file(name: &str) -> Option<warp::reply::Response> {
 /// `GET /` and `GET /ui/{file}`.
 pub fn routes() -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
     let index = warp::path::end().and(warp::get()).map(|| file("index.html").expect("index.html is embedded"));
-    let asset = warp::path!("ui" / String).and(warp::get()).and_then(|name: String| async move { file(&name).ok_or_else(warp::reject::not_found) });
+    let asset = warp::path!("ui" / String)
+        .and(warp::get())
+        .and_then(|name: String| async move { file(&name).ok_or_else(warp::reject::not_found) });
     index.or(asset).unify()
 }

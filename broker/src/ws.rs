@@ -62,8 +62,26 @@ pub async fn serve(socket: WebSocket, role: Role, ctx: Context, header_token: Op
 async fn client_session(mut sink: Sink, stream: Stream, ctx: Context, header_token: Option<String>, hello: String) {
     let hello = match parse_json::<ClientToBroker>(hello.as_bytes()) {
         Ok(ClientToBroker::Hello(h)) => h,
-        Ok(_) => return refuse(&mut sink, Role::Client, ErrorCode::BadMessage, close::BAD_HELLO, "the first message must be a hello".into()).await,
-        Err(e) => return refuse(&mut sink, Role::Client, ErrorCode::BadMessage, close::BAD_HELLO, format!("malformed hello: {e}")).await,
+        Ok(_) => {
+            return refuse(
+                &mut sink,
+                Role::Client,
+                ErrorCode::BadMessage,
+                close::BAD_HELLO,
+                "the first message must be a hello".into(),
+            )
+            .await;
+        }
+        Err(e) => {
+            return refuse(
+                &mut sink,
+                Role::Client,
+                ErrorCode::BadMessage,
+                close::BAD_HELLO,
+                format!("malformed hello: {e}"),
+            )
+            .await;
+        }
     };
     if hello.protocol != PROTOCOL_VERSION {
         let m = format!("this broker speaks protocol {PROTOCOL_VERSION}, the client {}", hello.protocol);
@@ -85,8 +103,26 @@ async fn client_session(mut sink: Sink, stream: Stream, ctx: Context, header_tok
 async fn worker_session(mut sink: Sink, stream: Stream, ctx: Context, header_token: Option<String>, hello: String) {
     let hello = match parse_json::<WorkerToBroker>(hello.as_bytes()) {
         Ok(WorkerToBroker::Hello(h)) => h,
-        Ok(_) => return refuse(&mut sink, Role::Worker, ErrorCode::BadMessage, close::BAD_HELLO, "the first message must be a hello".into()).await,
-        Err(e) => return refuse(&mut sink, Role::Worker, ErrorCode::BadMessage, close::BAD_HELLO, format!("malformed hello: {e}")).await,
+        Ok(_) => {
+            return refuse(
+                &mut sink,
+                Role::Worker,
+                ErrorCode::BadMessage,
+                close::BAD_HELLO,
+                "the first message must be a hello".into(),
+            )
+            .await;
+        }
+        Err(e) => {
+            return refuse(
+                &mut sink,
+                Role::Worker,
+                ErrorCode::BadMessage,
+                close::BAD_HELLO,
+                format!("malformed hello: {e}"),
+            )
+            .await;
+        }
     };
     if hello.protocol != PROTOCOL_VERSION {
         let m = format!("this broker speaks protocol {PROTOCOL_VERSION}, the worker {}", hello.protocol);
@@ -149,7 +185,11 @@ async fn next_text(stream: &mut Stream) -> Result<Option<String>, u16> {
 
 fn error_code(e: &warp::Error) -> u16 {
     let text = e.to_string();
-    if text.contains("Space limit exceeded") || text.contains("too long") || text.contains("Capacity") { close::TOO_BIG } else { 1002 }
+    if text.contains("Space limit exceeded") || text.contains("too long") || text.contains("Capacity") {
+        close::TOO_BIG
+    } else {
+        1002
+    }
 }
 
 async fn session_loop(mut sink: Sink, mut stream: Stream, mut reg: Registration, ctx: &Context, role: Role) {
@@ -240,7 +280,12 @@ async fn inbound_message(text: &str, conn: ConnId, role: Role, ctx: &Context) ->
         Role::Worker => {
             let msg = match parse_json::<WorkerToBroker>(text.as_bytes()) {
                 Ok(m) => m,
-                Err(e) => return Some(error_text(role, ErrorBody::new(ErrorCode::BadMessage, format!("not a worker message: {e}")))),
+                Err(e) => {
+                    return Some(error_text(
+                        role,
+                        ErrorBody::new(ErrorCode::BadMessage, format!("not a worker message: {e}")),
+                    ));
+                }
             };
             ctx.handle.send(Command::Worker { conn, msg }, ReplyTo::Worker { conn }).await;
             None
@@ -248,30 +293,59 @@ async fn inbound_message(text: &str, conn: ConnId, role: Role, ctx: &Context) ->
         Role::Client => {
             let msg = match parse_json::<ClientToBroker>(text.as_bytes()) {
                 Ok(m) => m,
-                Err(e) => {
-                    let code = if e.field.starts_with("data.definition") { ErrorCode::InvalidDefinition } else { ErrorCode::BadMessage };
-                    return Some(error_text(role, ErrorBody::new(code, format!("not a client message: {e}"))));
-                }
+                Err(e) => return Some(error_text(role, explain_client_error(text, e))),
             };
             let (cmd, request) = match msg {
-                ClientToBroker::Hello(_) => return Some(error_text(role, ErrorBody::new(ErrorCode::BadMessage, "hello was already sent on this socket"))),
-                ClientToBroker::Submit(m) => match submission::prepare(&m.queue, m.definition, m.namespace, m.priority, m.force, m.retries) {
-                    Ok(s) => (Command::Submit(s), m.request),
-                    Err(mut e) => {
-                        e.request = m.request;
-                        return Some(error_text(role, e));
+                ClientToBroker::Hello(_) => {
+                    return Some(error_text(
+                        role,
+                        ErrorBody::new(ErrorCode::BadMessage, "hello was already sent on this socket"),
+                    ));
+                }
+                ClientToBroker::Submit(m) => {
+                    let m = *m;
+                    match submission::prepare(&m.queue, m.definition, m.namespace, m.priority, m.force, m.retries) {
+                        Ok(s) => (Command::Submit(s), m.request),
+                        Err(mut e) => {
+                            e.request = m.request;
+                            return Some(error_text(role, e));
+                        }
                     }
-                },
-                ClientToBroker::Cancel { request, job_id, namespace } => (Command::Cancel { job: job_id, namespace }, request),
+                }
+                ClientToBroker::Cancel { request, job_id, namespace } => {
+                    (Command::Cancel { job: job_id, namespace }, request)
+                }
                 ClientToBroker::WatchQueue { queue } => (Command::WatchQueue { conn, queue }, None),
                 ClientToBroker::UnwatchQueue { queue } => (Command::UnwatchQueue { conn, queue }, None),
-                ClientToBroker::WatchJob { job_id, since } => (Command::WatchJob { conn, job: job_id, since, follow: false }, None),
+                ClientToBroker::WatchJob { job_id, since } => {
+                    (Command::WatchJob { conn, job: job_id, since, follow: false }, None)
+                }
                 ClientToBroker::UnwatchJob { job_id } => (Command::UnwatchJob { conn, job: job_id }, None),
             };
             ctx.handle.send(cmd, ReplyTo::Client { conn, request }).await;
             None
         }
     }
+}
+
+/// Serde cannot say where inside an enum's payload parsing failed, so a failed `submit` is
+/// parsed again on its own to name the offending field (and echo its `request`).
+fn explain_client_error(text: &str, e: protocol::DefinitionError) -> ErrorBody {
+    let value: Option<serde_json::Value> = serde_json::from_str(text).ok();
+    if let Some(v) = value.filter(|v| v["type"] == "submit") {
+        let request = v["data"]["request"].as_u64();
+        if let Err(inner) = protocol::definition::from_value::<protocol::messages::SubmitMessage>(v["data"].clone()) {
+            let code = if inner.field.starts_with("definition") {
+                ErrorCode::InvalidDefinition
+            } else {
+                ErrorCode::BadMessage
+            };
+            let mut body = ErrorBody::new(code, format!("invalid submit: {inner}"));
+            body.request = request;
+            return body;
+        }
+    }
+    ErrorBody::new(ErrorCode::BadMessage, format!("not a client message: {e}"))
 }
 
 /// Shared by the HTTP layer: the context as an `Arc` for warp filters.

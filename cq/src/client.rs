@@ -26,7 +26,10 @@ impl Client {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!("--url must start with http:// or https://, got `{url}`");
         }
-        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).build().context("building the HTTP client")?;
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .context("building the HTTP client")?;
         Ok(Client { http, base, token })
     }
 
@@ -40,14 +43,17 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.with_context(|| format!("cannot reach the broker at {} (is it running? start one with `cq dev`)", self.base))?;
+        let resp = req.send().await.with_context(|| {
+            format!("cannot reach the broker at {} (is it running? start one with `cq dev`)", self.base)
+        })?;
         let status = resp.status();
         let text = resp.text().await.context("reading the broker's answer")?;
         if status.is_success() {
             if text.is_empty() {
                 return Ok(Value::Null);
             }
-            return serde_json::from_str(&text).with_context(|| format!("the broker answered with something that is not JSON: {text}"));
+            return serde_json::from_str(&text)
+                .with_context(|| format!("the broker answered with something that is not JSON: {text}"));
         }
         let message = serde_json::from_str::<Value>(&text)
             .ok()
@@ -71,7 +77,13 @@ impl Client {
 
     /// Follows `job` from log line `since` until it finishes, reconnecting if the socket drops;
     /// calls `on_log` for every line exactly once and returns the final view.
-    pub async fn follow(&self, job: JobId, mut since: u64, mut on_log: impl FnMut(&LogLine), mut on_update: impl FnMut(&JobView)) -> Result<JobView> {
+    pub async fn follow(
+        &self,
+        job: JobId,
+        mut since: u64,
+        mut on_log: impl FnMut(&LogLine),
+        mut on_update: impl FnMut(&JobView),
+    ) -> Result<JobView> {
         let mut failures = 0;
         loop {
             match self.follow_once(job, &mut since, &mut on_log, &mut on_update).await {
@@ -97,19 +109,31 @@ impl Client {
     ) -> Result<Option<JobView>> {
         let mut request = self.ws_url("/ws/client").into_client_request().context("building the websocket request")?;
         if let Some(t) = &self.token {
-            request.headers_mut().insert("authorization", format!("Bearer {t}").parse().context("token is not a valid header value")?);
+            request
+                .headers_mut()
+                .insert("authorization", format!("Bearer {t}").parse().context("token is not a valid header value")?);
         }
-        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.with_context(|| format!("cannot open a websocket to {}", self.base))?;
-        let hello = ClientToBroker::Hello(ClientHello { protocol: PROTOCOL_VERSION, token: None, agent: Some(concat!("cq-cli/", env!("CARGO_PKG_VERSION")).into()) });
+        let (mut socket, _) = tokio_tungstenite::connect_async(request)
+            .await
+            .with_context(|| format!("cannot open a websocket to {}", self.base))?;
+        let hello = ClientToBroker::Hello(ClientHello {
+            protocol: PROTOCOL_VERSION,
+            token: None,
+            agent: Some(concat!("cq-cli/", env!("CARGO_PKG_VERSION")).into()),
+        });
         socket.send(Message::text(serde_json::to_string(&hello)?)).await?;
-        socket.send(Message::text(serde_json::to_string(&ClientToBroker::WatchJob { job_id: job, since: *since })?)).await?;
+        socket
+            .send(Message::text(serde_json::to_string(&ClientToBroker::WatchJob { job_id: job, since: *since })?))
+            .await?;
         while let Some(msg) = socket.next().await {
             let text = match msg? {
                 Message::Text(t) => t,
                 Message::Close(_) => return Ok(None),
                 _ => continue,
             };
-            match serde_json::from_str::<BrokerToClient>(&text).with_context(|| format!("unexpected message from the broker: {text}"))? {
+            match serde_json::from_str::<BrokerToClient>(&text)
+                .with_context(|| format!("unexpected message from the broker: {text}"))?
+            {
                 BrokerToClient::Logs { offset, lines, .. } => {
                     for (i, line) in lines.iter().enumerate() {
                         let n = offset + i as u64;

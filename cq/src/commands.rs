@@ -19,7 +19,9 @@ use crate::{BrokerArgs, CancelArgs, DevArgs, Fsync, LogsArgs, StatusArgs, Submit
 pub async fn dev(args: DevArgs) -> Result<ExitCode> {
     let data_dir = match args.data_dir {
         Some(d) => d,
-        None => dirs::data_local_dir().map(|d| d.join("cq").join("dev")).unwrap_or_else(|| PathBuf::from("cq-dev-data")),
+        None => {
+            dirs::data_local_dir().map(|d| d.join("cq").join("dev")).unwrap_or_else(|| PathBuf::from("cq-dev-data"))
+        }
     };
     if !args.listen.ip().is_loopback() {
         tracing::warn!(listen = %args.listen, "cq dev has no tokens; anyone who can reach this address can run jobs. Use `cq broker` with tokens instead");
@@ -29,10 +31,14 @@ pub async fn dev(args: DevArgs) -> Result<ExitCode> {
         tokens: Tokens::default(),
         max_body: broker::http::DEFAULT_MAX_BODY,
     };
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     eprintln!("cq dev: broker on http://{addr} (data in {})", data_dir.display());
-    eprintln!("cq dev: open http://{addr}/ in a browser; submit with `cq submit --url http://{addr} --image IMAGE --wait -- COMMAND`");
+    eprintln!(
+        "cq dev: open http://{addr}/ in a browser; submit with `cq submit --url http://{addr} --image IMAGE --wait -- COMMAND`"
+    );
     broker::run(listener, config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -41,7 +47,12 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
     let read_token = |value: Option<String>, file: Option<PathBuf>, what: &str| -> Result<Option<String>> {
         let token = match (value, file) {
             (Some(v), _) => Some(v),
-            (None, Some(f)) => Some(std::fs::read_to_string(&f).with_context(|| format!("reading the {what} token file {}", f.display()))?.trim().to_string()),
+            (None, Some(f)) => Some(
+                std::fs::read_to_string(&f)
+                    .with_context(|| format!("reading the {what} token file {}", f.display()))?
+                    .trim()
+                    .to_string(),
+            ),
             (None, None) => None,
         };
         if token.as_deref() == Some("") {
@@ -67,8 +78,11 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
         Fsync::Always => FsyncMode::Always,
         Fsync::Never => FsyncMode::Never,
     };
-    let config = broker::Config { store: StoreConfig { data_dir: args.data_dir, fsync, core }, tokens, max_body: args.max_body };
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let config =
+        broker::Config { store: StoreConfig { data_dir: args.data_dir, fsync, core }, tokens, max_body: args.max_body };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     tracing::info!(addr = %listener.local_addr()?, "broker listening");
     broker::run(listener, config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
@@ -96,7 +110,8 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     let mut definition = match &args.file {
         Some(path) => {
             let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-            parse_json::<JobDefinition>(&bytes).with_context(|| format!("{} is not a valid job definition", path.display()))?
+            parse_json::<JobDefinition>(&bytes)
+                .with_context(|| format!("{} is not a valid job definition", path.display()))?
         }
         None => JobDefinition::default(),
     };
@@ -134,7 +149,8 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         body["retries"] = json!(r);
     }
     let answer = client.post(&format!("/q/{}/j", args.queue), &body).await?;
-    let id: JobId = answer["jobId"].as_str().unwrap_or_default().parse().context("the broker's answer has no job id")?;
+    let id: JobId =
+        answer["jobId"].as_str().unwrap_or_default().parse().context("the broker's answer has no job id")?;
     let outcome = answer["outcome"].as_str().unwrap_or("");
     if !args.wait {
         println!("{id}");
@@ -156,7 +172,11 @@ async fn follow(client: &Client, id: JobId, since: u64) -> Result<JobView> {
             let state = (job.state, job.progress.as_ref().map(|p| p.phase));
             if last_state != Some(state) && job.state != JobState::Finished {
                 let worker = job.worker.as_ref().map(|w| format!(" on {w}")).unwrap_or_default();
-                let phase = job.progress.as_ref().map(|p| format!(" ({})", serde_json::to_value(p.phase).unwrap_or_default().as_str().unwrap_or(""))).unwrap_or_default();
+                let phase = job
+                    .progress
+                    .as_ref()
+                    .map(|p| format!(" ({})", serde_json::to_value(p.phase).unwrap_or_default().as_str().unwrap_or("")))
+                    .unwrap_or_default();
                 eprintln!("cq: {}{worker}{phase}", state_word(job.state));
                 last_state = Some(state);
             }
@@ -195,7 +215,12 @@ fn describe_end(v: &JobView) -> String {
         _ => String::new(),
     };
     let code = v.exit_code.map(|c| format!(", exit code {c}")).unwrap_or_default();
-    let message = v.message.as_ref().filter(|_| v.reason != Some(FinishReason::Failed)).map(|m| format!(": {m}")).unwrap_or_default();
+    let message = v
+        .message
+        .as_ref()
+        .filter(|_| v.reason != Some(FinishReason::Failed))
+        .map(|m| format!(": {m}"))
+        .unwrap_or_default();
     format!("job {} {reason}{duration}{code}{message}", v.id.short())
 }
 
@@ -242,7 +267,10 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
     if summaries.is_empty() {
         println!("no queues yet");
     } else {
-        println!("{:<24} {:>7} {:>8} {:>7} {:>8} {:>7} {:>10}", "QUEUE", "QUEUED", "ASSIGNED", "RUNNING", "FINISHED", "WORKERS", "FREE SLOTS");
+        println!(
+            "{:<24} {:>7} {:>8} {:>7} {:>8} {:>7} {:>10}",
+            "QUEUE", "QUEUED", "ASSIGNED", "RUNNING", "FINISHED", "WORKERS", "FREE SLOTS"
+        );
     }
     for s in &summaries {
         println!(

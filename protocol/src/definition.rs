@@ -234,11 +234,19 @@ impl JobDefinition {
             let secs = match d {
                 DurationSpec::Seconds(s) => s,
                 DurationSpec::Text(t) => humantime::parse_duration(t.trim())
-                    .map_err(|e| DefinitionError::new("maxDuration", format!("`{t}` is not a duration ({e}); try \"90s\", \"20m\" or \"1h\"")))?
+                    .map_err(|e| {
+                        DefinitionError::new(
+                            "maxDuration",
+                            format!("`{t}` is not a duration ({e}); try \"90s\", \"20m\" or \"1h\""),
+                        )
+                    })?
                     .as_secs(),
             };
             if secs == 0 || secs > MAX_DURATION_SECS {
-                return Err(DefinitionError::new("maxDuration", format!("must be between 1 second and {MAX_DURATION_SECS} seconds")));
+                return Err(DefinitionError::new(
+                    "maxDuration",
+                    format!("must be between 1 second and {MAX_DURATION_SECS} seconds"),
+                ));
             }
             self.max_duration = Some(DurationSpec::Seconds(secs));
         }
@@ -329,7 +337,8 @@ impl DataRef {
     /// The content identity used for hashing: `{"sha256","size"}` of the bytes for inline data
     /// and blobs, and the URL (or its declared digest) for external data.
     pub fn identity(&self) -> Result<serde_json::Value, String> {
-        let digest = |bytes: &[u8]| serde_json::json!({"sha256": hex::encode(Sha256::digest(bytes)), "size": bytes.len()});
+        let digest =
+            |bytes: &[u8]| serde_json::json!({"sha256": hex::encode(Sha256::digest(bytes)), "size": bytes.len()});
         Ok(match self {
             DataRef::Text { value } => digest(value.as_bytes()),
             DataRef::Base64 { value } => digest(&decode_base64(value)?),
@@ -416,8 +425,9 @@ pub fn write_canonical(value: &serde_json::Value, out: &mut Vec<u8>) {
 fn normalize_command(field: &str, c: CommandLine) -> Result<CommandLine, DefinitionError> {
     let args = match c {
         CommandLine::Args(a) => a,
-        CommandLine::Shell(s) => shell_words::split(&s)
-            .map_err(|e| DefinitionError::new(field, format!("cannot split `{s}` into arguments ({e}); check the quotes")))?,
+        CommandLine::Shell(s) => shell_words::split(&s).map_err(|e| {
+            DefinitionError::new(field, format!("cannot split `{s}` into arguments ({e}); check the quotes"))
+        })?,
     };
     if args.is_empty() {
         return Err(DefinitionError::new(field, "must not be empty"));
@@ -434,9 +444,8 @@ fn normalize_command(field: &str, c: CommandLine) -> Result<CommandLine, Definit
 fn normalize_size(field: &str, size: ByteSize, min: u64) -> Result<ByteSize, DefinitionError> {
     let bytes = match size {
         ByteSize::Bytes(b) => b,
-        ByteSize::Text(t) => parse_size(&t).ok_or_else(|| {
-            DefinitionError::new(field, format!("`{t}` is not a size; try 512m, 2g or 1073741824"))
-        })?,
+        ByteSize::Text(t) => parse_size(&t)
+            .ok_or_else(|| DefinitionError::new(field, format!("`{t}` is not a size; try 512m, 2g or 1073741824")))?,
     };
     if bytes < min {
         return Err(DefinitionError::new(field, format!("must be at least {min} bytes")));
@@ -610,7 +619,10 @@ mod tests {
         let sha = hex::encode(Sha256::digest(b"hello"));
         let a = parse(r#"{"image":"busybox","inputs":{"a.txt":{"type":"text","value":"hello"}}}"#).unwrap();
         let b = parse(r#"{"image":"busybox","inputs":{"a.txt":{"type":"base64","value":"aGVsbG8="}}}"#).unwrap();
-        let c = parse(&format!(r#"{{"image":"busybox","inputs":{{"a.txt":{{"type":"blob","sha256":"{sha}","size":5}}}}}}"#)).unwrap();
+        let c = parse(&format!(
+            r#"{{"image":"busybox","inputs":{{"a.txt":{{"type":"blob","sha256":"{sha}","size":5}}}}}}"#
+        ))
+        .unwrap();
         assert_eq!(a.job_id(), b.job_id());
         assert_eq!(a.job_id(), c.job_id());
     }
@@ -626,7 +638,11 @@ mod tests {
             (r#"{"image":"busybox","resources":{"cpus":-1}}"#, "resources.cpus", "above 0"),
             (r#"{"image":"busybox","env":{"JOB_ID":"x"}}"#, "env.JOB_ID", "set by the worker"),
             (r#"{"image":"busybox","env":{"1A":"x"}}"#, "env.1A", "names must match"),
-            (r#"{"image":"busybox","inputs":{"../etc/passwd":{"type":"text","value":""}}}"#, "inputs.../etc/passwd", "segments"),
+            (
+                r#"{"image":"busybox","inputs":{"../etc/passwd":{"type":"text","value":""}}}"#,
+                "inputs.../etc/passwd",
+                "segments",
+            ),
             (r#"{"image":"busybox","inputs":{"/abs":{"type":"text","value":""}}}"#, "inputs./abs", "relative"),
             (r#"{"image":"busybox","inputs":{"a":{"type":"base64","value":"!!"}}}"#, "inputs.a", "base64"),
             (r#"{"image":"busybox","inputs":{"a":{"type":"blob","sha256":"xyz","size":1}}}"#, "inputs.a", "sha256"),
@@ -656,8 +672,15 @@ mod tests {
 
     #[test]
     fn image_references() {
-        for ok in ["busybox", "busybox:1.36", "library/busybox", "ghcr.io/org/tool:v1.2", "localhost:5000/x", "cq-test/busybox:latest",
-            "busybox@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"] {
+        for ok in [
+            "busybox",
+            "busybox:1.36",
+            "library/busybox",
+            "ghcr.io/org/tool:v1.2",
+            "localhost:5000/x",
+            "cq-test/busybox:latest",
+            "busybox@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ] {
             assert!(validate_image(ok).is_ok(), "{ok}");
         }
         for bad in ["", "Busybox", "a b", "busybox:", "busybox:-x", "-busybox", "busybox@sha256", "a//b"] {

@@ -89,7 +89,8 @@ pub fn validate_name(kind: &str, s: &str, allow_slash: bool) -> Result<(), Strin
     if s.is_empty() || s.len() > 128 {
         return Err(format!("{kind} must be 1 to 128 characters long"));
     }
-    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '=') || (allow_slash && c == '/');
+    let ok =
+        |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':' | '=') || (allow_slash && c == '/');
     match s.chars().find(|c| !ok(*c)) {
         Some(c) => Err(format!(
             "{kind} `{}` contains {c:?}; allowed are letters, digits and . _ - : ={}",

@@ -13,7 +13,7 @@ use crate::job::{JobView, LogLine, OutputFile, Phase, QueueSummary, WorkerView};
 #[serde(tag = "type", content = "data", rename_all = "camelCase", rename_all_fields = "camelCase", deny_unknown_fields)]
 pub enum ClientToBroker {
     Hello(ClientHello),
-    Submit(SubmitMessage),
+    Submit(Box<SubmitMessage>),
     Cancel {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         request: Option<u64>,
@@ -21,15 +21,21 @@ pub enum ClientToBroker {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         namespace: Option<String>,
     },
-    WatchQueue { queue: String },
-    UnwatchQueue { queue: String },
+    WatchQueue {
+        queue: String,
+    },
+    UnwatchQueue {
+        queue: String,
+    },
     /// Follow one job: its state now and on every change, and its log from line `since`.
     WatchJob {
         job_id: JobId,
         #[serde(default)]
         since: u64,
     },
-    UnwatchJob { job_id: JobId },
+    UnwatchJob {
+        job_id: JobId,
+    },
 }
 
 /// The first message on a client socket.
@@ -96,7 +102,10 @@ pub enum SubmitOutcome {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum BrokerToClient {
-    Welcome { protocol: u32, broker: String },
+    Welcome {
+        protocol: u32,
+        broker: String,
+    },
     Submitted {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         request: Option<u64>,
@@ -110,15 +119,35 @@ pub enum BrokerToClient {
     },
     Error(ErrorBody),
     /// The state of a watched queue; `seq` numbers this and the following updates.
-    QueueSnapshot { queue: String, seq: u64, summary: QueueSummary, jobs: Vec<JobView>, workers: Vec<WorkerView> },
+    QueueSnapshot {
+        queue: String,
+        seq: u64,
+        summary: QueueSummary,
+        jobs: Vec<JobView>,
+        workers: Vec<WorkerView>,
+    },
     /// A job of a watched queue changed.
-    QueueJob { queue: String, seq: u64, job: JobView },
+    QueueJob {
+        queue: String,
+        seq: u64,
+        job: JobView,
+    },
     /// The workers of a watched queue changed.
-    QueueWorkers { queue: String, seq: u64, workers: Vec<WorkerView> },
+    QueueWorkers {
+        queue: String,
+        seq: u64,
+        workers: Vec<WorkerView>,
+    },
     /// A watched job, now (the first after `watchJob`) and after every change.
-    Job { job: JobView },
+    Job {
+        job: JobView,
+    },
     /// Log lines of a watched job; `offset` is the index of the first line.
-    Logs { job_id: JobId, offset: u64, lines: Vec<LogLine> },
+    Logs {
+        job_id: JobId,
+        offset: u64,
+        lines: Vec<LogLine>,
+    },
 }
 
 /// An error answer: a stable code and a sentence for humans.
@@ -173,7 +202,10 @@ impl ErrorBody {
 pub enum WorkerToBroker {
     Hello(WorkerHello),
     /// The worker took responsibility for the assignment.
-    Accept { job_id: JobId, attempt: u32 },
+    Accept {
+        job_id: JobId,
+        attempt: u32,
+    },
     /// Hand an assignment back unrun (e.g. while draining); it is queued again.
     Release {
         job_id: JobId,
@@ -192,7 +224,11 @@ pub enum WorkerToBroker {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         total: Option<u64>,
     },
-    Logs { job_id: JobId, attempt: u32, lines: Vec<LogLine> },
+    Logs {
+        job_id: JobId,
+        attempt: u32,
+        lines: Vec<LogLine>,
+    },
     /// The attempt ended. The broker answers `finishAck` once the result is durable.
     Finish {
         job_id: JobId,
@@ -260,13 +296,30 @@ pub enum ExitStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "camelCase", rename_all_fields = "camelCase")]
 pub enum BrokerToWorker {
-    Welcome { protocol: u32, broker: String, heartbeat_ms: u64, lease_grace_ms: u64 },
+    Welcome {
+        protocol: u32,
+        broker: String,
+        heartbeat_ms: u64,
+        lease_grace_ms: u64,
+    },
     /// Run this job. `attempt` fences: messages about older attempts are refused.
-    Assign { job_id: JobId, attempt: u32, queue: String, definition: Box<RawValue> },
+    Assign {
+        job_id: JobId,
+        attempt: u32,
+        queue: String,
+        definition: Box<RawValue>,
+    },
     /// Stop this attempt now (cancelled, superseded, or no longer yours).
-    Cancel { job_id: JobId, attempt: u32, reason: String },
+    Cancel {
+        job_id: JobId,
+        attempt: u32,
+        reason: String,
+    },
     /// The finish of this attempt is durable; the worker may forget it.
-    FinishAck { job_id: JobId, attempt: u32 },
+    FinishAck {
+        job_id: JobId,
+        attempt: u32,
+    },
     Error(ErrorBody),
 }
 

@@ -4,7 +4,9 @@
 
 use expect_test::{expect, expect_file};
 use protocol::definition::{JobDefinition, parse_json};
-use protocol::job::{FinishReason, JobState, JobView, LogLine, OutputFile, Phase, Progress, QueueSummary, Stream, WorkerView};
+use protocol::job::{
+    FinishReason, JobState, JobView, LogLine, OutputFile, Phase, Progress, QueueSummary, Stream, WorkerView,
+};
 use protocol::messages::*;
 use protocol::{JobId, WorkerId};
 use serde_json::value::RawValue;
@@ -52,7 +54,7 @@ fn render<T: serde::Serialize>(messages: &[T]) -> String {
 fn client_to_broker() {
     let all = vec![
         ClientToBroker::Hello(ClientHello { protocol: 1, token: Some("t".into()), agent: Some("cq-cli/0.1.0".into()) }),
-        ClientToBroker::Submit(SubmitMessage {
+        ClientToBroker::Submit(Box::new(SubmitMessage {
             request: Some(1),
             queue: "q".into(),
             definition: definition(),
@@ -60,7 +62,7 @@ fn client_to_broker() {
             priority: Some(5),
             force: true,
             retries: Some(2),
-        }),
+        })),
         ClientToBroker::Cancel { request: Some(2), job_id: id(1), namespace: None },
         ClientToBroker::WatchQueue { queue: "q".into() },
         ClientToBroker::UnwatchQueue { queue: "q".into() },
@@ -91,12 +93,27 @@ fn broker_to_client() {
         BrokerToClient::Welcome { protocol: 1, broker: "cq/0.1.0".into() },
         BrokerToClient::Submitted { request: Some(1), outcome: SubmitOutcome::Created, job: view() },
         BrokerToClient::Cancelled { request: Some(2), job: view() },
-        BrokerToClient::Error(ErrorBody { code: ErrorCode::InvalidDefinition, message: "`image`: bad".into(), request: Some(3), job_id: None }),
-        BrokerToClient::QueueSnapshot { queue: "q".into(), seq: 0, summary: QueueSummary { queue: "q".into(), ..Default::default() }, jobs: vec![view()], workers: vec![worker.clone()] },
+        BrokerToClient::Error(ErrorBody {
+            code: ErrorCode::InvalidDefinition,
+            message: "`image`: bad".into(),
+            request: Some(3),
+            job_id: None,
+        }),
+        BrokerToClient::QueueSnapshot {
+            queue: "q".into(),
+            seq: 0,
+            summary: QueueSummary { queue: "q".into(), ..Default::default() },
+            jobs: vec![view()],
+            workers: vec![worker.clone()],
+        },
         BrokerToClient::QueueJob { queue: "q".into(), seq: 1, job: view() },
         BrokerToClient::QueueWorkers { queue: "q".into(), seq: 2, workers: vec![worker] },
         BrokerToClient::Job { job: view() },
-        BrokerToClient::Logs { job_id: id(1), offset: 0, lines: vec![LogLine { stream: Stream::Stdout, time: 5, text: "hi\n".into() }] },
+        BrokerToClient::Logs {
+            job_id: id(1),
+            offset: 0,
+            lines: vec![LogLine { stream: Stream::Stdout, time: 5, text: "hi\n".into() }],
+        },
     ];
     let text = render(&all);
     for line in text.lines() {
@@ -122,11 +139,37 @@ fn worker_to_broker() {
         }),
         WorkerToBroker::Accept { job_id: id(1), attempt: 1 },
         WorkerToBroker::Release { job_id: id(1), attempt: 1, reason: Some("draining".into()) },
-        WorkerToBroker::Progress { job_id: id(1), attempt: 1, phase: Phase::Pulling, message: Some("busybox".into()), current: Some(10), total: Some(100) },
-        WorkerToBroker::Logs { job_id: id(1), attempt: 1, lines: vec![LogLine { stream: Stream::Stderr, time: 5, text: "oops\n".into() }] },
-        WorkerToBroker::Finish { job_id: id(1), attempt: 1, status: ExitStatus::Exited { exit_code: 0 }, outputs: vec![] },
-        WorkerToBroker::Finish { job_id: id(1), attempt: 1, status: ExitStatus::TimedOut { exit_code: Some(137) }, outputs: vec![] },
-        WorkerToBroker::Finish { job_id: id(1), attempt: 1, status: ExitStatus::Error { message: "pull failed".into(), retryable: true }, outputs: vec![] },
+        WorkerToBroker::Progress {
+            job_id: id(1),
+            attempt: 1,
+            phase: Phase::Pulling,
+            message: Some("busybox".into()),
+            current: Some(10),
+            total: Some(100),
+        },
+        WorkerToBroker::Logs {
+            job_id: id(1),
+            attempt: 1,
+            lines: vec![LogLine { stream: Stream::Stderr, time: 5, text: "oops\n".into() }],
+        },
+        WorkerToBroker::Finish {
+            job_id: id(1),
+            attempt: 1,
+            status: ExitStatus::Exited { exit_code: 0 },
+            outputs: vec![],
+        },
+        WorkerToBroker::Finish {
+            job_id: id(1),
+            attempt: 1,
+            status: ExitStatus::TimedOut { exit_code: Some(137) },
+            outputs: vec![],
+        },
+        WorkerToBroker::Finish {
+            job_id: id(1),
+            attempt: 1,
+            status: ExitStatus::Error { message: "pull failed".into(), retryable: true },
+            outputs: vec![],
+        },
         WorkerToBroker::Heartbeat,
         WorkerToBroker::Drain,
     ];
@@ -146,7 +189,12 @@ fn broker_to_worker() {
         BrokerToWorker::Assign { job_id: id(1), attempt: 1, queue: "q".into(), definition: raw },
         BrokerToWorker::Cancel { job_id: id(1), attempt: 1, reason: "cancelled".into() },
         BrokerToWorker::FinishAck { job_id: id(1), attempt: 1 },
-        BrokerToWorker::Error(ErrorBody { code: ErrorCode::StaleAttempt, message: "attempt 1 is not current".into(), request: None, job_id: Some(id(1)) }),
+        BrokerToWorker::Error(ErrorBody {
+            code: ErrorCode::StaleAttempt,
+            message: "attempt 1 is not current".into(),
+            request: None,
+            job_id: Some(id(1)),
+        }),
     ];
     let text = render(&all);
     for line in text.lines() {

@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use protocol::id::validate_name;
 use protocol::job::{FinishReason, JobState, JobView, LogLine, OutputFile, Progress, QueueSummary, WorkerView};
-use protocol::messages::{BrokerToClient, BrokerToWorker, ErrorBody, ErrorCode, ExitStatus, SubmitOutcome, WorkerHello, WorkerToBroker};
+use protocol::messages::{
+    BrokerToClient, BrokerToWorker, ErrorBody, ErrorCode, ExitStatus, SubmitOutcome, WorkerHello, WorkerToBroker,
+};
 use protocol::{JobId, PROTOCOL_VERSION, WorkerId, close};
 use serde_json::value::RawValue;
 
@@ -116,7 +118,12 @@ impl Core {
                 Some(j) => {
                     let start = (since as usize).min(j.logs.len());
                     let end = start.saturating_add(limit.max(1)).min(j.logs.len());
-                    Reply::Logs { offset: start as u64, lines: j.logs[start..end].to_vec(), total: j.logs.len() as u64, finished: j.state == JobState::Finished }
+                    Reply::Logs {
+                        offset: start as u64,
+                        lines: j.logs[start..end].to_vec(),
+                        total: j.logs.len() as u64,
+                        finished: j.state == JobState::Finished,
+                    }
                 }
                 None => not_found(job),
             },
@@ -139,7 +146,8 @@ impl Core {
     /// The next time [`Command::Tick`] has work to do: a worker's grace period ending, or a
     /// finished job's retention running out.
     pub fn next_deadline(&self) -> Option<u64> {
-        let grace = self.workers.values().filter_map(|w| w.disconnected_at).min().map(|t| t + self.config.lease_grace_ms);
+        let grace =
+            self.workers.values().filter_map(|w| w.disconnected_at).min().map(|t| t + self.config.lease_grace_ms);
         let retention = self.retained.first().map(|(t, _)| t + self.config.retention_ms);
         [grace, retention].into_iter().flatten().min()
     }
@@ -227,13 +235,20 @@ impl Core {
             Some(j) if j.is_live() && j.queue != queue => {
                 let mut e = ErrorBody::new(
                     ErrorCode::Conflict,
-                    format!("job {} is already {} in queue `{}`; watch it there or cancel it first", s.job, state_name(j.state), j.queue),
+                    format!(
+                        "job {} is already {} in queue `{}`; watch it there or cancel it first",
+                        s.job,
+                        state_name(j.state),
+                        j.queue
+                    ),
                 );
                 e.job_id = Some(s.job);
                 return Reply::Error(e);
             }
             Some(j) if j.is_live() => SubmitOutcome::Joined,
-            Some(j) if j.queue == queue && !s.force && j.reason.is_some_and(FinishReason::is_deterministic) => SubmitOutcome::Cached,
+            Some(j) if j.queue == queue && !s.force && j.reason.is_some_and(FinishReason::is_deterministic) => {
+                SubmitOutcome::Cached
+            }
             Some(_) => SubmitOutcome::Rerun,
             None => SubmitOutcome::Created,
         };
@@ -244,7 +259,9 @@ impl Core {
             SubmitOutcome::Joined | SubmitOutcome::Cached => {
                 let j = &self.jobs[&s.job];
                 let news = match &s.namespace {
-                    Some(ns) => !j.namespaces.contains(ns) || self.namespaces.get(&(queue.clone(), ns.clone())) != Some(&s.job),
+                    Some(ns) => {
+                        !j.namespaces.contains(ns) || self.namespaces.get(&(queue.clone(), ns.clone())) != Some(&s.job)
+                    }
                     None => !j.anonymous,
                 };
                 if news {
@@ -295,7 +312,8 @@ impl Core {
         match namespace {
             Some(ns) => {
                 if !j.namespaces.contains(&ns) {
-                    let mut e = ErrorBody::new(ErrorCode::NotFound, format!("job {job} does not belong to namespace `{ns}`"));
+                    let mut e =
+                        ErrorBody::new(ErrorCode::NotFound, format!("job {job} does not belong to namespace `{ns}`"));
                     e.job_id = Some(job);
                     return Reply::Error(e);
                 }
@@ -313,7 +331,10 @@ impl Core {
     fn forget(&mut self, job: JobId) -> Reply {
         let Some(j) = self.jobs.get(&job) else { return not_found(job) };
         if j.is_live() {
-            let mut e = ErrorBody::new(ErrorCode::Conflict, format!("job {job} is {}; cancel it before deleting its result", state_name(j.state)));
+            let mut e = ErrorBody::new(
+                ErrorCode::Conflict,
+                format!("job {job} is {}; cancel it before deleting its result", state_name(j.state)),
+            );
             e.job_id = Some(job);
             return Reply::Error(e);
         }
@@ -328,10 +349,17 @@ impl Core {
             JobState::Assigned | JobState::Running => j.worker.clone().map(|w| (w, j.attempt)),
             _ => None,
         };
-        self.emit(Event::Finished { job: job.0, reason: reason.into(), exit_code: None, message: Some(message.clone()), outputs: vec![], at: self.now });
+        self.emit(Event::Finished {
+            job: job.0,
+            reason: reason.into(),
+            exit_code: None,
+            message: Some(message.clone()),
+            outputs: vec![],
+            at: self.now,
+        });
         if let Some((worker, attempt)) = running_on {
             // The worker keeps the slot until it reports the attempt ended.
-            self.to_worker(&worker, BrokerToWorker::Cancel { job_id: job, attempt, reason: message });
+            self.send_worker(&worker, BrokerToWorker::Cancel { job_id: job, attempt, reason: message });
         }
     }
 
@@ -356,7 +384,11 @@ impl Core {
         }
         let id = hello.worker_id.clone();
         if let Some(old) = self.workers.get(&id).and_then(|w| w.conn).filter(|c| *c != conn) {
-            self.effects.push(Effect::Close { conn: old, code: close::REPLACED, reason: "another connection took over this worker id" });
+            self.effects.push(Effect::Close {
+                conn: old,
+                code: close::REPLACED,
+                reason: "another connection took over this worker id",
+            });
             if let Some(c) = self.conns.get_mut(&old) {
                 c.worker = None;
             }
@@ -397,12 +429,22 @@ impl Core {
         for (job, held) in &ours {
             if claimed.get(job) == Some(&held.attempt) {
                 if self.jobs.get(job).is_none_or(|j| !j.is_live() || j.attempt != held.attempt) {
-                    self.to_worker(&id, BrokerToWorker::Cancel { job_id: *job, attempt: held.attempt, reason: "the job ended while the worker was away".into() });
+                    self.send_worker(
+                        &id,
+                        BrokerToWorker::Cancel {
+                            job_id: *job,
+                            attempt: held.attempt,
+                            reason: "the job ended while the worker was away".into(),
+                        },
+                    );
                 }
                 continue;
             }
             self.release_held(&id, *job);
-            let current = self.jobs.get(job).filter(|j| j.is_live() && j.attempt == held.attempt && j.worker.as_ref() == Some(&id));
+            let current = self
+                .jobs
+                .get(job)
+                .filter(|j| j.is_live() && j.attempt == held.attempt && j.worker.as_ref() == Some(&id));
             if let Some(j) = current {
                 let loss = if j.state == JobState::Running { Loss::WorkerLost } else { Loss::None };
                 self.requeue(*job, loss, "the worker came back without it");
@@ -410,7 +452,14 @@ impl Core {
         }
         for (job, attempt) in claimed {
             if !self.workers[&id].held.contains_key(&job) {
-                self.to_worker(&id, BrokerToWorker::Cancel { job_id: job, attempt, reason: "this attempt is no longer assigned to this worker".into() });
+                self.send_worker(
+                    &id,
+                    BrokerToWorker::Cancel {
+                        job_id: job,
+                        attempt,
+                        reason: "this attempt is no longer assigned to this worker".into(),
+                    },
+                );
             }
         }
         for q in &queues {
@@ -424,7 +473,9 @@ impl Core {
             return Reply::Error(ErrorBody::new(ErrorCode::BadMessage, "send a hello first"));
         };
         match msg {
-            WorkerToBroker::Hello(_) => Reply::Error(ErrorBody::new(ErrorCode::BadMessage, "hello was already sent on this socket")),
+            WorkerToBroker::Hello(_) => {
+                Reply::Error(ErrorBody::new(ErrorCode::BadMessage, "hello was already sent on this socket"))
+            }
             WorkerToBroker::Heartbeat => Reply::Done,
             WorkerToBroker::Drain => {
                 if let Some(w) = self.workers.get_mut(&worker) {
@@ -440,9 +491,14 @@ impl Core {
                     return self.stale(&worker, job_id, attempt);
                 }
                 match self.jobs.get(&job_id).map(|j| (j.state, j.attempt)) {
-                    Some((JobState::Assigned, a)) if a == attempt => self.emit(Event::Started { job: job_id.0, attempt, at: self.now }),
+                    Some((JobState::Assigned, a)) if a == attempt => {
+                        self.emit(Event::Started { job: job_id.0, attempt, at: self.now })
+                    }
                     Some((JobState::Running, a)) if a == attempt => {}
-                    _ => self.to_worker(&worker, BrokerToWorker::Cancel { job_id, attempt, reason: "the job has ended".into() }),
+                    _ => self.send_worker(
+                        &worker,
+                        BrokerToWorker::Cancel { job_id, attempt, reason: "the job has ended".into() },
+                    ),
                 }
                 Reply::Done
             }
@@ -480,9 +536,11 @@ impl Core {
             }
             WorkerToBroker::Finish { job_id, attempt, status, outputs } => {
                 if !self.holds(&worker, job_id, attempt) {
-                    if self.jobs.get(&job_id).is_some_and(|j| j.attempt == attempt && j.state == JobState::Finished && j.worker.as_ref() == Some(&worker)) {
+                    if self.jobs.get(&job_id).is_some_and(|j| {
+                        j.attempt == attempt && j.state == JobState::Finished && j.worker.as_ref() == Some(&worker)
+                    }) {
                         // A repeat after a reconnect: the result is already durable.
-                        self.to_worker(&worker, BrokerToWorker::FinishAck { job_id, attempt });
+                        self.send_worker(&worker, BrokerToWorker::FinishAck { job_id, attempt });
                         return Reply::Done;
                     }
                     return self.stale(&worker, job_id, attempt);
@@ -491,7 +549,7 @@ impl Core {
                 if self.is_current(job_id, attempt) {
                     self.worker_finished(job_id, status, outputs);
                 }
-                self.to_worker(&worker, BrokerToWorker::FinishAck { job_id, attempt });
+                self.send_worker(&worker, BrokerToWorker::FinishAck { job_id, attempt });
                 self.dispatch_worker_queues(&worker);
                 Reply::Done
             }
@@ -501,8 +559,12 @@ impl Core {
     fn worker_finished(&mut self, job: JobId, status: ExitStatus, outputs: Vec<OutputFile>) {
         let (reason, exit_code, message) = match status {
             ExitStatus::Exited { exit_code: 0 } => (FinishReason::Succeeded, Some(0), None),
-            ExitStatus::Exited { exit_code } => (FinishReason::Failed, Some(exit_code), Some(format!("exited with code {exit_code}"))),
-            ExitStatus::TimedOut { exit_code } => (FinishReason::TimedOut, exit_code, Some("stopped after reaching maxDuration".into())),
+            ExitStatus::Exited { exit_code } => {
+                (FinishReason::Failed, Some(exit_code), Some(format!("exited with code {exit_code}")))
+            }
+            ExitStatus::TimedOut { exit_code } => {
+                (FinishReason::TimedOut, exit_code, Some("stopped after reaching maxDuration".into()))
+            }
             ExitStatus::Error { message, retryable: true } => {
                 self.requeue(job, Loss::Error, &message);
                 return;
@@ -524,7 +586,14 @@ impl Core {
         };
         if let Some(reason) = reason.filter(|_| j.losses + 1 > j.retries) {
             let message = format!("{why}; retry budget of {} spent", j.retries);
-            self.emit(Event::Finished { job: job.0, reason: reason.into(), exit_code: None, message: Some(message), outputs: vec![], at: self.now });
+            self.emit(Event::Finished {
+                job: job.0,
+                reason: reason.into(),
+                exit_code: None,
+                message: Some(message),
+                outputs: vec![],
+                at: self.now,
+            });
             return;
         }
         self.emit(Event::Requeued { job: job.0, lost: reason.is_some() });
@@ -550,7 +619,11 @@ impl Core {
             kept.push(LogLineV1::from(line));
         }
         if truncated {
-            kept.push(LogLineV1 { stream: 2, time: self.now, text: format!("cq: log truncated at {limit} bytes; further output is dropped\n") });
+            kept.push(LogLineV1 {
+                stream: 2,
+                time: self.now,
+                text: format!("cq: log truncated at {limit} bytes; further output is dropped\n"),
+            });
         }
         let offset = j.logs.len() as u64;
         let sent: Vec<LogLine> = kept.iter().map(LogLine::from).collect();
@@ -570,10 +643,13 @@ impl Core {
     }
 
     fn stale(&mut self, worker: &WorkerId, job_id: JobId, attempt: u32) -> Reply {
-        let mut e = ErrorBody::new(ErrorCode::StaleAttempt, format!("attempt {attempt} of job {job_id} is not assigned to this worker"));
+        let mut e = ErrorBody::new(
+            ErrorCode::StaleAttempt,
+            format!("attempt {attempt} of job {job_id} is not assigned to this worker"),
+        );
         e.job_id = Some(job_id);
-        self.to_worker(worker, BrokerToWorker::Error(e));
-        self.to_worker(worker, BrokerToWorker::Cancel { job_id, attempt, reason: "stale attempt".into() });
+        self.send_worker(worker, BrokerToWorker::Error(e));
+        self.send_worker(worker, BrokerToWorker::Cancel { job_id, attempt, reason: "stale attempt".into() });
         Reply::Done
     }
 
@@ -590,7 +666,7 @@ impl Core {
         }
     }
 
-    fn to_worker(&mut self, worker: &WorkerId, msg: BrokerToWorker) {
+    fn send_worker(&mut self, worker: &WorkerId, msg: BrokerToWorker) {
         if let Some(conn) = self.workers.get(worker).and_then(|w| w.conn) {
             self.effects.push(Effect::Worker { to: conn, msg });
         }
@@ -633,7 +709,10 @@ impl Core {
             let definition = RawValue::from_string(job.definition.to_string()).expect("stored definitions are JSON");
             self.emit(Event::Assigned { job: job_id.0, worker: worker.0.clone(), attempt, at: self.now });
             self.stats.dispatched += 1;
-            self.effects.push(Effect::Worker { to: conn, msg: BrokerToWorker::Assign { job_id, attempt, queue: queue.to_string(), definition } });
+            self.effects.push(Effect::Worker {
+                to: conn,
+                msg: BrokerToWorker::Assign { job_id, attempt, queue: queue.to_string(), definition },
+            });
         }
     }
 
@@ -677,13 +756,26 @@ impl Core {
 
     fn tick(&mut self) {
         let grace = self.config.lease_grace_ms;
-        let expired: Vec<WorkerId> = self.workers.values().filter(|w| w.disconnected_at.is_some_and(|t| t + grace <= self.now)).map(|w| w.id.clone()).collect();
+        let expired: Vec<WorkerId> = self
+            .workers
+            .values()
+            .filter(|w| w.disconnected_at.is_some_and(|t| t + grace <= self.now))
+            .map(|w| w.id.clone())
+            .collect();
         for id in expired {
             let held: Vec<(JobId, Held)> = self.workers[&id].held.iter().map(|(j, h)| (*j, *h)).collect();
             self.remove_worker(&id);
             for (job, h) in held {
-                if self.jobs.get(&job).is_some_and(|j| j.is_live() && j.attempt == h.attempt && j.worker.as_ref() == Some(&id)) {
-                    self.requeue(job, Loss::WorkerLost, &format!("worker gone: {id} did not come back within {grace} ms"));
+                if self
+                    .jobs
+                    .get(&job)
+                    .is_some_and(|j| j.is_live() && j.attempt == h.attempt && j.worker.as_ref() == Some(&id))
+                {
+                    self.requeue(
+                        job,
+                        Loss::WorkerLost,
+                        &format!("worker gone: {id} did not come back within {grace} ms"),
+                    );
                 }
             }
         }
@@ -724,7 +816,13 @@ impl Core {
                 break;
             }
         }
-        let msg = BrokerToClient::QueueSnapshot { queue: queue.clone(), seq: q.delta_seq, summary: self.summary_of(&name), jobs, workers: self.worker_views(&name) };
+        let msg = BrokerToClient::QueueSnapshot {
+            queue: queue.clone(),
+            seq: q.delta_seq,
+            summary: self.summary_of(&name),
+            jobs,
+            workers: self.worker_views(&name),
+        };
         self.effects.push(Effect::Client { to: vec![conn], msg: Arc::new(msg) });
         Reply::Done
     }
@@ -751,7 +849,11 @@ impl Core {
         let mut msgs = vec![BrokerToClient::Job { job: j.view() }];
         let start = (since as usize).min(j.logs.len());
         for (i, chunk) in j.logs[start..].chunks(LOG_CHUNK_LINES).enumerate() {
-            msgs.push(BrokerToClient::Logs { job_id: job, offset: (start + i * LOG_CHUNK_LINES) as u64, lines: chunk.to_vec() });
+            msgs.push(BrokerToClient::Logs {
+                job_id: job,
+                offset: (start + i * LOG_CHUNK_LINES) as u64,
+                lines: chunk.to_vec(),
+            });
         }
         let done = j.state == JobState::Finished;
         for msg in msgs {
@@ -823,7 +925,8 @@ impl Core {
                 self.effects.push(Effect::Client { to: q.watchers.clone(), msg: Arc::new(msg) });
             }
             if !watchers.is_empty() {
-                self.effects.push(Effect::Client { to: watchers.clone(), msg: Arc::new(BrokerToClient::Job { job: view }) });
+                self.effects
+                    .push(Effect::Client { to: watchers.clone(), msg: Arc::new(BrokerToClient::Job { job: view }) });
                 if finished {
                     self.close_followers(&watchers, id);
                 }
@@ -855,7 +958,14 @@ impl Core {
 
     fn list(&self, queue: &str, state: Option<JobState>, limit: usize) -> Vec<JobView> {
         let Some(q) = self.queues.get(queue) else { return Vec::new() };
-        q.by_seq.values().rev().map(|id| &self.jobs[id]).filter(|j| state.is_none_or(|s| j.state == s)).take(limit.min(LIST_LIMIT)).map(Job::view).collect()
+        q.by_seq
+            .values()
+            .rev()
+            .map(|id| &self.jobs[id])
+            .filter(|j| state.is_none_or(|s| j.state == s))
+            .take(limit.min(LIST_LIMIT))
+            .map(Job::view)
+            .collect()
     }
 
     fn summary(&self, queue: &Option<String>) -> Vec<QueueSummary> {
@@ -874,7 +984,9 @@ impl Core {
     }
 
     fn summary_of(&self, queue: &Arc<str>) -> QueueSummary {
-        let Some(q) = self.queues.get(queue) else { return QueueSummary { queue: queue.to_string(), ..Default::default() } };
+        let Some(q) = self.queues.get(queue) else {
+            return QueueSummary { queue: queue.to_string(), ..Default::default() };
+        };
         let oldest = q.pending.iter().map(|(_, seq)| self.jobs[&q.by_seq[seq]].submitted_at).min();
         let mut s = QueueSummary {
             queue: queue.to_string(),

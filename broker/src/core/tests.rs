@@ -21,7 +21,13 @@ struct Script {
 }
 
 fn script() -> Script {
-    let config = CoreConfig { lease_grace_ms: 1000, retention_ms: 60_000, default_retries: 1, max_log_bytes: 20, heartbeat_ms: 500 };
+    let config = CoreConfig {
+        lease_grace_ms: 1000,
+        retention_ms: 60_000,
+        default_retries: 1,
+        max_log_bytes: 20,
+        heartbeat_ms: 500,
+    };
     Script { core: Core::new(config), now: 0, names: HashMap::new(), out: String::new() }
 }
 
@@ -60,7 +66,11 @@ impl Script {
             force,
             retries: None,
         };
-        let label = format!("submit {name} to {queue}{}{}", ns.map(|n| format!(" ns={n}")).unwrap_or_default(), if force { " force" } else { "" });
+        let label = format!(
+            "submit {name} to {queue}{}{}",
+            ns.map(|n| format!(" ns={n}")).unwrap_or_default(),
+            if force { " force" } else { "" }
+        );
         self.run(&label, Command::Submit(submit))
     }
 
@@ -68,7 +78,15 @@ impl Script {
         self.submit_with(queue, name, "", None, false)
     }
 
-    fn worker(&mut self, conn: ConnId, id: &str, slots: u32, gpus: u32, tags: &[&str], held: &[(&str, u32)]) -> &mut Self {
+    fn worker(
+        &mut self,
+        conn: ConnId,
+        id: &str,
+        slots: u32,
+        gpus: u32,
+        tags: &[&str],
+        held: &[(&str, u32)],
+    ) -> &mut Self {
         let held = held.iter().map(|(n, a)| HeldJob { job_id: self.id(n), attempt: *a }).collect();
         let hello = WorkerHello {
             protocol: 1,
@@ -81,7 +99,10 @@ impl Script {
             held,
             agent: None,
         };
-        self.run(&format!("hello {id} on c{conn} slots={slots} gpus={gpus} tags={tags:?}"), Command::WorkerHello { conn, hello })
+        self.run(
+            &format!("hello {id} on c{conn} slots={slots} gpus={gpus} tags={tags:?}"),
+            Command::WorkerHello { conn, hello },
+        )
     }
 
     fn msg(&mut self, conn: ConnId, label: &str, msg: WorkerToBroker) -> &mut Self {
@@ -95,7 +116,11 @@ impl Script {
 
     fn finish(&mut self, conn: ConnId, name: &str, attempt: u32, status: ExitStatus) -> &mut Self {
         let job_id = self.id(name);
-        self.msg(conn, &format!("finish {name}#{attempt} {status:?}"), WorkerToBroker::Finish { job_id, attempt, status, outputs: vec![] })
+        self.msg(
+            conn,
+            &format!("finish {name}#{attempt} {status:?}"),
+            WorkerToBroker::Finish { job_id, attempt, status, outputs: vec![] },
+        )
     }
 
     fn run(&mut self, label: &str, command: Command) -> &mut Self {
@@ -122,14 +147,22 @@ impl Script {
     fn event(&self, e: &Event) -> String {
         let n = |id: &[u8; 32]| self.name(&JobId(*id));
         match e {
-            Event::Submitted { job, queue, namespace, priority, .. } => format!("submitted {} queue={queue} ns={namespace:?} prio={priority}", n(job)),
+            Event::Submitted { job, queue, namespace, priority, .. } => {
+                format!("submitted {} queue={queue} ns={namespace:?} prio={priority}", n(job))
+            }
             Event::Joined { job, namespace } => format!("joined {} ns={namespace:?}", n(job)),
             Event::NamespaceLeft { job, namespace } => format!("left {} ns={namespace}", n(job)),
             Event::Assigned { job, worker, attempt, .. } => format!("assigned {}#{attempt} to {worker}", n(job)),
             Event::Started { job, attempt, .. } => format!("started {}#{attempt}", n(job)),
-            Event::Logged { job, lines, truncated } => format!("logged {} {:?} truncated={truncated}", n(job), lines.iter().map(|l| l.text.as_str()).collect::<Vec<_>>()),
+            Event::Logged { job, lines, truncated } => format!(
+                "logged {} {:?} truncated={truncated}",
+                n(job),
+                lines.iter().map(|l| l.text.as_str()).collect::<Vec<_>>()
+            ),
             Event::Requeued { job, lost } => format!("requeued {} lost={lost}", n(job)),
-            Event::Finished { job, reason, exit_code, message, .. } => format!("finished {} {reason:?} exit={exit_code:?} {}", n(job), message.as_deref().unwrap_or("")),
+            Event::Finished { job, reason, exit_code, message, .. } => {
+                format!("finished {} {reason:?} exit={exit_code:?} {}", n(job), message.as_deref().unwrap_or(""))
+            }
             Event::Forgotten { job } => format!("forgotten {}", n(job)),
         }
     }
@@ -140,19 +173,33 @@ impl Script {
                 let m = match msg {
                     BrokerToWorker::Welcome { .. } => "welcome".to_string(),
                     BrokerToWorker::Assign { job_id, attempt, .. } => format!("assign {}#{attempt}", self.name(job_id)),
-                    BrokerToWorker::Cancel { job_id, attempt, reason } => format!("cancel {}#{attempt} ({reason})", self.name(job_id)),
-                    BrokerToWorker::FinishAck { job_id, attempt } => format!("finishAck {}#{attempt}", self.name(job_id)),
+                    BrokerToWorker::Cancel { job_id, attempt, reason } => {
+                        format!("cancel {}#{attempt} ({reason})", self.name(job_id))
+                    }
+                    BrokerToWorker::FinishAck { job_id, attempt } => {
+                        format!("finishAck {}#{attempt}", self.name(job_id))
+                    }
                     BrokerToWorker::Error(e) => format!("error {:?}", e.code),
                 };
                 format!("c{to}: {m}")
             }
             Effect::Client { to, msg } => {
                 let m = match &**msg {
-                    BrokerToClient::QueueSnapshot { seq, jobs, workers, .. } => format!("queueSnapshot seq={seq} jobs={} workers={}", jobs.len(), workers.len()),
-                    BrokerToClient::QueueJob { seq, job, .. } => format!("queueJob seq={seq} {} {:?}", self.name(&job.id), job.state),
-                    BrokerToClient::QueueWorkers { seq, workers, .. } => format!("queueWorkers seq={seq} n={}", workers.len()),
-                    BrokerToClient::Job { job } => format!("job {} {:?} v{}", self.name(&job.id), job.state, job.version),
-                    BrokerToClient::Logs { job_id, offset, lines } => format!("logs {} @{offset} n={}", self.name(job_id), lines.len()),
+                    BrokerToClient::QueueSnapshot { seq, jobs, workers, .. } => {
+                        format!("queueSnapshot seq={seq} jobs={} workers={}", jobs.len(), workers.len())
+                    }
+                    BrokerToClient::QueueJob { seq, job, .. } => {
+                        format!("queueJob seq={seq} {} {:?}", self.name(&job.id), job.state)
+                    }
+                    BrokerToClient::QueueWorkers { seq, workers, .. } => {
+                        format!("queueWorkers seq={seq} n={}", workers.len())
+                    }
+                    BrokerToClient::Job { job } => {
+                        format!("job {} {:?} v{}", self.name(&job.id), job.state, job.version)
+                    }
+                    BrokerToClient::Logs { job_id, offset, lines } => {
+                        format!("logs {} @{offset} n={}", self.name(job_id), lines.len())
+                    }
                     BrokerToClient::Error(e) => format!("error {:?}", e.code),
                     other => format!("{other:?}"),
                 };
@@ -165,7 +212,9 @@ impl Script {
     fn reply(&self, r: &Reply) -> String {
         match r {
             Reply::Submitted { outcome, job } => format!("{outcome:?} {} {:?}", self.name(&job.id), job.state),
-            Reply::Cancelled(job) | Reply::Job(job) => format!("{} {:?} {:?} attempt={}", self.name(&job.id), job.state, job.reason, job.attempt),
+            Reply::Cancelled(job) | Reply::Job(job) => {
+                format!("{} {:?} {:?} attempt={}", self.name(&job.id), job.state, job.reason, job.attempt)
+            }
             Reply::Error(e) => format!("error {:?}: {}", e.code, e.message),
             other => format!("{other:?}"),
         }
@@ -190,7 +239,10 @@ impl Script {
 fn jobs_are_pushed_on_enqueue_to_the_least_loaded_fitting_worker() {
     let mut s = script();
     s.worker(1, "w1", 2, 0, &[], &[]).worker(2, "w2", 1, 1, &["gpu"], &[]);
-    s.submit("q", "a").submit("q", "b").submit_with("q", "g", r#","resources":{"gpus":1},"tags":["gpu"]"#, None, false).submit("q", "c");
+    s.submit("q", "a")
+        .submit("q", "b")
+        .submit_with("q", "g", r#","resources":{"gpus":1},"tags":["gpu"]"#, None, false)
+        .submit("q", "c");
     s.check(expect![[r#"
         t=0 hello w1 on c1 slots=2 gpus=0 tags=[]
           send c1: welcome
@@ -220,9 +272,20 @@ fn jobs_are_pushed_on_enqueue_to_the_least_loaded_fitting_worker() {
 #[test]
 fn a_freed_slot_takes_the_next_job_fifo_within_priority() {
     let mut s = script();
-    s.worker(1, "w1", 1, 0, &[], &[]).submit("q", "a").submit("q", "b").submit_with("q", "p", r#","env":{"prio":"1"}"#, None, false);
+    s.worker(1, "w1", 1, 0, &[], &[]).submit("q", "a").submit("q", "b").submit_with(
+        "q",
+        "p",
+        r#","env":{"prio":"1"}"#,
+        None,
+        false,
+    );
     s.out.clear();
-    s.accept(1, "a", 1).finish(1, "a", 1, ExitStatus::Exited { exit_code: 0 }).accept(1, "p", 1).finish(1, "p", 1, ExitStatus::Exited { exit_code: 2 });
+    s.accept(1, "a", 1).finish(1, "a", 1, ExitStatus::Exited { exit_code: 0 }).accept(1, "p", 1).finish(
+        1,
+        "p",
+        1,
+        ExitStatus::Exited { exit_code: 2 },
+    );
     s.check(expect![[r#"
         t=0 c1 accept a#1
           event started a#1
@@ -413,7 +476,11 @@ fn watchers_get_snapshots_then_numbered_updates_and_logs() {
     s.run("c8 follows a", Command::WatchJob { conn: 8, job: a, since: 0, follow: true });
     s.accept(1, "a", 1);
     let line = |t: &str| LogLine { stream: Stream::Stdout, time: 1, text: t.into() };
-    s.msg(1, "logs", WorkerToBroker::Logs { job_id: a, attempt: 1, lines: vec![line("0123456789"), line("abcdefghij"), line("x")] });
+    s.msg(
+        1,
+        "logs",
+        WorkerToBroker::Logs { job_id: a, attempt: 1, lines: vec![line("0123456789"), line("abcdefghij"), line("x")] },
+    );
     s.msg(1, "logs again", WorkerToBroker::Logs { job_id: a, attempt: 1, lines: vec![line("more")] });
     s.finish(1, "a", 1, ExitStatus::Exited { exit_code: 0 });
     s.run("c7 watches a from 1", Command::WatchJob { conn: 7, job: a, since: 1, follow: false });
@@ -480,8 +547,21 @@ fn replay_and_snapshot_reproduce_the_state() {
     s.worker(1, "w1", 1, 0, &[], &[]);
     s.submit_with("q", "a", "", Some("doc"), false).accept(1, "a", 1);
     let a = s.id("a");
-    s.msg(1, "logs", WorkerToBroker::Logs { job_id: a, attempt: 1, lines: vec![LogLine { stream: Stream::Stderr, time: 3, text: "hi".into() }] });
-    s.submit_with("q", "b", "", Some("doc"), false).submit("q", "c").finish(1, "a", 1, ExitStatus::Exited { exit_code: 0 });
+    s.msg(
+        1,
+        "logs",
+        WorkerToBroker::Logs {
+            job_id: a,
+            attempt: 1,
+            lines: vec![LogLine { stream: Stream::Stderr, time: 3, text: "hi".into() }],
+        },
+    );
+    s.submit_with("q", "b", "", Some("doc"), false).submit("q", "c").finish(
+        1,
+        "a",
+        1,
+        ExitStatus::Exited { exit_code: 0 },
+    );
     let mut all = Vec::new();
     // Rerun the same script, keeping the events this time.
     let mut live = Core::new(s.core.config().clone());
@@ -500,14 +580,32 @@ fn replay_and_snapshot_reproduce_the_state() {
             retries: None,
         })
     };
-    let hello = WorkerHello { protocol: 1, token: None, worker_id: WorkerId("w1".into()), queues: vec!["q".into()], slots: 1, gpus: 0, tags: vec![], held: vec![], agent: None };
+    let hello = WorkerHello {
+        protocol: 1,
+        token: None,
+        worker_id: WorkerId("w1".into()),
+        queues: vec!["q".into()],
+        slots: 1,
+        gpus: 0,
+        tags: vec![],
+        held: vec![],
+        agent: None,
+    };
     for cmd in [
         Command::WorkerHello { conn: 1, hello },
         d("a", Some("doc")),
         Command::Worker { conn: 1, msg: WorkerToBroker::Accept { job_id: a, attempt: 1 } },
         d("b", Some("doc")),
         d("c", None),
-        Command::Worker { conn: 1, msg: WorkerToBroker::Finish { job_id: a, attempt: 1, status: ExitStatus::Exited { exit_code: 0 }, outputs: vec![] } },
+        Command::Worker {
+            conn: 1,
+            msg: WorkerToBroker::Finish {
+                job_id: a,
+                attempt: 1,
+                status: ExitStatus::Exited { exit_code: 0 },
+                outputs: vec![],
+            },
+        },
     ] {
         live.apply(5, cmd);
         all.extend(live.take_output().0);
@@ -520,6 +618,11 @@ fn replay_and_snapshot_reproduce_the_state() {
     restored.restore(live.snapshot());
     assert_eq!(live.snapshot(), restored.snapshot());
     // Workers are volatile: compare the durable counts only.
-    let durable = |c: &Core| c.summary(&Some("q".into())).into_iter().map(|s| (s.queued, s.assigned, s.running, s.finished)).collect::<Vec<_>>();
+    let durable = |c: &Core| {
+        c.summary(&Some("q".into()))
+            .into_iter()
+            .map(|s| (s.queued, s.assigned, s.running, s.finished))
+            .collect::<Vec<_>>()
+    };
     assert_eq!(durable(&live), durable(&restored));
 }

@@ -42,30 +42,76 @@ impl Default for CoreConfig {
 #[derive(Debug)]
 pub enum Command {
     Submit(Submit),
-    Cancel { job: JobId, namespace: Option<String> },
+    Cancel {
+        job: JobId,
+        namespace: Option<String>,
+    },
     /// Delete a finished job's result so the next submission runs it again.
-    Forget { job: JobId },
-    WorkerHello { conn: ConnId, hello: WorkerHello },
-    Worker { conn: ConnId, msg: WorkerToBroker },
-    WatchQueue { conn: ConnId, queue: String },
-    UnwatchQueue { conn: ConnId, queue: String },
+    Forget {
+        job: JobId,
+    },
+    WorkerHello {
+        conn: ConnId,
+        hello: WorkerHello,
+    },
+    Worker {
+        conn: ConnId,
+        msg: WorkerToBroker,
+    },
+    WatchQueue {
+        conn: ConnId,
+        queue: String,
+    },
+    UnwatchQueue {
+        conn: ConnId,
+        queue: String,
+    },
     /// Watch a job; with `follow` the connection is closed once the job has finished.
-    WatchJob { conn: ConnId, job: JobId, since: u64, follow: bool },
-    UnwatchJob { conn: ConnId, job: JobId },
-    Disconnected { conn: ConnId },
+    WatchJob {
+        conn: ConnId,
+        job: JobId,
+        since: u64,
+        follow: bool,
+    },
+    UnwatchJob {
+        conn: ConnId,
+        job: JobId,
+    },
+    Disconnected {
+        conn: ConnId,
+    },
     /// Time passed: expire grace periods and retention.
     Tick,
-    GetJob { job: JobId },
-    ListJobs { queue: String, state: Option<JobState>, limit: usize },
-    Summary { queue: Option<String> },
-    GetLogs { job: JobId, since: u64, limit: usize },
+    GetJob {
+        job: JobId,
+    },
+    ListJobs {
+        queue: String,
+        state: Option<JobState>,
+        limit: usize,
+    },
+    Summary {
+        queue: Option<String>,
+    },
+    GetLogs {
+        job: JobId,
+        since: u64,
+        limit: usize,
+    },
     Overview,
 }
 
 impl Command {
     /// Reads change nothing, so their replies need not wait for the log.
     pub fn is_read(&self) -> bool {
-        matches!(self, Command::GetJob { .. } | Command::ListJobs { .. } | Command::Summary { .. } | Command::GetLogs { .. } | Command::Overview)
+        matches!(
+            self,
+            Command::GetJob { .. }
+                | Command::ListJobs { .. }
+                | Command::Summary { .. }
+                | Command::GetLogs { .. }
+                | Command::Overview
+        )
     }
 }
 
@@ -114,9 +160,19 @@ pub struct Overview {
 #[derive(Debug, Clone)]
 pub enum Effect {
     /// The same message to one or more client connections (serialised once).
-    Client { to: Vec<ConnId>, msg: Arc<BrokerToClient> },
-    Worker { to: ConnId, msg: BrokerToWorker },
-    Close { conn: ConnId, code: u16, reason: &'static str },
+    Client {
+        to: Vec<ConnId>,
+        msg: Arc<BrokerToClient>,
+    },
+    Worker {
+        to: ConnId,
+        msg: BrokerToWorker,
+    },
+    Close {
+        conn: ConnId,
+        code: u16,
+        reason: &'static str,
+    },
 }
 
 /// Whether a requeue counts against the job's retry budget, and how the job ends once the
