@@ -35,6 +35,7 @@ pub async fn dev(args: DevArgs) -> Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    println!("listening on http://{addr}");
     eprintln!("cq dev: broker on http://{addr} (data in {})", data_dir.display());
     eprintln!(
         "cq dev: open http://{addr}/ in a browser; submit with `cq submit --url http://{addr} --image IMAGE --wait -- COMMAND`"
@@ -83,7 +84,10 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!(addr = %listener.local_addr()?, "broker listening");
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "broker listening");
+    // The first line on stdout names the address, for scripts that listen on port 0.
+    println!("listening on http://{addr}");
     broker::run(listener, config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,122 @@
+//! Tests of the `cq` binary itself: `kill -9` of a broker loses no acknowledged submission,
+//! `cq dev` serves and accepts jobs, and the client commands talk to a real broker.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use serde_json::{Value, json};
+
+fn cq() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_cq"))
+}
+
+/// Starts `cq <args>` and returns it with the URL it printed.
+fn spawn(args: &[&str]) -> (Child, String) {
+    let mut child =
+        cq().args(args).env("CQ_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").expect("the first line names the address").to_string();
+    (child, url)
+}
+
+fn broker(dir: &std::path::Path) -> (Child, String) {
+    spawn(&["broker", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()])
+}
+
+#[tokio::test]
+async fn kill_9_loses_no_acknowledged_submission() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url) = broker(dir.path());
+    let http = reqwest::Client::new();
+    // Four submitters keep going until the broker dies under them.
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (http, url) = (http.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..5000 {
+                let body = json!({"definition": {"image": "busybox", "command": ["echo", format!("{t}-{i}")]}});
+                match http.post(format!("{url}/q/q/j")).json(&body).send().await {
+                    Ok(r) if r.status().is_success() => {
+                        let v: Value = r.json().await.unwrap();
+                        acked.push(v["jobId"].as_str().unwrap().to_string());
+                    }
+                    // The broker died: this request was never acknowledged.
+                    _ => break,
+                }
+            }
+            acked
+        }));
+    }
+    // Kill while submissions are in flight, once enough have been acknowledged.
+    loop {
+        let s = http.get(format!("{url}/q/q")).send().await.unwrap().json::<Value>().await.unwrap();
+        if s["queued"].as_u64().unwrap_or(0) >= 300 {
+            break;
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    assert!(acked.len() >= 300, "only {} acknowledged", acked.len());
+    let (mut child, url) = broker(dir.path());
+    let queued =
+        http.get(format!("{url}/q/q")).send().await.unwrap().json::<Value>().await.unwrap()["queued"].as_u64().unwrap();
+    assert!(queued as usize >= acked.len(), "{queued} queued after restart, {} were acknowledged", acked.len());
+    for id in &acked {
+        let r = http.get(format!("{url}/j/{id}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "acknowledged job {id} was lost");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    eprintln!("{} acknowledged submissions survived kill -9", acked.len());
+}
+
+#[tokio::test]
+async fn cq_dev_serves_and_accepts_a_job_and_the_cli_talks_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url) = spawn(&["dev", "--listen", "127.0.0.1:0", "--data-dir", dir.path().to_str().unwrap()]);
+    let health = reqwest::get(format!("{url}/healthz")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let page = reqwest::get(format!("{url}/")).await.unwrap().text().await.unwrap();
+    assert!(page.contains("<title>cq</title>"));
+    let out = cq().args(["submit", "--url", &url, "--image", "busybox", "--", "echo", "hi"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(id.len(), 64);
+    let out = cq().args(["status", "--url", &url, &id, "--json"]).output().unwrap();
+    let view: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(view["state"], "queued");
+    assert_eq!(view["queue"], "local");
+    let out = cq().args(["status", "--url", &url, "--queue", "local"]).output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("local") && text.contains(&id[..12]), "{text}");
+    let out = cq().args(["cancel", "--url", &url, &id]).output().unwrap();
+    assert!(String::from_utf8(out.stdout).unwrap().contains("cancelled"));
+    // Mistakes are reported before anything is sent, with the field named.
+    let out = cq().args(["submit", "--url", &url, "--image", "Not An Image", "--", "true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`image`"));
+    let out = cq().args(["submit", "--url", &url, "--image", "busybox", "--max-duration", "soon"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("maxDuration"));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
+fn help_names_every_command_and_env_var() {
+    let out = cq().arg("--help").output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    for cmd in ["dev", "broker", "submit", "status", "logs", "cancel"] {
+        assert!(text.contains(cmd), "{text}");
+    }
+    let out = cq().args(["broker", "--help"]).output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    for env in ["CQ_LISTEN", "CQ_DATA_DIR", "CQ_FSYNC", "CQ_CLIENT_TOKEN", "CQ_WORKER_TOKEN", "CQ_RETENTION"] {
+        assert!(text.contains(env), "{env} missing from:\n{text}");
+    }
+}
