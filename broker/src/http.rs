@@ -253,35 +253,11 @@ pub fn routes(
             ws::limits(upgrade).on_upgrade(move |socket| ws::serve(socket, Role::Worker, ctx, token)).into_response()
         });
 
-    let api = healthz
-        .or(readyz)
-        .unify()
-        .or(metrics)
-        .unify()
-        .or(ws_client)
-        .unify()
-        .or(ws_worker)
-        .unify()
-        .or(submit)
-        .unify()
-        .or(list)
-        .unify()
-        .or(summary)
-        .unify()
-        .or(queues)
-        .unify()
-        .or(logs)
-        .unify()
-        .or(events)
-        .unify()
-        .or(cancel)
-        .unify()
-        .or(job)
-        .unify()
-        .or(forget)
-        .unify()
-        .or(ui::routes())
-        .unify();
+    // Boxing the groups keeps the filter types shallow enough to compile quickly.
+    let ops = healthz.or(readyz).unify().or(metrics).unify().or(ws_client).unify().or(ws_worker).unify().boxed();
+    let queue_routes = submit.or(list).unify().or(summary).unify().or(queues).unify().boxed();
+    let job_routes = logs.or(events).unify().or(cancel).unify().or(job).unify().or(forget).unify().boxed();
+    let api = ops.or(queue_routes).unify().or(job_routes).unify().or(ui::routes()).unify();
     api.recover(recover)
         .unify()
         .with(warp::reply::with::header("x-content-type-options", "nosniff"))

@@ -25,6 +25,9 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// A socket silent for this long is closed as dead.
 pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the broker waits for the peer's half of the closing handshake before dropping the
+/// connection. Closing without reading it can reset the connection and lose the close frame.
+pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Most queued outbound messages written before one flush.
 const WRITE_BATCH: usize = 64;
 
@@ -256,11 +259,22 @@ async fn session_loop(mut sink: Sink, mut stream: Stream, mut reg: Registration,
     };
     ctx.handle.outbox.unregister(conn);
     if let Some((code, reason)) = close {
-        // Flush what is still queued (e.g. the last job update before a follow ends) first.
-        while let Ok(text) = reg.rx.try_recv() {
-            let _ = sink.feed(Message::text(text.to_string())).await;
+        // A normal end still delivers what is queued (the update that finished a followed job);
+        // a peer dropped for lagging gets nothing more.
+        if code == close::DONE {
+            while let Ok(text) = reg.rx.try_recv() {
+                let _ = sink.feed(Message::text(text.to_string())).await;
+            }
         }
         close_with(&mut sink, code, reason).await;
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            while let Some(Ok(m)) = stream.next().await {
+                if m.is_close() {
+                    break;
+                }
+            }
+        })
+        .await;
     }
     ctx.handle.send(Command::Disconnected { conn }, ReplyTo::None).await;
 }

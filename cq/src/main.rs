@@ -1,6 +1,7 @@
 //! The `cq` command: argument parsing, logging setup, signals and wiring. The work is done by
 //! the broker and worker libraries and by [`client`].
 
+mod bench;
 mod client;
 mod commands;
 
@@ -47,6 +48,30 @@ enum Command {
     Logs(LogsArgs),
     /// Cancel a queued or running job.
     Cancel(CancelArgs),
+    /// Measure a broker: durable submissions and full job lifecycles per second over loopback.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Benchmark the broker at this URL instead of one started in-process.
+    #[arg(long, env = "CQ_URL")]
+    url: Option<String>,
+    /// Jobs to run.
+    #[arg(long, default_value_t = 20_000)]
+    jobs: usize,
+    /// Simulated clients submitting concurrently over websockets.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Simulated workers, which finish every job at once.
+    #[arg(long, default_value_t = 10)]
+    workers: usize,
+    /// Slots per simulated worker.
+    #[arg(long, default_value_t = 64)]
+    slots: u32,
+    /// fsync mode of the in-process broker.
+    #[arg(long, value_enum, default_value_t = Fsync::Always)]
+    fsync: Fsync,
 }
 
 /// Where the broker is and how to authenticate to it.
@@ -112,7 +137,7 @@ struct BrokerArgs {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-enum Fsync {
+pub enum Fsync {
     Always,
     Never,
 }
@@ -214,6 +239,7 @@ fn main() -> ExitCode {
             Command::Status(a) => commands::status(a).await,
             Command::Logs(a) => commands::logs(a).await,
             Command::Cancel(a) => commands::cancel(a).await,
+            Command::Bench(a) => bench::bench(a).await,
         }
     });
     match result {

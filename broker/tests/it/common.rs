@@ -198,7 +198,10 @@ impl Ws {
             match tokio::time::timeout(WAIT, self.socket.next()).await.expect("timed out waiting for close") {
                 Some(Ok(Message::Close(Some(frame)))) => return frame.code.into(),
                 Some(Ok(Message::Close(None))) | None => return 1005,
-                Some(Err(_)) => return 1006,
+                Some(Err(e)) => {
+                    eprintln!("socket error while waiting for close: {e}");
+                    return 1006;
+                }
                 Some(Ok(_)) => {}
             }
         }

@@ -212,3 +212,40 @@ async fn queue_summary_and_listing() {
     let (_, metrics) = (200, reqwest::get(b.url("/metrics")).await.unwrap().text().await.unwrap());
     assert!(metrics.contains("cq_jobs{queue=\"q\",state=\"queued\"} 1"), "{metrics}");
 }
+
+/// A watcher that stops reading is dropped with close code 4008 once its bounded queue fills;
+/// the broker neither buffers for it without limit nor slows the job down.
+#[tokio::test]
+async fn a_watcher_that_stops_reading_is_dropped_not_buffered_for() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cfg = crate::common::config(tmp.path());
+    cfg.store.core.max_log_bytes = 1 << 30;
+    let b = TestBroker::start_with(cfg);
+    let mut w = Ws::worker(b.addr, "w1", 1, json!([])).await;
+    let id = job_id(&b.submit("q", "yes", json!({})).await.1);
+    w.recv_type("assign").await;
+    w.send(json!({"type": "accept", "data": {"jobId": id, "attempt": 1}})).await;
+    let mut slow = Ws::client(b.addr).await;
+    slow.send(json!({"type": "watchJob", "data": {"jobId": id}})).await;
+    let mut fast = Ws::client(b.addr).await;
+    fast.send(json!({"type": "watchJob", "data": {"jobId": id}})).await;
+    fast.recv_type("job").await;
+    // Enough output to fill the socket buffers and the 1024-message outbound queue, sent
+    // without waiting; the reading watcher keeps up in its own task.
+    let batches = 4000u64;
+    let reader = tokio::spawn(async move {
+        let mut lines = 0;
+        while lines < batches {
+            lines += fast.recv_type("logs").await["data"]["lines"].as_array().unwrap().len() as u64;
+        }
+        lines
+    });
+    let chunk = "y\n".repeat(4096);
+    for _ in 0..batches {
+        w.send(json!({"type": "logs", "data": {"jobId": id, "attempt": 1, "lines": [{"stream": "stdout", "time": 1, "text": chunk}]}})).await;
+    }
+    assert_eq!(reader.await.unwrap(), batches);
+    assert_eq!(slow.closed().await, protocol::close::LAGGING);
+    let (_, job) = b.get(&format!("/j/{id}")).await;
+    assert_eq!(job["logLines"].as_u64(), Some(batches));
+}

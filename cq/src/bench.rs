@@ -1,0 +1,199 @@
+//! `cq bench`: drives a broker over real loopback websockets with simulated clients and workers
+//! (which finish every job at once) and prints what it measured.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use broker::auth::Tokens;
+use broker::core::CoreConfig;
+use broker::runtime::{FsyncMode, StoreConfig};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::{BenchArgs, Fsync};
+
+/// Submissions a simulated client keeps in flight.
+const WINDOW: usize = 512;
+
+pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
+    let tmp;
+    let (url, server) = match &args.url {
+        Some(u) => (u.trim_end_matches('/').to_string(), None),
+        None => {
+            tmp = tempfile::tempdir().context("creating a temporary data directory")?;
+            let fsync = match args.fsync {
+                Fsync::Always => FsyncMode::Always,
+                Fsync::Never => FsyncMode::Never,
+            };
+            let config = broker::Config {
+                store: StoreConfig { data_dir: tmp.path().to_path_buf(), fsync, core: CoreConfig::default() },
+                tokens: Tokens::default(),
+                max_body: broker::http::DEFAULT_MAX_BODY,
+            };
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = listener.local_addr()?;
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(broker::run(listener, config, async {
+                let _ = stopped.await;
+            }));
+            (format!("http://{addr}"), Some((stop, task)))
+        }
+    };
+    let ws = format!("ws{}", url.strip_prefix("http").unwrap_or(&url));
+    let queue = format!("bench-{}", std::process::id());
+    let run_tag = Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id());
+
+    // Workers first, so every job is pushed the moment it is enqueued.
+    let mut workers = Vec::new();
+    for w in 0..args.workers {
+        let (ws, queue) = (ws.clone(), queue.clone());
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        workers.push((tokio::spawn(worker(ws, queue, format!("bench-w{w}"), args.slots, ready_tx)), ready_rx));
+    }
+    let mut worker_tasks = Vec::new();
+    for (task, ready) in workers {
+        ready.await.context("a simulated worker failed to connect")?;
+        worker_tasks.push(task);
+    }
+
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for c in 0..args.clients {
+        let n = args.jobs / args.clients + usize::from(c < args.jobs % args.clients);
+        clients.push(tokio::spawn(client(ws.clone(), queue.clone(), c, n, run_tag)));
+    }
+    let mut latencies = Vec::with_capacity(args.jobs);
+    for c in clients {
+        latencies.extend(c.await??);
+    }
+    let submitted = started.elapsed();
+    // Wait until every job has been finished by some worker.
+    let done = wait_finished(&url, &queue, args.jobs).await?;
+    let lifecycle = started.elapsed();
+    for t in worker_tasks {
+        t.abort();
+    }
+    if let Some((stop, task)) = server {
+        let _ = stop.send(());
+        let _ = task.await;
+    }
+    latencies.sort();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    println!(
+        "cq bench: {} jobs, {} clients, {} workers x {} slots, fsync {:?}",
+        args.jobs, args.clients, args.workers, args.slots, args.fsync
+    );
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| durable submissions/s (acknowledged) | {:.0} |", args.jobs as f64 / submitted.as_secs_f64());
+    println!(
+        "| full lifecycle jobs/s (submit → push → accept → finish, durable) | {:.0} |",
+        done as f64 / lifecycle.as_secs_f64()
+    );
+    println!(
+        "| submit-ack latency p50 / p99 / p999 (ms, window {WINDOW}) | {:.2} / {:.2} / {:.2} |",
+        ms(pct(0.5)),
+        ms(pct(0.99)),
+        ms(pct(0.999))
+    );
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+async fn connect(
+    url: &str,
+    hello: Value,
+) -> Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async(url).await.with_context(|| format!("connecting to {url}"))?;
+    socket.send(Message::text(hello.to_string())).await?;
+    Ok(socket)
+}
+
+async fn worker(
+    ws: String,
+    queue: String,
+    id: String,
+    slots: u32,
+    ready: tokio::sync::oneshot::Sender<()>,
+) -> Result<()> {
+    let hello = json!({"type": "hello", "data": {"protocol": 1, "workerId": id, "queues": [queue], "slots": slots}});
+    let mut socket = connect(&format!("{ws}/ws/worker"), hello).await?;
+    let mut ready = Some(ready);
+    while let Some(msg) = socket.next().await {
+        let Message::Text(text) = msg? else { continue };
+        let v: Value = serde_json::from_str(&text)?;
+        match v["type"].as_str() {
+            Some("welcome") => {
+                if let Some(r) = ready.take() {
+                    let _ = r.send(());
+                }
+            }
+            Some("assign") => {
+                let (job, attempt) = (&v["data"]["jobId"], &v["data"]["attempt"]);
+                socket
+                    .feed(Message::text(
+                        json!({"type": "accept", "data": {"jobId": job, "attempt": attempt}}).to_string(),
+                    ))
+                    .await?;
+                let finish = json!({"type": "finish", "data": {"jobId": job, "attempt": attempt, "status": {"kind": "exited", "exitCode": 0}}});
+                socket.send(Message::text(finish.to_string())).await?;
+            }
+            Some("error") => bail!("worker got an error: {text}"),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+async fn client(ws: String, queue: String, c: usize, n: usize, tag: u128) -> Result<Vec<Duration>> {
+    let mut socket = connect(&format!("{ws}/ws/client"), json!({"type": "hello", "data": {"protocol": 1}})).await?;
+    let mut sent_at = vec![Instant::now(); n];
+    let mut latencies = Vec::with_capacity(n);
+    let (mut next, mut acked) = (0usize, 0usize);
+    while acked < n {
+        while next < n && next - acked < WINDOW {
+            let submit = json!({"type": "submit", "data": {"request": next, "queue": queue,
+                "definition": {"image": "busybox", "command": ["echo", format!("{tag}-{c}-{next}")]}}});
+            sent_at[next] = Instant::now();
+            socket.feed(Message::text(submit.to_string())).await?;
+            next += 1;
+        }
+        socket.flush().await?;
+        let Some(msg) = socket.next().await else { bail!("the broker closed the client socket") };
+        let Message::Text(text) = msg? else { continue };
+        let v: Value = serde_json::from_str(&text)?;
+        match v["type"].as_str() {
+            Some("submitted") => {
+                let r = v["data"]["request"].as_u64().unwrap_or(0) as usize;
+                latencies.push(sent_at[r].elapsed());
+                acked += 1;
+            }
+            Some("error") => bail!("submission refused: {text}"),
+            _ => {}
+        }
+    }
+    Ok(latencies)
+}
+
+async fn wait_finished(url: &str, queue: &str, jobs: usize) -> Result<usize> {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let s: Value = http.get(format!("{url}/q/{queue}")).send().await?.json().await?;
+        let finished = s["finished"].as_u64().unwrap_or(0) as usize;
+        if finished >= jobs {
+            return Ok(finished);
+        }
+        if Instant::now() > deadline {
+            bail!("only {finished} of {jobs} jobs finished within 5 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
