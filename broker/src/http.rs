@@ -234,24 +234,8 @@ pub fn routes(
         },
     );
 
-    let ws_client = warp::path!("ws" / "client")
-        .and(warp::ws())
-        .and(with_ctx.clone())
-        .and(warp::header::optional::<String>("authorization"))
-        .map(|upgrade: warp::ws::Ws, ctx: Arc<Context>, auth: Option<String>| {
-            let token = bearer(auth.as_deref()).map(str::to_string);
-            let ctx = (*ctx).clone();
-            ws::limits(upgrade).on_upgrade(move |socket| ws::serve(socket, Role::Client, ctx, token)).into_response()
-        });
-    let ws_worker = warp::path!("ws" / "worker")
-        .and(warp::ws())
-        .and(with_ctx.clone())
-        .and(warp::header::optional::<String>("authorization"))
-        .map(|upgrade: warp::ws::Ws, ctx: Arc<Context>, auth: Option<String>| {
-            let token = bearer(auth.as_deref()).map(str::to_string);
-            let ctx = (*ctx).clone();
-            ws::limits(upgrade).on_upgrade(move |socket| ws::serve(socket, Role::Worker, ctx, token)).into_response()
-        });
+    let ws_client = websocket("client", Role::Client, ctx.clone());
+    let ws_worker = websocket("worker", Role::Worker, ctx.clone());
 
     // Boxing the groups keeps the filter types shallow enough to compile quickly.
     let ops = healthz.or(readyz).unify().or(metrics).unify().or(ws_client).unify().or(ws_worker).unify().boxed();
@@ -262,6 +246,26 @@ pub fn routes(
         .unify()
         .with(warp::reply::with::header("x-content-type-options", "nosniff"))
         .map(Reply::into_response)
+}
+
+/// `GET /ws/{name}`: upgrades to a websocket for `role`, with the request's bearer token.
+fn websocket(
+    name: &'static str,
+    role: Role,
+    ctx: Arc<Context>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
+    let with_ctx = warp::any().map(move || ctx.clone());
+    warp::path("ws")
+        .and(warp::path(name))
+        .and(warp::path::end())
+        .and(warp::ws())
+        .and(with_ctx)
+        .and(warp::header::optional::<String>("authorization"))
+        .map(move |upgrade: warp::ws::Ws, ctx: Arc<Context>, auth: Option<String>| {
+            let token = bearer(auth.as_deref()).map(str::to_string);
+            let ctx = (*ctx).clone();
+            ws::limits(upgrade).on_upgrade(move |socket| ws::serve(socket, role, ctx, token)).into_response()
+        })
 }
 
 #[derive(Debug, Deserialize)]

@@ -64,35 +64,15 @@ pub async fn serve(socket: WebSocket, role: Role, ctx: Context, header_token: Op
 
 async fn client_session(mut sink: Sink, stream: Stream, ctx: Context, header_token: Option<String>, hello: String) {
     let hello = match parse_json::<ClientToBroker>(hello.as_bytes()) {
-        Ok(ClientToBroker::Hello(h)) => h,
-        Ok(_) => {
-            return refuse(
-                &mut sink,
-                Role::Client,
-                ErrorCode::BadMessage,
-                close::BAD_HELLO,
-                "the first message must be a hello".into(),
-            )
-            .await;
-        }
-        Err(e) => {
-            return refuse(
-                &mut sink,
-                Role::Client,
-                ErrorCode::BadMessage,
-                close::BAD_HELLO,
-                format!("malformed hello: {e}"),
-            )
-            .await;
-        }
+        Ok(ClientToBroker::Hello(h)) => Ok(h),
+        Ok(_) => Err("the first message must be a hello".to_string()),
+        Err(e) => Err(format!("malformed hello: {e}")),
     };
-    if hello.protocol != PROTOCOL_VERSION {
-        let m = format!("this broker speaks protocol {PROTOCOL_VERSION}, the client {}", hello.protocol);
-        return refuse(&mut sink, Role::Client, ErrorCode::VersionMismatch, close::VERSION_MISMATCH, m).await;
-    }
-    if let Err(code) = ctx.tokens.check(Role::Client, header_token.as_deref().or(hello.token.as_deref())) {
-        return refuse(&mut sink, Role::Client, code, close::UNAUTHORIZED, token_message(code, Role::Client)).await;
-    }
+    let admitted = match &hello {
+        Ok(h) => admit(&mut sink, &ctx, Role::Client, h.protocol, header_token.as_deref().or(h.token.as_deref())).await,
+        Err(m) => refuse(&mut sink, Role::Client, ErrorCode::BadMessage, close::BAD_HELLO, m.clone()).await,
+    };
+    let (true, Ok(hello)) = (admitted, hello) else { return };
     let reg = ctx.handle.outbox.register();
     let welcome = BrokerToClient::Welcome { protocol: PROTOCOL_VERSION, broker: crate::BROKER_AGENT.into() };
     if sink.send(Message::text(serde_json::to_string(&welcome).expect("serialises"))).await.is_err() {
@@ -105,45 +85,40 @@ async fn client_session(mut sink: Sink, stream: Stream, ctx: Context, header_tok
 
 async fn worker_session(mut sink: Sink, stream: Stream, ctx: Context, header_token: Option<String>, hello: String) {
     let hello = match parse_json::<WorkerToBroker>(hello.as_bytes()) {
-        Ok(WorkerToBroker::Hello(h)) => h,
-        Ok(_) => {
-            return refuse(
-                &mut sink,
-                Role::Worker,
-                ErrorCode::BadMessage,
-                close::BAD_HELLO,
-                "the first message must be a hello".into(),
-            )
-            .await;
-        }
-        Err(e) => {
-            return refuse(
-                &mut sink,
-                Role::Worker,
-                ErrorCode::BadMessage,
-                close::BAD_HELLO,
-                format!("malformed hello: {e}"),
-            )
-            .await;
-        }
+        Ok(WorkerToBroker::Hello(h)) => Ok(h),
+        Ok(_) => Err("the first message must be a hello".to_string()),
+        Err(e) => Err(format!("malformed hello: {e}")),
     };
-    if hello.protocol != PROTOCOL_VERSION {
-        let m = format!("this broker speaks protocol {PROTOCOL_VERSION}, the worker {}", hello.protocol);
-        return refuse(&mut sink, Role::Worker, ErrorCode::VersionMismatch, close::VERSION_MISMATCH, m).await;
-    }
-    if let Err(code) = ctx.tokens.check(Role::Worker, header_token.as_deref().or(hello.token.as_deref())) {
-        return refuse(&mut sink, Role::Worker, code, close::UNAUTHORIZED, token_message(code, Role::Worker)).await;
-    }
+    let admitted = match &hello {
+        Ok(h) => admit(&mut sink, &ctx, Role::Worker, h.protocol, header_token.as_deref().or(h.token.as_deref())).await,
+        Err(m) => refuse(&mut sink, Role::Worker, ErrorCode::BadMessage, close::BAD_HELLO, m.clone()).await,
+    };
+    let (true, Ok(hello)) = (admitted, hello) else { return };
     let reg = ctx.handle.outbox.register();
     let worker_id = hello.worker_id.clone();
     if let Reply::Error(e) = ctx.handle.call(Command::WorkerHello { conn: reg.conn, hello }).await {
         ctx.handle.outbox.unregister(reg.conn);
         ctx.handle.send(Command::Disconnected { conn: reg.conn }, ReplyTo::None).await;
-        return refuse(&mut sink, Role::Worker, e.code, close::BAD_HELLO, e.message).await;
+        refuse(&mut sink, Role::Worker, e.code, close::BAD_HELLO, e.message).await;
+        return;
     }
     tracing::info!(conn = reg.conn, worker = %worker_id, "worker connected");
     session_loop(sink, stream, reg, &ctx, Role::Worker).await;
     tracing::info!(worker = %worker_id, "worker disconnected");
+}
+
+/// Checks the protocol version and the token of a well-formed hello; refuses the socket (and
+/// returns false) if either is wrong.
+async fn admit(sink: &mut Sink, ctx: &Context, role: Role, protocol: u32, token: Option<&str>) -> bool {
+    if protocol != PROTOCOL_VERSION {
+        let peer = if role == Role::Client { "client" } else { "worker" };
+        let m = format!("this broker speaks protocol {PROTOCOL_VERSION}, the {peer} {protocol}");
+        return refuse(sink, role, ErrorCode::VersionMismatch, close::VERSION_MISMATCH, m).await;
+    }
+    if let Err(code) = ctx.tokens.check(role, token) {
+        return refuse(sink, role, code, close::UNAUTHORIZED, token_message(code, role)).await;
+    }
+    true
 }
 
 fn token_message(code: ErrorCode, role: Role) -> String {
@@ -155,8 +130,8 @@ fn token_message(code: ErrorCode, role: Role) -> String {
     }
 }
 
-/// Answers with an error message, then closes.
-async fn refuse(sink: &mut Sink, role: Role, code: ErrorCode, close_code: u16, message: String) {
+/// Answers with an error message, then closes. Returns false, for `admit`.
+async fn refuse(sink: &mut Sink, role: Role, code: ErrorCode, close_code: u16, message: String) -> bool {
     let body = ErrorBody::new(code, message);
     let text = match role {
         Role::Client => serde_json::to_string(&BrokerToClient::Error(body)),
@@ -165,6 +140,7 @@ async fn refuse(sink: &mut Sink, role: Role, code: ErrorCode, close_code: u16, m
     .expect("serialises");
     let _ = sink.send(Message::text(text)).await;
     close_with(sink, close_code, "refused").await;
+    false
 }
 
 async fn close_with(sink: &mut Sink, code: u16, reason: &'static str) {
