@@ -120,3 +120,72 @@ fn help_names_every_command_and_env_var() {
         assert!(text.contains(env), "{env} missing from:\n{text}");
     }
 }
+
+/// `cq submit --wait` prints the job's output live and exits with its exit code; a fake worker
+/// over the real worker protocol plays the container.
+#[tokio::test]
+async fn submit_wait_follows_logs_and_exits_with_the_job_s_code() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut broker, url) = broker(dir.path());
+    let ws_url = format!("ws{}/ws/worker", url.strip_prefix("http").unwrap());
+    let (mut worker, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let hello = json!({"type": "hello", "data": {"protocol": 1, "workerId": "fake", "queues": ["local"], "slots": 1}});
+    worker.send(Message::text(hello.to_string())).await.unwrap();
+    let mut submit = tokio::process::Command::new(env!("CARGO_BIN_EXE_cq"))
+        .args([
+            "submit",
+            "--url",
+            &url,
+            "--image",
+            "busybox",
+            "--wait",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 3",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let assign = loop {
+        let Message::Text(t) = worker.next().await.unwrap().unwrap() else { continue };
+        let v: Value = serde_json::from_str(&t).unwrap();
+        if v["type"] == "assign" {
+            break v;
+        }
+    };
+    let (job, attempt) = (assign["data"]["jobId"].clone(), assign["data"]["attempt"].clone());
+    let send = |v: Value| Message::text(v.to_string());
+    worker.send(send(json!({"type": "accept", "data": {"jobId": job, "attempt": attempt}}))).await.unwrap();
+    let lines =
+        json!([{"stream": "stdout", "time": 1, "text": "out\n"}, {"stream": "stderr", "time": 2, "text": "err\n"}]);
+    worker
+        .send(send(json!({"type": "logs", "data": {"jobId": job, "attempt": attempt, "lines": lines}})))
+        .await
+        .unwrap();
+    let status = json!({"kind": "exited", "exitCode": 3});
+    worker
+        .send(send(json!({"type": "finish", "data": {"jobId": job, "attempt": attempt, "status": status}})))
+        .await
+        .unwrap();
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        let mut stdout = String::new();
+        let mut stderr = String::new();
+        use tokio::io::AsyncReadExt;
+        submit.stdout.take().unwrap().read_to_string(&mut stdout).await.unwrap();
+        submit.stderr.take().unwrap().read_to_string(&mut stderr).await.unwrap();
+        (submit.wait().await.unwrap(), stdout, stderr)
+    })
+    .await
+    .expect("cq submit --wait did not end");
+    let (code, stdout, stderr) = out;
+    assert_eq!(code.code(), Some(3), "{stderr}");
+    assert_eq!(stdout, "out\n");
+    assert!(stderr.contains("err\n") && stderr.contains("failed"), "{stderr}");
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+}
