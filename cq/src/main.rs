@@ -63,7 +63,7 @@ struct BenchArgs {
     /// Simulated clients submitting concurrently over websockets.
     #[arg(long, default_value_t = 4)]
     clients: usize,
-    /// Simulated workers, which finish every job at once.
+    /// Simulated workers, which finish every job at once; 0 measures submissions only.
     #[arg(long, default_value_t = 10)]
     workers: usize,
     /// Slots per simulated worker.
