@@ -180,6 +180,18 @@ pub fn routes(
         },
     );
 
+    let definition = warp::path!("j" / String / "definition").and(warp::get()).and(client.clone()).and_then(
+        |id: String, ctx: Arc<Context>| async move {
+            let job = parse_id(&id)?;
+            Ok::<_, Rejection>(respond(ctx.handle.call(Command::GetDefinition { job }).await, |r| match r {
+                CoreReply::Definition(json) => {
+                    warp::reply::with_header(json.to_string(), "content-type", "application/json").into_response()
+                }
+                other => unexpected(other),
+            }))
+        },
+    );
+
     let logs = warp::path!("j" / String / "logs")
         .and(warp::get())
         .and(client.clone())
@@ -240,7 +252,8 @@ pub fn routes(
     // Boxing the groups keeps the filter types shallow enough to compile quickly.
     let ops = healthz.or(readyz).unify().or(metrics).unify().or(ws_client).unify().or(ws_worker).unify().boxed();
     let queue_routes = submit.or(list).unify().or(summary).unify().or(queues).unify().boxed();
-    let job_routes = logs.or(events).unify().or(cancel).unify().or(job).unify().or(forget).unify().boxed();
+    let job_routes =
+        logs.or(events).unify().or(cancel).unify().or(job).unify().or(forget).unify().or(definition).unify().boxed();
     let api = ops.or(queue_routes).unify().or(job_routes).unify().or(ui::routes()).unify();
     api.recover(recover)
         .unify()

@@ -127,6 +127,10 @@ impl Core {
                 }
                 None => not_found(job),
             },
+            Command::GetDefinition { job } => match self.jobs.get(&job) {
+                Some(j) => Reply::Definition(j.definition.clone()),
+                None => not_found(job),
+            },
             Command::Overview => Reply::Overview(self.overview()),
         };
         self.flush_notifications();

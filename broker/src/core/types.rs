@@ -98,6 +98,10 @@ pub enum Command {
         since: u64,
         limit: usize,
     },
+    /// The normalised definition of a job, as JSON.
+    GetDefinition {
+        job: JobId,
+    },
     Overview,
 }
 
@@ -106,7 +110,8 @@ impl Command {
     pub fn is_read(&self) -> bool {
         matches!(
             self,
-            Command::GetJob { .. }
+            Command::GetDefinition { .. }
+                | Command::GetJob { .. }
                 | Command::ListJobs { .. }
                 | Command::Summary { .. }
                 | Command::GetLogs { .. }
@@ -140,6 +145,7 @@ pub enum Reply {
     Jobs(Vec<JobView>),
     Summary(Vec<QueueSummary>),
     Logs { offset: u64, lines: Vec<LogLine>, total: u64, finished: bool },
+    Definition(Arc<str>),
     Overview(Overview),
     Error(ErrorBody),
 }

@@ -29,6 +29,9 @@ async fn a_job_is_pushed_to_an_idle_worker_on_enqueue_and_finishes() {
     let (_, job) = b.get(&format!("/j/{id}")).await;
     assert_eq!(job["state"], "finished");
     assert_eq!(job["reason"], "succeeded");
+    let (status, definition) = b.get(&format!("/j/{id}/definition")).await;
+    assert_eq!(status, 200);
+    assert_eq!(definition, json!({"image": "busybox", "command": ["echo", "hi"]}));
     assert_eq!(job["exitCode"], 0);
     assert_eq!(job["worker"], "w1");
 }
