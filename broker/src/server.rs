@@ -31,6 +31,12 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), LogError> {
+    // Small messages (an assignment, an acknowledgement) must leave at once: without
+    // TCP_NODELAY, Nagle's algorithm holds them until the peer's delayed ACK, tens of
+    // milliseconds. Linux passes the option on to every accepted socket.
+    if let Err(e) = socket2::SockRef::from(&listener).set_tcp_nodelay(true) {
+        tracing::warn!(error = %e, "cannot set TCP_NODELAY; small messages may be delayed");
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let (handle, core) = runtime::start(config.store, stop_rx.clone());
     let outbox = handle.outbox.clone();

@@ -1,6 +1,7 @@
 //! `cq bench`: drives a broker over real loopback websockets with simulated clients and workers
 //! (which finish every job at once) and prints what it measured.
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -44,12 +45,16 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
     let queue = format!("bench-{}", std::process::id());
     let run_tag = Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id());
 
+    // One clock for the whole run: submissions carry their send time, workers read it on push.
+    let t0 = Instant::now();
+    let pushes: Arc<Mutex<Vec<Duration>>> = Arc::default();
     // Workers first, so every job is pushed the moment it is enqueued.
     let mut workers = Vec::new();
     for w in 0..args.workers {
         let (ws, queue) = (ws.clone(), queue.clone());
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        workers.push((tokio::spawn(worker(ws, queue, format!("bench-w{w}"), args.slots, ready_tx)), ready_rx));
+        let task = worker(ws, queue, format!("bench-w{w}"), args.slots, ready_tx, t0, pushes.clone());
+        workers.push((tokio::spawn(task), ready_rx));
     }
     let mut worker_tasks = Vec::new();
     for (task, ready) in workers {
@@ -61,7 +66,9 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
     let mut clients = Vec::new();
     for c in 0..args.clients {
         let n = args.jobs / args.clients + usize::from(c < args.jobs % args.clients);
-        clients.push(tokio::spawn(client(ws.clone(), queue.clone(), c, n, run_tag)));
+        // Each client paces itself to its share of --rate (0: as fast as the window allows).
+        let every = (args.rate > 0).then(|| Duration::from_secs_f64(args.clients as f64 / args.rate as f64));
+        clients.push(tokio::spawn(client(ws.clone(), queue.clone(), c, n, run_tag, t0, every)));
     }
     let mut latencies = Vec::with_capacity(args.jobs);
     for c in clients {
@@ -83,6 +90,14 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
         let _ = task.await;
     }
     latencies.sort();
+    let mut pushes = std::mem::take(&mut *pushes.lock().expect("push latencies"));
+    pushes.sort();
+    let push_pct = |p: f64| {
+        pushes
+            .get(((pushes.len() as f64 * p) as usize).min(pushes.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or_default()
+    };
     let pct = |p: f64| {
         latencies
             .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
@@ -101,8 +116,17 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
         let rate = done as f64 / elapsed.as_secs_f64();
         println!("| full lifecycle jobs/s (submit → push → accept → finish, durable) | {rate:.0} |");
     }
+    if !pushes.is_empty() {
+        println!(
+            "| submit-to-worker-push latency p50 / p99 / p999 (ms) | {:.2} / {:.2} / {:.2} |",
+            ms(push_pct(0.5)),
+            ms(push_pct(0.99)),
+            ms(push_pct(0.999))
+        );
+    }
+    let load = if args.rate > 0 { format!("{} jobs/s", args.rate) } else { format!("window {WINDOW} per client") };
     println!(
-        "| submit-ack latency p50 / p99 / p999 (ms, window {WINDOW}) | {:.2} / {:.2} / {:.2} |",
+        "| submit-ack latency p50 / p99 / p999 (ms, {load}) | {:.2} / {:.2} / {:.2} |",
         ms(pct(0.5)),
         ms(pct(0.99)),
         ms(pct(0.999))
@@ -126,6 +150,8 @@ async fn worker(
     id: String,
     slots: u32,
     ready: tokio::sync::oneshot::Sender<()>,
+    t0: Instant,
+    pushes: Arc<Mutex<Vec<Duration>>>,
 ) -> Result<()> {
     let hello = json!({"type": "hello", "data": {"protocol": 1, "workerId": id, "queues": [queue], "slots": slots}});
     let mut socket = connect(&format!("{ws}/ws/worker"), hello).await?;
@@ -140,6 +166,12 @@ async fn worker(
                 }
             }
             Some("assign") => {
+                if let Some(sent_us) =
+                    v["data"]["definition"]["command"][2].as_str().and_then(|t| t.parse::<u64>().ok())
+                {
+                    let latency = t0.elapsed().saturating_sub(Duration::from_micros(sent_us));
+                    pushes.lock().expect("push latencies").push(latency);
+                }
                 let (job, attempt) = (&v["data"]["jobId"], &v["data"]["attempt"]);
                 socket
                     .feed(Message::text(
@@ -156,21 +188,53 @@ async fn worker(
     Ok(())
 }
 
-async fn client(ws: String, queue: String, c: usize, n: usize, tag: u128) -> Result<Vec<Duration>> {
+async fn client(
+    ws: String,
+    queue: String,
+    c: usize,
+    n: usize,
+    tag: u128,
+    t0: Instant,
+    every: Option<Duration>,
+) -> Result<Vec<Duration>> {
+    let mut pace = every.map(|d| {
+        let mut i = tokio::time::interval(d);
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        i
+    });
     let mut socket = connect(&format!("{ws}/ws/client"), json!({"type": "hello", "data": {"protocol": 1}})).await?;
     let mut sent_at = vec![Instant::now(); n];
     let mut latencies = Vec::with_capacity(n);
     let (mut next, mut acked) = (0usize, 0usize);
+    // The send time rides in the command, so a worker can tell how long the push took.
+    let submit = |i: usize| {
+        let sent = t0.elapsed().as_micros().to_string();
+        let m = json!({"type": "submit", "data": {"request": i, "queue": queue,
+            "definition": {"image": "busybox", "command": ["echo", format!("{tag}-{c}-{i}"), sent]}}});
+        Message::text(m.to_string())
+    };
     while acked < n {
-        while next < n && next - acked < WINDOW {
-            let submit = json!({"type": "submit", "data": {"request": next, "queue": queue,
-                "definition": {"image": "busybox", "command": ["echo", format!("{tag}-{c}-{next}")]}}});
-            sent_at[next] = Instant::now();
-            socket.feed(Message::text(submit.to_string())).await?;
-            next += 1;
+        if pace.is_none() {
+            while next < n && next - acked < WINDOW {
+                sent_at[next] = Instant::now();
+                socket.feed(submit(next)).await?;
+                next += 1;
+            }
+            socket.flush().await?;
         }
-        socket.flush().await?;
-        let Some(msg) = socket.next().await else { bail!("the broker closed the client socket") };
+        let msg = match &mut pace {
+            Some(p) if next < n => tokio::select! {
+                _ = p.tick() => {
+                    sent_at[next] = Instant::now();
+                    socket.send(submit(next)).await?;
+                    next += 1;
+                    continue;
+                }
+                m = socket.next() => m,
+            },
+            _ => socket.next().await,
+        };
+        let Some(msg) = msg else { bail!("the broker closed the client socket") };
         let Message::Text(text) = msg? else { continue };
         let v: Value = serde_json::from_str(&text)?;
         match v["type"].as_str() {

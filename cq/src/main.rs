@@ -69,6 +69,9 @@ struct BenchArgs {
     /// Slots per simulated worker.
     #[arg(long, default_value_t = 64)]
     slots: u32,
+    /// Submit at this steady rate in jobs/s (0: as fast as possible, 512 in flight per client).
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
     /// fsync mode of the in-process broker.
     #[arg(long, value_enum, default_value_t = Fsync::Always)]
     fsync: Fsync,
