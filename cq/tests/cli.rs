@@ -62,7 +62,9 @@ async fn kill_9_loses_no_acknowledged_submission() {
     for t in tasks {
         acked.extend(t.await.unwrap());
     }
-    assert!(acked.len() >= 300, "only {} acknowledged", acked.len());
+    // The broker counted 300 applied submissions; at most one per submitter can have been
+    // applied without its acknowledgement having arrived yet.
+    assert!(acked.len() >= 296, "only {} acknowledged", acked.len());
     let (mut child, url) = broker(dir.path());
     let queued =
         http.get(format!("{url}/q/q")).send().await.unwrap().json::<Value>().await.unwrap()["queued"].as_u64().unwrap();
