@@ -626,3 +626,44 @@ fn replay_and_snapshot_reproduce_the_state() {
     };
     assert_eq!(durable(&live), durable(&restored));
 }
+
+#[test]
+fn progress_reaches_watchers_and_a_draining_worker_hands_work_back() {
+    let mut s = script();
+    s.worker(1, "w1", 2, 0, &[], &[]).submit("q", "a").accept(1, "a", 1);
+    let a = s.id("a");
+    s.run("c9 watches a", Command::WatchJob { conn: 9, job: a, since: 0, follow: false });
+    s.out.clear();
+    s.msg(
+        1,
+        "progress a#1 pulling",
+        WorkerToBroker::Progress {
+            job_id: a,
+            attempt: 1,
+            phase: protocol::job::Phase::Pulling,
+            message: None,
+            current: Some(1),
+            total: Some(2),
+        },
+    );
+    s.msg(1, "drain", WorkerToBroker::Drain);
+    s.submit("q", "b");
+    s.msg(1, "release a#1", WorkerToBroker::Release { job_id: a, attempt: 1, reason: Some("stopping".into()) });
+    s.worker(2, "w2", 1, 0, &[], &[]);
+    s.check(expect![[r#"
+        t=0 c1 progress a#1 pulling
+          send c9: job a Running v4
+        t=0 c1 drain
+        t=0 submit b to q
+          event submitted b queue=q ns=None prio=0
+          reply Created b Queued
+        t=0 c1 release a#1
+          event requeued a lost=false
+          send c9: job a Queued v5
+        t=0 hello w2 on c2 slots=1 gpus=0 tags=[]
+          event assigned a#2 to w2
+          send c2: welcome
+          send c2: assign a#2
+          send c9: job a Assigned v6
+    "#]]);
+}
