@@ -72,6 +72,7 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
         lease_grace_ms: args.lease_grace.as_millis() as u64,
         retention_ms: args.retention.as_millis() as u64,
         default_retries: args.retries,
+        accept_timeout_ms: args.accept_timeout.as_millis() as u64,
         max_log_bytes: args.max_log_bytes,
         ..CoreConfig::default()
     };

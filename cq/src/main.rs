@@ -128,6 +128,9 @@ struct BrokerArgs {
     /// How long a disconnected worker keeps its jobs before they are queued again.
     #[arg(long, env = "CQ_LEASE_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
     lease_grace: std::time::Duration,
+    /// How long a connected worker may take to accept an assignment before it is taken back.
+    #[arg(long, env = "CQ_ACCEPT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    accept_timeout: std::time::Duration,
     /// Lost attempts a job survives unless its submission says otherwise.
     #[arg(long, env = "CQ_RETRIES", default_value_t = 3)]
     retries: u32,

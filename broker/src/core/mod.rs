@@ -45,6 +45,8 @@ pub struct Core {
     namespaces: HashMap<(Arc<str>, String), JobId>,
     /// Finished jobs by the time they finished, for retention.
     retained: BTreeSet<(u64, JobId)>,
+    /// Assignments not yet accepted, by the time they were made.
+    unaccepted: BTreeSet<(u64, JobId)>,
     workers: BTreeMap<WorkerId, Worker>,
     conns: HashMap<ConnId, Conn>,
     job_watchers: HashMap<JobId, Vec<ConnId>>,
@@ -65,6 +67,7 @@ impl Core {
             queues: HashMap::new(),
             namespaces: HashMap::new(),
             retained: BTreeSet::new(),
+            unaccepted: BTreeSet::new(),
             workers: BTreeMap::new(),
             conns: HashMap::new(),
             job_watchers: HashMap::new(),
@@ -153,7 +156,8 @@ impl Core {
         let grace =
             self.workers.values().filter_map(|w| w.disconnected_at).min().map(|t| t + self.config.lease_grace_ms);
         let retention = self.retained.first().map(|(t, _)| t + self.config.retention_ms);
-        [grace, retention].into_iter().flatten().min()
+        let accept = self.unaccepted.first().map(|(t, _)| t + self.config.accept_timeout_ms);
+        [grace, retention, accept].into_iter().flatten().min()
     }
 
     // ---- recovery ----
@@ -179,6 +183,8 @@ impl Core {
             w.held.insert(job, Held { attempt, gpus });
         }
         self.stats = Stats::default();
+        // After a restart the workers' grace period governs their assignments instead.
+        self.unaccepted.clear();
         self.dirty.clear();
         self.events.clear();
         self.effects.clear();
@@ -783,6 +789,25 @@ impl Core {
                 }
             }
         }
+        let timeout = self.config.accept_timeout_ms;
+        while let Some(&(at, job)) = self.unaccepted.first() {
+            if at + timeout > self.now {
+                break;
+            }
+            self.unaccepted.remove(&(at, job));
+            // Entries are removed lazily: skip those of assignments already accepted or replaced.
+            let Some(j) = self.jobs.get(&job).filter(|j| j.state == JobState::Assigned && j.assigned_at == Some(at))
+            else {
+                continue;
+            };
+            let (attempt, worker) = (j.attempt, j.worker.clone());
+            if let Some(worker) = worker {
+                let reason = format!("not accepted within {timeout} ms");
+                self.send_worker(&worker, BrokerToWorker::Cancel { job_id: job, attempt, reason: reason.clone() });
+                self.release_held(&worker, job);
+                self.requeue(job, Loss::None, &reason);
+            }
+        }
         let retention = self.config.retention_ms;
         while let Some(&(at, job)) = self.retained.first() {
             if at + retention > self.now {
@@ -1073,6 +1098,7 @@ impl Core {
                     logs: Vec::new(),
                     log_bytes: 0,
                     log_full: false,
+                    assigned_at: None,
                     progress: None,
                     version: version + 1,
                 };
@@ -1110,8 +1136,9 @@ impl Core {
                 }
                 self.dirty.push(id);
             }
-            Event::Assigned { job, worker, attempt, at: _ } => {
+            Event::Assigned { job, worker, attempt, at } => {
                 let id = JobId(*job);
+                self.unaccepted.insert((*at, id));
                 let Some(j) = self.jobs.get_mut(&id) else { return };
                 let q = self.queues.get_mut(&j.queue).expect("jobs have queues");
                 q.pending.remove(&(Reverse(j.priority), j.seq));
@@ -1119,6 +1146,7 @@ impl Core {
                 q.counts[1] += 1;
                 let wid = WorkerId(worker.clone());
                 j.state = JobState::Assigned;
+                j.assigned_at = Some(*at);
                 j.attempt = *attempt;
                 j.worker = Some(wid.clone());
                 j.progress = None;
@@ -1341,6 +1369,7 @@ impl Job {
             log_bytes: logs.iter().map(|l| l.text.len()).sum(),
             logs,
             log_full: r.log_full,
+            assigned_at: None,
             progress: None,
             version: r.version,
         }

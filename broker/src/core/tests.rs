@@ -27,6 +27,7 @@ fn script() -> Script {
         default_retries: 1,
         max_log_bytes: 20,
         heartbeat_ms: 500,
+        accept_timeout_ms: 1_000_000,
     };
     Script { core: Core::new(config), now: 0, names: HashMap::new(), out: String::new() }
 }
@@ -665,5 +666,31 @@ fn progress_reaches_watchers_and_a_draining_worker_hands_work_back() {
           send c2: welcome
           send c2: assign a#2
           send c9: job a Assigned v6
+    "#]]);
+}
+
+#[test]
+fn an_assignment_not_accepted_in_time_is_taken_back() {
+    let mut s = script();
+    s.core.config.accept_timeout_ms = 100;
+    s.worker(1, "w1", 1, 0, &[], &[]).submit("q", "a");
+    s.out.clear();
+    assert_eq!(s.core.next_deadline(), Some(100));
+    s.at(100).run("tick", Command::Tick);
+    s.accept(1, "a", 1).accept(1, "a", 2);
+    assert_eq!(s.core.next_deadline(), Some(200));
+    s.at(200).run("tick after acceptance", Command::Tick);
+    s.check(expect![[r#"
+        t=100 tick
+          event requeued a lost=false
+          event assigned a#2 to w1
+          send c1: cancel a#1 (not accepted within 100 ms)
+          send c1: assign a#2
+        t=100 c1 accept a#1
+          send c1: error StaleAttempt
+          send c1: cancel a#1 (stale attempt)
+        t=100 c1 accept a#2
+          event started a#2
+        t=200 tick after acceptance
     "#]]);
 }

@@ -24,6 +24,9 @@ pub struct CoreConfig {
     pub max_log_bytes: usize,
     /// How often workers should send a heartbeat (told to them in the welcome).
     pub heartbeat_ms: u64,
+    /// How long a connected worker may take to accept an assignment before it is taken back
+    /// and queued again (without counting as a loss).
+    pub accept_timeout_ms: u64,
 }
 
 impl Default for CoreConfig {
@@ -34,6 +37,7 @@ impl Default for CoreConfig {
             default_retries: 3,
             max_log_bytes: 16 << 20,
             heartbeat_ms: 5_000,
+            accept_timeout_ms: 30_000,
         }
     }
 }
@@ -218,6 +222,8 @@ pub(crate) struct Job {
     pub logs: Vec<LogLine>,
     pub log_bytes: usize,
     pub log_full: bool,
+    /// When the current assignment was made (not persisted; for the accept timeout).
+    pub assigned_at: Option<u64>,
     /// Volatile: the worker's latest progress report.
     pub progress: Option<Progress>,
     pub version: u64,
