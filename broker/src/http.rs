@@ -411,16 +411,18 @@ impl Drop for Unwatch {
     }
 }
 
+/// Reads one per-queue gauge off a queue summary.
+type QueueGauge = fn(&protocol::job::QueueSummary) -> f64;
+
 async fn metrics(ctx: Arc<Context>) -> warp::reply::Response {
     let CoreReply::Overview(o) = ctx.handle.call(Command::Overview).await else {
         return error_reply(ErrorBody::new(ErrorCode::Unavailable, "no metrics"));
     };
-    let mut out = String::new();
-    let mut family = |name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    let mut text = String::new();
+    let header = |text: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
     };
-    family("cq_jobs", "gauge", "Jobs held by the broker, by queue and state (queued = not yet assigned).");
-    let mut text = std::mem::take(&mut out);
+    header(&mut text, "cq_jobs", "gauge", "Jobs held by the broker, by queue and state (queued = not yet assigned).");
     for q in &o.queues {
         for (state, n) in
             [("queued", q.queued), ("assigned", q.assigned), ("running", q.running), ("finished", q.finished)]
@@ -428,35 +430,28 @@ async fn metrics(ctx: Arc<Context>) -> warp::reply::Response {
             let _ = writeln!(text, "cq_jobs{{queue=\"{}\",state=\"{state}\"}} {n}", q.queue);
         }
     }
-    let gauge = |text: &mut String, name: &str, help: &str, value: &dyn Fn(&protocol::job::QueueSummary) -> f64| {
-        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} gauge");
+    let per_queue: [(&str, &str, QueueGauge); 4] = [
+        ("cq_oldest_queued_seconds", "Age of the oldest queued job.", |q| {
+            q.oldest_queued_ms.unwrap_or(0) as f64 / 1000.0
+        }),
+        ("cq_workers", "Connected workers serving the queue.", |q| q.workers as f64),
+        ("cq_slots", "Job slots of the connected workers.", |q| q.slots as f64),
+        ("cq_free_slots", "Free job slots of connected, non-draining workers.", |q| q.free_slots as f64),
+    ];
+    for (name, help, value) in per_queue {
+        header(&mut text, name, "gauge", help);
         for q in &o.queues {
             let _ = writeln!(text, "{name}{{queue=\"{}\"}} {}", q.queue, value(q));
         }
-    };
-    gauge(&mut text, "cq_oldest_queued_seconds", "Age of the oldest queued job.", &|q| {
-        q.oldest_queued_ms.unwrap_or(0) as f64 / 1000.0
-    });
-    gauge(&mut text, "cq_workers", "Connected workers serving the queue.", &|q| q.workers as f64);
-    gauge(&mut text, "cq_slots", "Job slots of the connected workers.", &|q| q.slots as f64);
-    gauge(&mut text, "cq_free_slots", "Free job slots of connected, non-draining workers.", &|q| q.free_slots as f64);
-    let _ = writeln!(
-        text,
-        "# HELP cq_jobs_finished_total Jobs finished since the broker started, by reason.\n# TYPE cq_jobs_finished_total counter"
-    );
+    }
+    header(&mut text, "cq_jobs_finished_total", "counter", "Jobs finished since the broker started, by reason.");
     for (queue, reason, n) in &o.finished {
         let _ = writeln!(text, "cq_jobs_finished_total{{queue=\"{queue}\",reason=\"{}\"}} {n}", reason.as_str());
     }
-    let _ = writeln!(
-        text,
-        "# HELP cq_dispatched_total Assignments pushed to workers since the broker started.\n# TYPE cq_dispatched_total counter\ncq_dispatched_total {}",
-        o.dispatched
-    );
-    let _ = writeln!(
-        text,
-        "# HELP cq_connections Open websocket and event-stream connections.\n# TYPE cq_connections gauge\ncq_connections {}",
-        ctx.handle.outbox.connections()
-    );
+    header(&mut text, "cq_dispatched_total", "counter", "Assignments pushed to workers since the broker started.");
+    let _ = writeln!(text, "cq_dispatched_total {}", o.dispatched);
+    header(&mut text, "cq_connections", "gauge", "Open websocket and event-stream connections.");
+    let _ = writeln!(text, "cq_connections {}", ctx.handle.outbox.connections());
     warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4").into_response()
 }
 

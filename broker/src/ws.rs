@@ -162,6 +162,8 @@ async fn next_text(stream: &mut Stream) -> Result<Option<String>, u16> {
     }
 }
 
+/// The close code for a socket error. warp's error type hides tungstenite's error kinds, so an
+/// oversized message is recognised by its text; the oversized-frame test pins this.
 fn error_code(e: &warp::Error) -> u16 {
     let text = e.to_string();
     if text.contains("Space limit exceeded") || text.contains("too long") || text.contains("Capacity") {
