@@ -42,7 +42,7 @@ fn reject(code: ErrorCode, message: impl Into<String>) -> Rejection {
 pub fn status_of(code: ErrorCode) -> StatusCode {
     match code {
         ErrorCode::BadMessage | ErrorCode::VersionMismatch => StatusCode::BAD_REQUEST,
-        ErrorCode::InvalidDefinition => StatusCode::UNPROCESSABLE_ENTITY,
+        ErrorCode::InvalidDefinition | ErrorCode::HashMismatch => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
         ErrorCode::Forbidden => StatusCode::FORBIDDEN,
@@ -118,7 +118,9 @@ pub fn routes(
                     parsed.priority,
                     parsed.force,
                     parsed.retries,
+                    &ctx.blobs,
                 )
+                .await
                 .map_err(|e| warp::reject::custom(ApiError(e)))?;
                 let reply = ctx.handle.call(Command::Submit(submit)).await;
                 Ok::<_, Rejection>(respond(reply, |r| match r {

@@ -4,11 +4,13 @@
 //! A request flows through the modules in this order: [`http`] or [`ws`] (parse, authenticate,
 //! [`submission`] normalises definitions) → [`runtime`] (the core task and the log writer) →
 //! [`core`] (the state machine) → [`event`] records written by [`log`] → [`outbox`] (delivery
-//! to connections).
+//! to connections). File bytes go through [`files`] to the [`blob`] store.
 
 pub mod auth;
+pub mod blob;
 pub mod core;
 pub mod event;
+pub mod files;
 pub mod http;
 pub mod log;
 pub mod outbox;

@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use warp::ws::{Message, WebSocket};
 
 use crate::auth::{Role, Tokens};
+use crate::blob::BlobStore;
 use crate::core::{Command, ConnId, Reply};
 use crate::outbox::Registration;
 use crate::runtime::{Handle, ReplyTo};
@@ -36,6 +37,7 @@ const WRITE_BATCH: usize = 64;
 pub struct Context {
     pub handle: Handle,
     pub tokens: Tokens,
+    pub blobs: Arc<BlobStore>,
     pub shutdown: watch::Receiver<bool>,
 }
 
@@ -279,6 +281,7 @@ async fn inbound_message(text: &str, conn: ConnId, role: Role, ctx: &Context) ->
                     ));
                 }
             };
+            let msg = checked_outputs(msg);
             ctx.handle.send(Command::Worker { conn, msg }, ReplyTo::Worker { conn }).await;
             None
         }
@@ -296,7 +299,17 @@ async fn inbound_message(text: &str, conn: ConnId, role: Role, ctx: &Context) ->
                 }
                 ClientToBroker::Submit(m) => {
                     let m = *m;
-                    match submission::prepare(&m.queue, m.definition, m.namespace, m.priority, m.force, m.retries) {
+                    let prepared = submission::prepare(
+                        &m.queue,
+                        m.definition,
+                        m.namespace,
+                        m.priority,
+                        m.force,
+                        m.retries,
+                        &ctx.blobs,
+                    )
+                    .await;
+                    match prepared {
                         Ok(s) => (Command::Submit(s), m.request),
                         Err(mut e) => {
                             e.request = m.request;
@@ -318,6 +331,27 @@ async fn inbound_message(text: &str, conn: ConnId, role: Role, ctx: &Context) ->
             None
         }
     }
+}
+
+/// Drops outputs a worker reported with a name that could escape a download directory (`..`,
+/// absolute, NUL) or a hash that is not a blob name; each is logged. The job still finishes.
+fn checked_outputs(msg: WorkerToBroker) -> WorkerToBroker {
+    let WorkerToBroker::Finish { job_id, attempt, status, outputs } = msg else { return msg };
+    let mut seen = std::collections::HashSet::new();
+    let outputs = outputs
+        .into_iter()
+        .filter(|o| {
+            let problem = protocol::definition::validate_relative_path(&o.path)
+                .err()
+                .or_else(|| protocol::id::parse_sha256(&o.sha256).err().map(|e| e.to_string()))
+                .or_else(|| (!seen.insert(o.path.clone())).then(|| "reported twice".to_string()));
+            if let Some(problem) = &problem {
+                tracing::warn!(job = %job_id, path = %o.path.escape_debug(), problem, "dropping an output the worker reported");
+            }
+            problem.is_none()
+        })
+        .collect();
+    WorkerToBroker::Finish { job_id, attempt, status, outputs }
 }
 
 /// Serde cannot say where inside an enum's payload parsing failed, so a failed `submit` is

@@ -31,6 +31,7 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
                 store: StoreConfig { data_dir: tmp.path().to_path_buf(), fsync, core: CoreConfig::default() },
                 tokens: Tokens::default(),
                 max_body: broker::http::DEFAULT_MAX_BODY,
+                blobs: broker::blob::BlobConfig::default(),
             };
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = listener.local_addr()?;

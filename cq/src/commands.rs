@@ -30,6 +30,7 @@ pub async fn dev(args: DevArgs) -> Result<ExitCode> {
         store: StoreConfig { data_dir: data_dir.clone(), fsync: FsyncMode::Always, core: CoreConfig::default() },
         tokens: Tokens::default(),
         max_body: broker::http::DEFAULT_MAX_BODY,
+        blobs: broker::blob::BlobConfig::default(),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -80,8 +81,12 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
         Fsync::Always => FsyncMode::Always,
         Fsync::Never => FsyncMode::Never,
     };
-    let config =
-        broker::Config { store: StoreConfig { data_dir: args.data_dir, fsync, core }, tokens, max_body: args.max_body };
+    let config = broker::Config {
+        store: StoreConfig { data_dir: args.data_dir, fsync, core },
+        tokens,
+        max_body: args.max_body,
+        blobs: args.blobs.config(),
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -138,6 +143,7 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     if definition.image.is_none() && definition.build.is_none() {
         bail!("say what to run: --image IMAGE (or --file job.json with an image or build)");
     }
+    crate::files::add_inputs(&mut definition, &args.input, &args.conn.url, args.conn.token.clone()).await?;
     // Validate here too, so mistakes are reported before anything is sent.
     definition.clone().normalize().context("invalid job")?;
     let mut body = json!({ "definition": definition });

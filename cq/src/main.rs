@@ -4,6 +4,7 @@
 mod bench;
 mod client;
 mod commands;
+mod files;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,6 +49,8 @@ enum Command {
     Logs(LogsArgs),
     /// Cancel a queued or running job.
     Cancel(CancelArgs),
+    /// Download a job's output files.
+    Outputs(OutputsArgs),
     /// Measure a broker: durable submissions and full job lifecycles per second over loopback.
     Bench(BenchArgs),
 }
@@ -140,6 +143,67 @@ struct BrokerArgs {
     /// Largest HTTP request body, in bytes.
     #[arg(long, env = "CQ_MAX_BODY", default_value_t = broker::http::DEFAULT_MAX_BODY)]
     max_body: u64,
+    #[command(flatten)]
+    blobs: BlobArgs,
+}
+
+/// Where job inputs and outputs are kept.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Blob store")]
+pub struct BlobArgs {
+    /// Directory for blobs when no S3 bucket is given [default: DATA_DIR/blobs].
+    #[arg(long, env = "CQ_BLOB_DIR", conflicts_with = "s3_bucket")]
+    pub blob_dir: Option<PathBuf>,
+    /// Keep blobs in this S3 bucket; clients and workers then move file bytes straight to and from
+    /// it by presigned URL. Credentials come from AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+    #[arg(long, env = "CQ_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// S3 endpoint for S3-compatible servers, e.g. http://127.0.0.1:9000 [default: AWS].
+    #[arg(long, env = "CQ_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3 region.
+    #[arg(long, env = "CQ_S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+    /// Key prefix inside the bucket, e.g. `cq/`.
+    #[arg(long, env = "CQ_S3_PREFIX", default_value = "")]
+    pub s3_prefix: String,
+    /// Address the bucket as a host name (bucket.endpoint) rather than a path (endpoint/bucket).
+    #[arg(long, env = "CQ_S3_VIRTUAL_HOSTED")]
+    pub s3_virtual_hosted: bool,
+    /// Largest blob, in bytes.
+    #[arg(long, env = "CQ_MAX_BLOB", default_value_t = broker::blob::DEFAULT_MAX_BLOB)]
+    pub max_blob: u64,
+    /// Unreferenced blobs younger than this, or referenced by a submission this recently, are kept.
+    #[arg(long, env = "CQ_BLOB_GC_GRACE", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub blob_gc_grace: std::time::Duration,
+    /// How often unreferenced blobs are collected; 0 turns collection off.
+    #[arg(long, env = "CQ_BLOB_GC_INTERVAL", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub blob_gc_interval: std::time::Duration,
+}
+
+impl BlobArgs {
+    /// The broker's blob settings.
+    pub fn config(&self) -> broker::blob::BlobConfig {
+        use broker::blob::{BlobBackend, BlobConfig, S3Config};
+        let backend = match (&self.s3_bucket, &self.blob_dir) {
+            (Some(bucket), _) => BlobBackend::S3(S3Config {
+                bucket: bucket.clone(),
+                endpoint: self.s3_endpoint.clone(),
+                region: Some(self.s3_region.clone()),
+                prefix: self.s3_prefix.clone(),
+                virtual_hosted: self.s3_virtual_hosted,
+                ..S3Config::default()
+            }),
+            (None, Some(dir)) => BlobBackend::Local(dir.clone()),
+            (None, None) => BlobBackend::DataDir,
+        };
+        BlobConfig {
+            backend,
+            max_blob: self.max_blob,
+            gc_grace: self.blob_gc_grace,
+            gc_interval: (!self.blob_gc_interval.is_zero()).then_some(self.blob_gc_interval),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -170,6 +234,10 @@ struct SubmitArgs {
     /// Tag a worker must carry; repeatable.
     #[arg(long)]
     tag: Vec<String>,
+    /// An input file under /inputs: NAME=@PATH uploads a local file (skipped if the broker has
+    /// it), NAME=TEXT passes the text itself; repeatable.
+    #[arg(long, short = 'I', value_name = "NAME=@PATH|NAME=TEXT")]
+    input: Vec<String>,
     /// Namespace: a newer job in the same namespace supersedes this one.
     #[arg(long, env = "CQ_NAMESPACE")]
     namespace: Option<String>,
@@ -218,6 +286,22 @@ struct LogsArgs {
 }
 
 #[derive(Debug, Args)]
+struct OutputsArgs {
+    #[command(flatten)]
+    conn: Connection,
+    job: String,
+    /// Directory to write the outputs into (created if needed).
+    #[arg(long, short, default_value = ".")]
+    output_dir: PathBuf,
+    /// Only this output (a path as listed by `cq status JOB`); repeatable.
+    #[arg(long)]
+    only: Vec<String>,
+    /// Replace files that already exist.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(Debug, Args)]
 struct CancelArgs {
     #[command(flatten)]
     conn: Connection,
@@ -245,6 +329,7 @@ fn main() -> ExitCode {
             Command::Status(a) => commands::status(a).await,
             Command::Logs(a) => commands::logs(a).await,
             Command::Cancel(a) => commands::cancel(a).await,
+            Command::Outputs(a) => files::outputs(a).await,
             Command::Bench(a) => bench::bench(a).await,
         }
     });

@@ -180,7 +180,9 @@ pub enum ErrorCode {
     /// A worker spoke for an attempt that is no longer current.
     StaleAttempt,
     VersionMismatch,
-    /// The broker cannot make the change durable right now.
+    /// Bytes do not match the SHA-256 they were named by.
+    HashMismatch,
+    /// The broker cannot make the change durable right now, or the blob store is unreachable.
     Unavailable,
     Internal,
 }

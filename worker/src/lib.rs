@@ -1,7 +1,9 @@
 //! The cq worker: keeps one websocket to the broker, runs the jobs it is pushed as Docker
 //! containers, and streams their logs and outputs back. The Docker executor and the
-//! reconnecting controller arrive with the worker daemon; today this crate only names the
-//! defaults a worker announces in its hello.
+//! reconnecting controller arrive with the worker daemon; today this crate names the defaults a
+//! worker announces in its hello and moves files to and from the blob store ([`blobs`]).
+
+pub mod blobs;
 
 use protocol::messages::{HeldJob, WorkerHello};
 use protocol::{PROTOCOL_VERSION, WorkerId};

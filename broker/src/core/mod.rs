@@ -135,6 +135,10 @@ impl Core {
                 None => not_found(job),
             },
             Command::Overview => Reply::Overview(self.overview()),
+            Command::BlobRefs => Reply::BlobRefs {
+                definitions: self.jobs.values().map(|j| j.definition.clone()).collect(),
+                outputs: self.jobs.values().flat_map(|j| j.outputs.iter().map(|o| o.sha256.clone())).collect(),
+            },
         };
         self.flush_notifications();
         reply

@@ -107,6 +107,9 @@ pub enum Command {
         job: JobId,
     },
     Overview,
+    /// Everything that references blobs, for the blob collector: the definition of every
+    /// retained job (inputs) and the sha256 of every recorded output.
+    BlobRefs,
 }
 
 impl Command {
@@ -120,6 +123,7 @@ impl Command {
                 | Command::Summary { .. }
                 | Command::GetLogs { .. }
                 | Command::Overview
+                | Command::BlobRefs
         )
     }
 }
@@ -151,6 +155,7 @@ pub enum Reply {
     Logs { offset: u64, lines: Vec<LogLine>, total: u64, finished: bool },
     Definition(Arc<str>),
     Overview(Overview),
+    BlobRefs { definitions: Vec<Arc<str>>, outputs: Vec<String> },
     Error(ErrorBody),
 }
 

@@ -35,6 +35,7 @@ pub fn config(dir: &Path) -> broker::Config {
         },
         tokens: Tokens::default(),
         max_body: 64 << 10,
+        blobs: broker::blob::BlobConfig { gc_interval: None, ..Default::default() },
     }
 }
 
@@ -42,6 +43,14 @@ impl TestBroker {
     pub fn start() -> TestBroker {
         let tmp = tempfile::tempdir().unwrap();
         let mut b = TestBroker::start_with(config(tmp.path()));
+        b._tmp = Some(tmp);
+        b
+    }
+
+    /// A broker with these blob settings, on a fresh data directory.
+    pub fn with_blobs(blobs: broker::blob::BlobConfig) -> TestBroker {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut b = TestBroker::start_with(broker::Config { blobs, ..config(tmp.path()) });
         b._tmp = Some(tmp);
         b
     }
@@ -204,6 +213,81 @@ impl Ws {
                 }
                 Some(Ok(_)) => {}
             }
+        }
+    }
+}
+
+/// A real S3-protocol server (s3s-fs) on 127.0.0.1:0 with one bucket, in its own runtime.
+pub struct S3Server {
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+pub const S3_BUCKET: &str = "cq-test";
+pub const S3_KEY: &str = "AKIDTESTKEY";
+pub const S3_SECRET: &str = "test-secret-key";
+
+impl S3Server {
+    pub fn start() -> S3Server {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join(S3_BUCKET)).unwrap();
+        let fs = s3s_fs::FileSystem::new(dir.path()).unwrap();
+        let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+        builder.set_auth(s3s::auth::SimpleAuth::from_single(S3_KEY, S3_SECRET));
+        let service = builder.build();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let (stop_tx, mut stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let http = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                loop {
+                    let socket = tokio::select! {
+                        r = listener.accept() => r.unwrap().0,
+                        _ = &mut stop_rx => break,
+                    };
+                    let conn =
+                        http.serve_connection(hyper_util::rt::TokioIo::new(socket), service.clone()).into_owned();
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                }
+            });
+            rt.shutdown_background();
+        });
+        S3Server { endpoint, _dir: dir, stop: Some(stop_tx), thread: Some(thread) }
+    }
+
+    /// Blob settings pointing a broker at this server.
+    pub fn blob_config(&self) -> broker::blob::BlobConfig {
+        broker::blob::BlobConfig {
+            backend: broker::blob::BlobBackend::S3(broker::blob::S3Config {
+                bucket: S3_BUCKET.into(),
+                endpoint: Some(self.endpoint.clone()),
+                region: Some("us-east-1".into()),
+                access_key_id: Some(S3_KEY.into()),
+                secret_access_key: Some(S3_SECRET.into()),
+                prefix: "blobs".into(),
+                ..Default::default()
+            }),
+            gc_interval: None,
+            ..Default::default()
+        }
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

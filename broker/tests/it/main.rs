@@ -2,6 +2,7 @@
 //! and a fake worker speaking the worker protocol. One test binary, one module per area.
 
 mod bad_input;
+mod blobs;
 mod common;
 mod jobs;
 mod recovery;

@@ -1,0 +1,378 @@
+//! The file endpoints: `PUT`/`GET`/`HEAD /f/{sha256}`, `POST /f/{sha256}/upload`, `POST /f/gc`
+//! and `GET /j/{id}/outputs/{path}`. They stream bodies in both directions, so they are served
+//! by hyper directly rather than through warp (whose replies are whole buffers); the server
+//! sends every other request on to warp. Documented in `docs/http-api.md`, "Files".
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, BodyStream, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use object_store::GetRange;
+use protocol::JobId;
+use protocol::messages::{ErrorBody, ErrorCode};
+use serde_json::json;
+
+use crate::auth::{Role, bearer};
+use crate::blob::{self, BlobError, GcStats};
+use crate::core::{Command, Reply};
+use crate::http::status_of;
+use crate::ws::Context;
+
+/// Errors inside a response body.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type of every response the server writes.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Largest body of `POST /f/{sha256}/upload`.
+const PLAN_BODY_MAX: usize = 4 << 10;
+
+/// True for the paths this module serves.
+pub fn claims(path: &str) -> bool {
+    path.starts_with("/f/") || (path.starts_with("/j/") && path.split('/').nth(3) == Some("outputs"))
+}
+
+/// Serves one request on a file endpoint.
+pub async fn handle(ctx: Arc<Context>, req: Request<Incoming>) -> Response<Body> {
+    let mut resp = match route(&ctx, req).await {
+        Ok(resp) => resp,
+        Err(e) => error(e),
+    };
+    let headers = resp.headers_mut();
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    // Job outputs are arbitrary files: never let one run script in the broker's origin.
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("sandbox; default-src 'none'"));
+    resp
+}
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+fn empty() -> Body {
+    full(Bytes::new())
+}
+
+fn error(body: ErrorBody) -> Response<Body> {
+    let status = status_of(body.code);
+    let mut resp = json_response(status, &json!({ "error": body }));
+    if body.code == ErrorCode::Unauthorized {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    resp
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut resp = Response::new(full(value.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+fn redirect(url: &str) -> Result<Response<Body>, ErrorBody> {
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+    let location = HeaderValue::from_str(url).map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+    resp.headers_mut().insert(header::LOCATION, location);
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(resp)
+}
+
+async fn route(ctx: &Context, req: Request<Incoming>) -> Result<Response<Body>, ErrorBody> {
+    authorize(ctx, &req)?;
+    let path = req.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = req.method().clone();
+    match segments.as_slice() {
+        ["f", "gc"] if method == Method::POST => collect(ctx).await.map(|stats| {
+            json_response(
+                StatusCode::OK,
+                &json!({ "kept": stats.kept, "deleted": stats.deleted, "freedBytes": stats.freed_bytes }),
+            )
+        }),
+        ["f", name] if method == Method::GET || method == Method::HEAD => {
+            let sha = blob::parse_name(name).map_err(|e| e.body())?;
+            serve_blob(ctx, &sha, &req, None).await
+        }
+        ["f", name] if method == Method::PUT => put_blob(ctx, name, req).await,
+        ["f", name, "upload"] if method == Method::POST => upload_plan(ctx, name, req).await,
+        ["j", id, "outputs", rest @ ..] if !rest.is_empty() && (method == Method::GET || method == Method::HEAD) => {
+            let job: JobId =
+                id.parse().map_err(|e| ErrorBody::new(ErrorCode::BadMessage, format!("bad job id: {e}")))?;
+            let mut parts = Vec::with_capacity(rest.len());
+            for p in rest {
+                let decoded = percent_encoding::percent_decode_str(p)
+                    .decode_utf8()
+                    .map_err(|_| ErrorBody::new(ErrorCode::BadMessage, "the output path is not UTF-8"))?;
+                parts.push(decoded.into_owned());
+            }
+            output(ctx, job, &parts.join("/"), &req).await
+        }
+        ["f", ..] | ["j", ..] => Err(ErrorBody::new(
+            ErrorCode::BadMessage,
+            format!("{method} is not allowed on {path}; see docs/http-api.md"),
+        )),
+        _ => Err(ErrorBody::new(ErrorCode::NotFound, "no such endpoint; see docs/http-api.md")),
+    }
+}
+
+/// Either role's token opens the file endpoints: clients upload inputs and fetch outputs,
+/// workers do the reverse.
+fn authorize(ctx: &Context, req: &Request<Incoming>) -> Result<(), ErrorBody> {
+    let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let query_token = req.uri().query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "token").map(|(_, v)| v.into_owned())
+    });
+    let given = bearer(header).map(str::to_string).or(query_token);
+    let client = ctx.tokens.check(Role::Client, given.as_deref());
+    let worker = ctx.tokens.check(Role::Worker, given.as_deref());
+    match (client, worker) {
+        (Ok(()), _) | (_, Ok(())) => Ok(()),
+        (Err(ErrorCode::Unauthorized), _) => Err(ErrorBody::new(
+            ErrorCode::Unauthorized,
+            "this broker requires a token: send `Authorization: Bearer <token>`",
+        )),
+        _ => Err(ErrorBody::new(ErrorCode::Forbidden, "wrong token")),
+    }
+}
+
+fn content_length(req: &Request<Incoming>) -> Result<Option<u64>, ErrorBody> {
+    match req.headers().get(header::CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .map(Some)
+            .ok_or_else(|| ErrorBody::new(ErrorCode::BadMessage, "bad Content-Length")),
+    }
+}
+
+/// `PUT /f/{sha256}`: stores the body if it hashes to the name; with S3, redirects to a
+/// presigned upload URL instead (the broker checks such blobs before a job may use them).
+async fn put_blob(ctx: &Context, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ErrorBody> {
+    let sha = blob::parse_name(name).map_err(|e| e.body())?;
+    let length = content_length(&req)?;
+    if length.is_some_and(|l| l > ctx.blobs.max_blob()) {
+        return Err(BlobError::TooLarge { max: ctx.blobs.max_blob() }.body());
+    }
+    if ctx.blobs.presigns() {
+        let (url, _) = ctx.blobs.presign(Method::PUT, &sha, false).await.map_err(|e| e.body())?.expect("presigns");
+        return redirect(url.as_str());
+    }
+    let body = BodyStream::new(req.into_body()).try_filter_map(|frame| async move { Ok(frame.into_data().ok()) });
+    let size = ctx.blobs.put_stream(&sha, length, body).await.map_err(|e| e.body())?;
+    Ok(json_response(StatusCode::CREATED, &json!({ "sha256": sha, "size": size })))
+}
+
+/// `POST /f/{sha256}/upload` with `{"size": N}`: says whether the blob is already stored, and
+/// if not, where and how to upload it.
+async fn upload_plan(ctx: &Context, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ErrorBody> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Plan {
+        size: u64,
+    }
+    let sha = blob::parse_name(name).map_err(|e| e.body())?;
+    let limited = http_body_util::Limited::new(req.into_body(), PLAN_BODY_MAX);
+    let bytes = limited
+        .collect()
+        .await
+        .map_err(|e| ErrorBody::new(ErrorCode::BadMessage, format!("reading the body: {e}")))?
+        .to_bytes();
+    let plan: Plan = protocol::definition::parse_json(&bytes)
+        .map_err(|e| ErrorBody::new(ErrorCode::BadMessage, format!("expected {{\"size\": N}}: {e}")))?;
+    if plan.size > ctx.blobs.max_blob() {
+        return Err(BlobError::TooLarge { max: ctx.blobs.max_blob() }.body());
+    }
+    if ctx.blobs.head(&sha).await.map_err(|e| e.body())? == Some(plan.size) {
+        return Ok(json_response(StatusCode::OK, &json!({ "exists": true })));
+    }
+    let (url, headers) = match ctx.blobs.presign(Method::PUT, &sha, true).await.map_err(|e| e.body())? {
+        Some((url, headers)) => (url.to_string(), headers),
+        None => (format!("/f/{sha}"), Vec::new()),
+    };
+    let headers: serde_json::Map<String, serde_json::Value> =
+        headers.into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
+    Ok(json_response(StatusCode::OK, &json!({ "exists": false, "method": "PUT", "url": url, "headers": headers })))
+}
+
+/// `GET /j/{id}/outputs/{path}`: one output file of a job.
+async fn output(ctx: &Context, job: JobId, path: &str, req: &Request<Incoming>) -> Result<Response<Body>, ErrorBody> {
+    let view = match ctx.handle.call(Command::GetJob { job }).await {
+        Reply::Job(view) => view,
+        Reply::Error(e) => return Err(e),
+        other => return Err(ErrorBody::new(ErrorCode::Internal, format!("unexpected reply {other:?}"))),
+    };
+    let Some(file) = view.outputs.iter().find(|o| o.path == path) else {
+        let names: Vec<&str> = view.outputs.iter().map(|o| o.path.as_str()).take(20).collect();
+        let have = if names.is_empty() { "it has none".to_string() } else { format!("it has: {}", names.join(", ")) };
+        return Err(ErrorBody::new(ErrorCode::NotFound, format!("job {job} has no output `{path}`; {have}")));
+    };
+    let sha = blob::parse_name(&file.sha256).map_err(|e| e.body())?;
+    serve_blob(ctx, &sha, req, Some(path)).await
+}
+
+/// Serves a blob (whole or a range), or redirects to a presigned URL for it.
+async fn serve_blob(
+    ctx: &Context,
+    sha: &str,
+    req: &Request<Incoming>,
+    filename: Option<&str>,
+) -> Result<Response<Body>, ErrorBody> {
+    let head = req.method() == Method::HEAD;
+    if ctx.blobs.presigns() && !head {
+        let (url, _) = ctx.blobs.presign(Method::GET, sha, false).await.map_err(|e| e.body())?.expect("presigns");
+        return redirect(url.as_str());
+    }
+    let size =
+        ctx.blobs.head(sha).await.map_err(|e| e.body())?.ok_or_else(|| BlobError::NotFound(sha.into()).body())?;
+    let range = match req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        None => None,
+        Some(spec) => match parse_range(spec, size) {
+            RangeSpec::Ignore => None,
+            RangeSpec::Unsatisfiable => {
+                let mut resp = error(ErrorBody::new(
+                    ErrorCode::BadMessage,
+                    format!("the range `{spec}` is outside the blob's {size} bytes"),
+                ));
+                *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+                resp.headers_mut().insert(header::CONTENT_RANGE, header_value(&format!("bytes */{size}")));
+                return Ok(resp);
+            }
+            RangeSpec::Bytes(start, end) => Some((start, end)),
+        },
+    };
+    let (status, len) = match range {
+        Some((start, end)) => (StatusCode::PARTIAL_CONTENT, end - start),
+        None => (StatusCode::OK, size),
+    };
+    let body = if head || len == 0 {
+        empty()
+    } else {
+        let get_range = range.map(|(start, end)| GetRange::Bounded(start..end));
+        let result = ctx.blobs.get(sha, get_range).await.map_err(|e| e.body())?;
+        let stream = result.into_stream().map_ok(Frame::data).map_err(|e| Box::new(e) as BoxError);
+        StreamBody::new(stream).boxed_unsync()
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    let content_type = filename
+        .and_then(|f| mime_guess::from_path(f).first_raw())
+        .map(|t| if t.starts_with("text/") { format!("{t}; charset=utf-8") } else { t.to_string() })
+        .unwrap_or_else(|| "application/octet-stream".into());
+    headers.insert(header::CONTENT_TYPE, header_value(&content_type));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    headers.insert(header::ETAG, header_value(&format!("\"{sha}\"")));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=31536000, immutable"));
+    if let Some((start, end)) = range {
+        headers.insert(header::CONTENT_RANGE, header_value(&format!("bytes {start}-{}/{size}", end - 1)));
+    }
+    if let Some(name) = filename {
+        let base = name.rsplit('/').next().unwrap_or(name);
+        let encoded = percent_encoding::utf8_percent_encode(base, percent_encoding::NON_ALPHANUMERIC);
+        headers.insert(header::CONTENT_DISPOSITION, header_value(&format!("inline; filename*=UTF-8''{encoded}")));
+    }
+    Ok(resp)
+}
+
+fn header_value(text: &str) -> HeaderValue {
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// A parsed `Range` header.
+#[derive(Debug, PartialEq, Eq)]
+enum RangeSpec {
+    /// Not a single byte range we serve: answer with the whole blob, as HTTP allows.
+    Ignore,
+    Unsatisfiable,
+    /// Half-open `[start, end)`.
+    Bytes(u64, u64),
+}
+
+fn parse_range(spec: &str, size: u64) -> RangeSpec {
+    let Some(ranges) = spec.trim().strip_prefix("bytes=") else { return RangeSpec::Ignore };
+    if ranges.contains(',') {
+        return RangeSpec::Ignore;
+    }
+    let Some((first, last)) = ranges.trim().split_once('-') else { return RangeSpec::Ignore };
+    let (first, last) = (first.trim(), last.trim());
+    match (first.is_empty(), last.is_empty()) {
+        (true, true) => RangeSpec::Ignore,
+        (true, false) => match last.parse::<u64>() {
+            Ok(0) => RangeSpec::Unsatisfiable,
+            Ok(_) if size == 0 => RangeSpec::Unsatisfiable,
+            Ok(n) => RangeSpec::Bytes(size.saturating_sub(n), size),
+            Err(_) => RangeSpec::Ignore,
+        },
+        (false, _) => {
+            let Ok(start) = first.parse::<u64>() else { return RangeSpec::Ignore };
+            let end = if last.is_empty() {
+                size
+            } else {
+                match last.parse::<u64>() {
+                    Ok(l) if l >= start => (l + 1).min(size),
+                    _ => return RangeSpec::Ignore,
+                }
+            };
+            if start >= size { RangeSpec::Unsatisfiable } else { RangeSpec::Bytes(start, end) }
+        }
+    }
+}
+
+/// One collection pass: asks the core for every blob retained jobs reference, then deletes the
+/// rest that are past the grace period.
+pub async fn collect(ctx: &Context) -> Result<GcStats, ErrorBody> {
+    let (definitions, outputs) = match ctx.handle.call(Command::BlobRefs).await {
+        Reply::BlobRefs { definitions, outputs } => (definitions, outputs),
+        Reply::Error(e) => return Err(e),
+        other => return Err(ErrorBody::new(ErrorCode::Internal, format!("unexpected reply {other:?}"))),
+    };
+    let referenced = tokio::task::spawn_blocking(move || {
+        let mut set: HashSet<String> = outputs.into_iter().collect();
+        for d in &definitions {
+            set.extend(blob::input_blobs(d));
+        }
+        set
+    })
+    .await
+    .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+    let stats = ctx.blobs.collect(&referenced).await.map_err(|e| e.body())?;
+    tracing::info!(kept = stats.kept, deleted = stats.deleted, freed_bytes = stats.freed_bytes, "blob collection");
+    Ok(stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), RangeSpec::Bytes(0, 10));
+        assert_eq!(parse_range("bytes=90-", 100), RangeSpec::Bytes(90, 100));
+        assert_eq!(parse_range("bytes=-10", 100), RangeSpec::Bytes(90, 100));
+        assert_eq!(parse_range("bytes=-1000", 100), RangeSpec::Bytes(0, 100));
+        assert_eq!(parse_range("bytes=50-1000", 100), RangeSpec::Bytes(50, 100));
+        assert_eq!(parse_range("bytes=100-", 100), RangeSpec::Unsatisfiable);
+        assert_eq!(parse_range("bytes=-0", 100), RangeSpec::Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), RangeSpec::Ignore);
+        assert_eq!(parse_range("bytes=9-3", 100), RangeSpec::Ignore);
+        assert_eq!(parse_range("items=0-1", 100), RangeSpec::Ignore);
+        assert_eq!(parse_range("bytes=x-", 100), RangeSpec::Ignore);
+    }
+
+    #[test]
+    fn claimed_paths() {
+        assert!(claims("/f/abc"));
+        assert!(claims("/j/abc/outputs/a.txt"));
+        assert!(!claims("/j/abc/logs"));
+        assert!(!claims("/q/x/j"));
+    }
+}

@@ -1,0 +1,262 @@
+//! Moving files to and from the broker's blob store over HTTP: hashing, uploading (skipped when
+//! the store already has the bytes; straight to S3 when the broker hands out a presigned URL),
+//! and downloading with the hash checked before the file appears under its final name. Used by
+//! the worker for inputs and outputs and by the CLI for `--input name=@path` and `cq outputs`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use futures_util::StreamExt;
+use indicatif::ProgressBar;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+/// Read size when hashing and uploading files.
+const CHUNK: usize = 256 << 10;
+
+/// An HTTP client for the broker's file endpoints.
+#[derive(Debug, Clone)]
+pub struct BlobClient {
+    http: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+/// The name and size of some bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digested {
+    pub sha256: String,
+    pub size: u64,
+}
+
+impl BlobClient {
+    /// A client for the broker at `base` (`http://host:port`).
+    pub fn new(base: &str, token: Option<String>) -> Result<BlobClient> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(BlobClient { http, base: base.trim_end_matches('/').to_string(), token })
+    }
+
+    /// The broker's base URL.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    /// Uploads a file unless the store already has it; returns its name and size.
+    pub async fn upload_file(&self, path: &Path, progress: Option<ProgressBar>) -> Result<Digested> {
+        let digested = hash_file(path).await?;
+        let Some(plan) = self.plan(&digested).await? else {
+            if let Some(p) = &progress {
+                p.finish_with_message("already stored");
+            }
+            return Ok(digested);
+        };
+        let file = tokio::fs::File::open(path).await.with_context(|| format!("opening {}", path.display()))?;
+        let bar = progress.clone();
+        let stream = file_stream(file).map(move |chunk| {
+            if let (Ok(c), Some(p)) = (&chunk, &bar) {
+                p.inc(c.len() as u64);
+            }
+            chunk
+        });
+        self.put(&digested, &plan, reqwest::Body::wrap_stream(stream)).await?;
+        if let Some(p) = &progress {
+            p.finish();
+        }
+        Ok(digested)
+    }
+
+    /// Uploads bytes unless the store already has them; returns their name and size.
+    pub async fn upload_bytes(&self, bytes: Vec<u8>) -> Result<Digested> {
+        let digested = Digested { sha256: hex::encode(Sha256::digest(&bytes)), size: bytes.len() as u64 };
+        if let Some(plan) = self.plan(&digested).await? {
+            self.put(&digested, &plan, reqwest::Body::from(bytes)).await?;
+        }
+        Ok(digested)
+    }
+
+    /// Asks the broker where to upload (`POST /f/{sha}/upload`); `None` when it has the bytes.
+    async fn plan(&self, d: &Digested) -> Result<Option<serde_json::Value>> {
+        let resp = self
+            .authorized(self.http.post(format!("{}/f/{}/upload", self.base, d.sha256)))
+            .json(&serde_json::json!({ "size": d.size }))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the broker at {}", self.base))?;
+        let plan = api_json(resp).await?;
+        Ok((plan["exists"] != true).then_some(plan))
+    }
+
+    async fn put(&self, d: &Digested, plan: &serde_json::Value, body: reqwest::Body) -> Result<()> {
+        let url = plan["url"].as_str().ok_or_else(|| anyhow!("the broker's upload plan has no url"))?;
+        // The broker's own endpoint wants the token; a presigned URL carries its own signature.
+        let mut req = if url.starts_with('/') {
+            self.authorized(self.http.put(format!("{}{url}", self.base)))
+        } else {
+            self.http.put(url)
+        };
+        if let Some(headers) = plan["headers"].as_object() {
+            for (k, v) in headers {
+                req = req.header(k, v.as_str().unwrap_or_default());
+            }
+        }
+        let resp = req
+            .header(reqwest::header::CONTENT_LENGTH, d.size)
+            .body(body)
+            .send()
+            .await
+            .with_context(|| format!("uploading blob {}", d.sha256))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let text = resp.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                .unwrap_or_else(|| text.chars().take(500).collect());
+            bail!("uploading blob {}: {status}: {message}", d.sha256);
+        }
+        Ok(())
+    }
+
+    /// Downloads `path` (e.g. `/f/{sha}` or `/j/{id}/outputs/a.txt`) to `dest`, checking the
+    /// content against `expected` when given. The file appears under `dest` only when complete
+    /// and correct.
+    pub async fn download(
+        &self,
+        path: &str,
+        dest: &Path,
+        expected: Option<&Digested>,
+        progress: Option<ProgressBar>,
+    ) -> Result<Digested> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .authorized(self.http.get(&url))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the broker at {}", self.base))?;
+        if !resp.status().is_success() {
+            api_json(resp).await?;
+            bail!("downloading {path} failed");
+        }
+        if let (Some(p), Some(len)) = (&progress, resp.content_length()) {
+            p.set_length(len);
+        }
+        if let Some(parent) = dest.parent() {
+            tokio::fs::create_dir_all(parent).await.with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let partial = partial_name(dest);
+        let mut file =
+            tokio::fs::File::create(&partial).await.with_context(|| format!("creating {}", partial.display()))?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        let mut body = resp.bytes_stream();
+        let result: Result<()> = async {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.with_context(|| format!("downloading {path}"))?;
+                hasher.update(&chunk);
+                size += chunk.len() as u64;
+                file.write_all(&chunk).await.with_context(|| format!("writing {}", partial.display()))?;
+                if let Some(p) = &progress {
+                    p.inc(chunk.len() as u64);
+                }
+            }
+            file.flush().await?;
+            Ok(())
+        }
+        .await;
+        drop(file);
+        let got = Digested { sha256: hex::encode(hasher.finalize()), size };
+        let verdict = result.and_then(|()| match expected {
+            Some(e) if *e != got => Err(anyhow!(
+                "{path} arrived corrupt: expected sha256 {} ({} bytes), got {} ({} bytes)",
+                e.sha256,
+                e.size,
+                got.sha256,
+                got.size
+            )),
+            _ => Ok(()),
+        });
+        if let Err(e) = verdict {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(e);
+        }
+        tokio::fs::rename(&partial, dest).await.with_context(|| format!("moving into {}", dest.display()))?;
+        if let Some(p) = &progress {
+            p.finish();
+        }
+        Ok(got)
+    }
+}
+
+fn partial_name(dest: &Path) -> PathBuf {
+    let mut name = dest.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".partial");
+    dest.with_file_name(name)
+}
+
+/// The body of a successful answer as JSON (empty → null); an API error as a readable error.
+async fn api_json(resp: reqwest::Response) -> Result<serde_json::Value> {
+    let status = resp.status();
+    let text = resp.text().await.context("reading the answer")?;
+    if status.is_success() {
+        if text.trim().is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        return Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null));
+    }
+    let message = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| text.chars().take(500).collect());
+    bail!("{status}: {message}")
+}
+
+/// Hashes a file on a blocking thread.
+pub async fn hash_file(path: &Path) -> Result<Digested> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let mut hasher = Sha256::new();
+        let mut buf = vec![0u8; CHUNK];
+        let mut size = 0u64;
+        loop {
+            let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            size += n as u64;
+        }
+        Ok(Digested { sha256: hex::encode(hasher.finalize()), size })
+    })
+    .await?
+}
+
+/// A file as a stream of chunks.
+fn file_stream(
+    file: tokio::fs::File,
+) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
+    futures_util::stream::unfold(file, |mut file| async move {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; CHUNK];
+        match file.read(&mut buf).await {
+            Ok(0) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(bytes::Bytes::from(buf)), file))
+            }
+            Err(e) => Some((Err(e), file)),
+        }
+    })
+}
