@@ -191,3 +191,78 @@ async fn submit_wait_follows_logs_and_exits_with_the_job_s_code() {
     broker.kill().unwrap();
     broker.wait().unwrap();
 }
+
+/// `cq submit --input NAME=@PATH` uploads the file and references it by hash; `cq outputs`
+/// downloads what the job stored. A fake worker fetches the input and stores an output over
+/// the file endpoints, as the real worker does.
+#[tokio::test]
+async fn inputs_upload_and_outputs_download_through_the_cli() {
+    use futures_util::{SinkExt, StreamExt};
+    use sha2::Digest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (mut broker, url) = broker(&dir.path().join("data"));
+    let ws_url = format!("ws{}/ws/worker", url.strip_prefix("http").unwrap());
+    let (mut worker, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+    let hello = json!({"type": "hello", "data": {"protocol": 1, "workerId": "fake", "queues": ["local"], "slots": 1}});
+    worker.send(Message::text(hello.to_string())).await.unwrap();
+
+    let input: Vec<u8> = (0..5_000_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let input_path = dir.path().join("input.bin");
+    std::fs::write(&input_path, &input).unwrap();
+    let out = cq()
+        .args(["submit", "--url", &url, "--image", "busybox", "--input"])
+        .arg(format!("data/in.bin=@{}", input_path.display()))
+        .args(["--input", "note.txt=hello", "--", "true"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+
+    let assign = loop {
+        let Message::Text(t) = worker.next().await.unwrap().unwrap() else { continue };
+        let v: Value = serde_json::from_str(&t).unwrap();
+        if v["type"] == "assign" {
+            break v;
+        }
+    };
+    let inputs = &assign["data"]["definition"]["inputs"];
+    let sha_in = hex::encode(sha2::Sha256::digest(&input));
+    assert_eq!(inputs["data/in.bin"], json!({"type": "blob", "sha256": sha_in, "size": input.len()}));
+    assert_eq!(inputs["note.txt"], json!({"type": "text", "value": "hello"}));
+    let http = reqwest::Client::new();
+    let fetched = http.get(format!("{url}/f/{sha_in}")).send().await.unwrap().bytes().await.unwrap();
+    assert!(fetched.as_ref() == input.as_slice(), "the input arrives byte-identical");
+
+    let output = b"42 lines\n".to_vec();
+    let sha_out = hex::encode(sha2::Sha256::digest(&output));
+    let put = http.put(format!("{url}/f/{sha_out}")).body(output.clone()).send().await.unwrap();
+    assert_eq!(put.status(), 201);
+    let send = |v: Value| Message::text(v.to_string());
+    worker.send(send(json!({"type": "accept", "data": {"jobId": id, "attempt": 1}}))).await.unwrap();
+    let outputs = json!([{"path": "counts/a.txt", "size": output.len(), "sha256": sha_out}]);
+    let status = json!({"kind": "exited", "exitCode": 0});
+    worker
+        .send(send(
+            json!({"type": "finish", "data": {"jobId": id, "attempt": 1, "status": status, "outputs": outputs}}),
+        ))
+        .await
+        .unwrap();
+    loop {
+        let Message::Text(t) = worker.next().await.unwrap().unwrap() else { continue };
+        if serde_json::from_str::<Value>(&t).unwrap()["type"] == "finishAck" {
+            break;
+        }
+    }
+
+    let results = dir.path().join("results");
+    let out = cq().args(["outputs", "--url", &url, &id, "-o", results.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read(results.join("counts/a.txt")).unwrap(), output);
+    // Again: the file is up to date, nothing to do.
+    let out = cq().args(["outputs", "--url", &url, &id, "-o", results.to_str().unwrap()]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("up to date"));
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+}
