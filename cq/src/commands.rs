@@ -14,7 +14,7 @@ use protocol::{FinishReason, JobId, JobState, JobView, LogLine, Stream};
 use serde_json::{Value, json};
 
 use crate::client::Client;
-use crate::{BrokerArgs, CancelArgs, DevArgs, Fsync, LogsArgs, StatusArgs, SubmitArgs};
+use crate::{BrokerArgs, CancelArgs, DevArgs, Fsync, LogsArgs, StatusArgs, SubmitArgs, WorkerArgs};
 
 pub async fn dev(args: DevArgs) -> Result<ExitCode> {
     let data_dir = match args.data_dir {
@@ -41,7 +41,150 @@ pub async fn dev(args: DevArgs) -> Result<ExitCode> {
     eprintln!(
         "cq dev: open http://{addr}/ in a browser; submit with `cq submit --url http://{addr} --image IMAGE --wait -- COMMAND`"
     );
-    broker::run(listener, config, shutdown_signal()).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let broker_stop = {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut broker = tokio::spawn(broker::run(listener, config, broker_stop));
+    let worker = if args.no_worker {
+        None
+    } else {
+        let config = worker_config(
+            format!("http://{addr}"),
+            None,
+            vec!["local".into()],
+            args.slots,
+            Vec::new(),
+            Vec::new(),
+            None,
+            data_dir.join("worker"),
+            None,
+        )?;
+        eprintln!("cq dev: local worker {} on queue `local` with {} slots", config.worker_id, config.slots);
+        let mut rx = stop_rx.clone();
+        Some(tokio::spawn(async move {
+            let drained = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = worker::run(config, drained).await {
+                eprintln!("cq dev: the local worker stopped: {e:#}. Jobs wait until a worker connects (`cq worker`).");
+            }
+        }))
+    };
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        r = &mut broker => {
+            r??;
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    let _ = stop_tx.send(true);
+    // The worker drains first (it hands back what it holds), then the broker stops.
+    if let Some(w) = worker {
+        let _ = w.await;
+    }
+    broker.await??;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A worker's settings, with defaults filled in.
+#[allow(clippy::too_many_arguments)]
+fn worker_config(
+    url: String,
+    token: Option<String>,
+    queues: Vec<String>,
+    slots: Option<u32>,
+    gpus: Vec<String>,
+    tags: Vec<String>,
+    max_duration: Option<std::time::Duration>,
+    data_dir: PathBuf,
+    worker_id: Option<String>,
+) -> Result<worker::Config> {
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let worker_id = match worker_id {
+        Some(id) => id,
+        None => {
+            let file = data_dir.join("worker-id");
+            match std::fs::read_to_string(&file) {
+                Ok(id) => id.trim().to_string(),
+                Err(_) => {
+                    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "worker".into());
+                    let host: String =
+                        host.trim().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect();
+                    use std::hash::{BuildHasher, Hasher};
+                    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                    h.write_u64(std::process::id() as u64);
+                    let id =
+                        format!("{}-{:06x}", if host.is_empty() { "worker" } else { &host }, h.finish() & 0xff_ffff);
+                    std::fs::write(&file, &id).with_context(|| format!("writing {}", file.display()))?;
+                    id
+                }
+            }
+        }
+    };
+    protocol::id::validate_name("worker id", &worker_id, false).map_err(|e| anyhow::anyhow!(e))?;
+    let worker_id = protocol::WorkerId(worker_id);
+    let slots = slots.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1));
+    if slots == 0 {
+        bail!("--slots must be at least 1");
+    }
+    Ok(worker::Config {
+        broker_url: url,
+        token,
+        worker_id,
+        queues,
+        slots,
+        gpus,
+        tags,
+        max_duration,
+        data_dir,
+        stop_grace: std::time::Duration::from_secs(10),
+        drain_timeout: std::time::Duration::from_secs(300),
+        pids_limit: worker::docker::DEFAULT_PIDS_LIMIT,
+    })
+}
+
+/// `--gpus 2` → devices 0 and 1; `--gpus 0,2` or UUIDs → those devices; `--gpus 0` → none.
+fn parse_gpus(text: &str) -> Result<Vec<String>> {
+    let text = text.trim();
+    if let Ok(n) = text.parse::<u32>() {
+        if !text.contains(',') {
+            return Ok((0..n).map(|i| i.to_string()).collect());
+        }
+    }
+    let list: Vec<String> = text.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+    if list.is_empty() {
+        bail!("--gpus wants a count or a device list, got `{text}`");
+    }
+    Ok(list)
+}
+
+pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
+    let data_dir = match args.data_dir {
+        Some(d) => d,
+        None => dirs::data_local_dir()
+            .map(|d| d.join("cq").join("worker"))
+            .unwrap_or_else(|| PathBuf::from("cq-worker-data")),
+    };
+    let mut config = worker_config(
+        args.url,
+        args.token,
+        args.queues,
+        args.slots,
+        parse_gpus(&args.gpus)?,
+        args.tags,
+        args.max_duration,
+        data_dir,
+        args.worker_id,
+    )?;
+    config.stop_grace = args.stop_grace;
+    config.drain_timeout = args.drain_timeout;
+    config.pids_limit = args.pids_limit;
+    tracing::info!(worker = %config.worker_id, queues = ?config.queues, slots = config.slots, broker = %config.broker_url, "worker starting");
+    worker::run(config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -41,6 +41,8 @@ enum Command {
     Dev(DevArgs),
     /// Run a broker: queues in memory, durable in a snapshot log, websockets and HTTP.
     Broker(BrokerArgs),
+    /// Run a worker: take jobs from a broker's queues and run them as Docker containers.
+    Worker(WorkerArgs),
     /// Put a job on a queue; print its id, or follow it with --wait.
     Submit(SubmitArgs),
     /// Show a job, a queue, or all queues.
@@ -99,6 +101,52 @@ struct DevArgs {
     /// Where the broker keeps its log (default: the user's data directory).
     #[arg(long, env = "CQ_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Jobs the local worker runs at once [default: the number of CPUs].
+    #[arg(long, env = "CQ_SLOTS")]
+    slots: Option<u32>,
+    /// Run only the broker, no local worker.
+    #[arg(long)]
+    no_worker: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Broker URL.
+    #[arg(long, env = "CQ_URL", default_value = "http://127.0.0.1:8000")]
+    pub url: String,
+    /// Worker token, if the broker requires one.
+    #[arg(long, env = "CQ_WORKER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Queue to take jobs from; repeatable (or comma-separated in CQ_QUEUES).
+    #[arg(long = "queue", short, env = "CQ_QUEUES", value_delimiter = ',', default_value = "local")]
+    pub queues: Vec<String>,
+    /// Jobs run at once [default: the number of CPUs].
+    #[arg(long, env = "CQ_SLOTS")]
+    pub slots: Option<u32>,
+    /// GPUs to hand out: a count (`2` = devices 0 and 1) or a device list (`0,2` or UUIDs).
+    #[arg(long, env = "CQ_GPUS", default_value = "0")]
+    pub gpus: String,
+    /// Tag this worker carries (jobs may require tags); repeatable (comma-separated in CQ_TAGS).
+    #[arg(long = "tag", env = "CQ_TAGS", value_delimiter = ',')]
+    pub tags: Vec<String>,
+    /// Longest any job may run here, e.g. 1h; a job's own maxDuration may be shorter.
+    #[arg(long, env = "CQ_MAX_DURATION", value_parser = humantime::parse_duration)]
+    pub max_duration: Option<std::time::Duration>,
+    /// Where the worker keeps job directories and its input cache [default: the user's data directory].
+    #[arg(long, env = "CQ_WORKER_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Stable id of this worker [default: generated once and kept in the data directory].
+    #[arg(long, env = "CQ_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Between SIGTERM and SIGKILL when a job runs out of time.
+    #[arg(long, env = "CQ_STOP_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub stop_grace: std::time::Duration,
+    /// After SIGTERM, how long running jobs may go on before they are handed back to the broker.
+    #[arg(long, env = "CQ_DRAIN_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub drain_timeout: std::time::Duration,
+    /// Most processes in one job's container.
+    #[arg(long, env = "CQ_PIDS_LIMIT", default_value_t = worker::docker::DEFAULT_PIDS_LIMIT)]
+    pub pids_limit: i64,
 }
 
 #[derive(Debug, Args)]
@@ -325,6 +373,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Dev(a) => commands::dev(a).await,
             Command::Broker(a) => commands::broker(a).await,
+            Command::Worker(a) => commands::worker(a).await,
             Command::Submit(a) => commands::submit(a).await,
             Command::Status(a) => commands::status(a).await,
             Command::Logs(a) => commands::logs(a).await,

@@ -355,6 +355,9 @@ impl DataRef {
                 if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() > 4096 {
                     return Err(format!("`{url}` is not an http(s) URL"));
                 }
+                if url_has_credentials(url) {
+                    return Err(format!("the URL {NO_CREDENTIALS}"));
+                }
                 match (sha256, size) {
                     (Some(s), Some(n)) => {
                         parse_sha256(s).map_err(|e| e.to_string())?;
@@ -550,6 +553,17 @@ pub fn validate_image(image: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// True when an http(s) URL carries credentials (`https://user:secret@host/...`). Such URLs are
+/// refused: a job record is stored and shown to every watcher.
+pub fn url_has_credentials(url: &str) -> bool {
+    let Some((_, rest)) = url.split_once("://") else { return false };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    authority.contains('@')
+}
+
+const NO_CREDENTIALS: &str =
+    "must not carry credentials (they would be stored in the job record); give the worker access instead";
+
 fn validate_build(build: &BuildSpec) -> Result<(), DefinitionError> {
     let url_ok = |u: &str| (u.starts_with("https://") || u.starts_with("http://")) && !u.contains(char::is_whitespace);
     match (&build.git, &build.tarball, &build.dockerfile) {
@@ -561,12 +575,18 @@ fn validate_build(build: &BuildSpec) -> Result<(), DefinitionError> {
         if !url_ok(&git.url) && !git.url.starts_with("git@") {
             return Err(DefinitionError::new("build.git.url", "must be an http(s) or git@ URL"));
         }
+        if url_has_credentials(&git.url) {
+            return Err(DefinitionError::new("build.git.url", NO_CREDENTIALS));
+        }
         if git.git_ref.as_deref().is_some_and(|r| r.is_empty() || r.contains(char::is_whitespace)) {
             return Err(DefinitionError::new("build.git.ref", "must be a branch, tag or commit"));
         }
     }
     if build.tarball.as_deref().is_some_and(|u| !url_ok(u)) {
         return Err(DefinitionError::new("build.tarball", "must be an http(s) URL"));
+    }
+    if build.tarball.as_deref().is_some_and(url_has_credentials) {
+        return Err(DefinitionError::new("build.tarball", NO_CREDENTIALS));
     }
     if let Some(f) = &build.filename {
         validate_relative_path(f).map_err(|m| DefinitionError::new("build.filename", m))?;
@@ -612,6 +632,20 @@ mod tests {
         let b = parse(r#"{"image":"busybox","command":["sh","-c","echo hi"]}"#).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.job_id(), b.job_id());
+    }
+
+    #[test]
+    fn urls_with_credentials_are_refused() {
+        assert!(url_has_credentials("https://user:secret@example.com/repo.git"));
+        assert!(url_has_credentials("https://token@example.com/x.tar.gz"));
+        assert!(!url_has_credentials("https://example.com/a@b"));
+        assert!(!url_has_credentials("git@github.com:org/repo.git"));
+        let def: JobDefinition = parse_json(br#"{"build":{"git":{"url":"https://u:p@example.com/r.git"}}}"#).unwrap();
+        let e = def.normalize().unwrap_err();
+        assert_eq!(e.field, "build.git.url");
+        let def: JobDefinition =
+            parse_json(br#"{"image":"busybox","inputs":{"a":{"type":"url","url":"https://u:p@h/x"}}}"#).unwrap();
+        assert!(def.normalize().unwrap_err().message.contains("credentials"));
     }
 
     #[test]

@@ -1,9 +1,13 @@
-//! The cq worker: keeps one websocket to the broker, runs the jobs it is pushed as Docker
-//! containers, and streams their logs and outputs back. The Docker executor and the
-//! reconnecting controller arrive with the worker daemon; today this crate names the defaults a
-//! worker announces in its hello and moves files to and from the blob store ([`blobs`]).
+//! The cq worker: keeps one websocket to the broker ([`controller`]), runs the jobs it is
+//! pushed as Docker containers ([`job`], [`docker`]), and streams their logs and outputs back
+//! through the blob store ([`blobs`]).
 
 pub mod blobs;
+pub mod controller;
+pub mod docker;
+pub mod job;
+
+pub use controller::{Config, run};
 
 use protocol::messages::{HeldJob, WorkerHello};
 use protocol::{PROTOCOL_VERSION, WorkerId};

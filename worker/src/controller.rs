@@ -1,0 +1,442 @@
+//! The worker's controller: one websocket to the broker, kept up with capped, jittered
+//! exponential backoff; assignments accepted into free slots and run as job tasks; finishes kept
+//! until the broker acknowledges them (and sent again after a reconnect); containers of a
+//! previous run found by label and picked up again; a graceful drain on shutdown.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use futures_util::{SinkExt, StreamExt};
+use protocol::messages::{BrokerToWorker, ExitStatus, HeldJob, WorkerToBroker};
+use protocol::{JobId, WorkerId};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::blobs::BlobClient;
+use crate::docker;
+use crate::job::{self, Assignment, JobEnv, Out, Outcome, Stop};
+
+/// First wait before reconnecting; doubles up to [`BACKOFF_MAX`], with jitter.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How a worker runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `http(s)://host:port` of the broker.
+    pub broker_url: String,
+    pub token: Option<String>,
+    pub worker_id: WorkerId,
+    pub queues: Vec<String>,
+    pub slots: u32,
+    /// GPU device ids this worker hands out, one per GPU a job asks for.
+    pub gpus: Vec<String>,
+    pub tags: Vec<String>,
+    /// Longest any job may run here (a job's own `maxDuration` may be shorter).
+    pub max_duration: Option<Duration>,
+    pub data_dir: PathBuf,
+    /// Between SIGTERM and SIGKILL when a job runs out of time.
+    pub stop_grace: Duration,
+    /// How long running jobs may go on after a shutdown signal before they are handed back.
+    pub drain_timeout: Duration,
+    pub pids_limit: i64,
+}
+
+/// A job task the controller tracks.
+struct Running {
+    attempt: u32,
+    stop: watch::Sender<Stop>,
+    gpus: Vec<String>,
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff { next: BACKOFF_MIN }
+    }
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+    fn wait(&mut self) -> Duration {
+        let cap = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        // A fresh RandomState is seeded from the OS: good enough to spread reconnects.
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(cap.as_nanos() as u64);
+        let jitter = h.finish() % (cap.as_millis() as u64 / 2 + 1);
+        Duration::from_millis(cap.as_millis() as u64 / 2 + jitter)
+    }
+}
+
+/// Runs the worker until `shutdown` resolves and the drain completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+    let docker = docker::connect().await.map_err(|e| anyhow::anyhow!(e.message))?;
+    docker::ensure_network(&docker).await.map_err(|e| anyhow::anyhow!(e.message))?;
+    tokio::fs::create_dir_all(&config.data_dir)
+        .await
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let env = Arc::new(JobEnv {
+        docker: docker.clone(),
+        blobs: BlobClient::new(&config.broker_url, config.token.clone())?,
+        http: reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).build()?,
+        worker_id: config.worker_id.to_string(),
+        data_dir: config.data_dir.clone(),
+        max_duration: config.max_duration,
+        stop_grace: config.stop_grace,
+        pids_limit: config.pids_limit,
+    });
+    let (tx, mut rx) = mpsc::channel::<Out>(4096);
+    let mut jobs: HashMap<JobId, Running> = HashMap::new();
+    let mut free_gpus: BTreeSet<String> = config.gpus.iter().cloned().collect();
+
+    // Containers of a previous run of this worker: pick up those we have a record of.
+    for owned in docker::owned(&docker, &env.worker_id).await.map_err(|e| anyhow::anyhow!(e.message))? {
+        let record = job::read_record(&env, owned.job, owned.attempt).await;
+        match record {
+            Some(record) if !jobs.contains_key(&owned.job) => {
+                tracing::info!(job = %owned.job, attempt = owned.attempt, container = %owned.id, "re-attaching to a container of a previous run");
+                for g in &record.gpus {
+                    free_gpus.remove(g);
+                }
+                let (stop_tx, stop_rx) = watch::channel(Stop::No);
+                jobs.insert(owned.job, Running { attempt: owned.attempt, stop: stop_tx, gpus: record.gpus.clone() });
+                tokio::spawn(job::resume(env.clone(), record, owned.id, stop_rx, tx.clone()));
+            }
+            _ => {
+                tracing::info!(job = %owned.job, container = %owned.id, "removing a container of a previous run that cannot be resumed");
+                let _ = docker::remove(&docker, &owned.id).await;
+            }
+        }
+    }
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut draining = false;
+    let mut drain_deadline: Option<Instant> = None;
+    let mut unacked: HashMap<JobId, WorkerToBroker> = HashMap::new();
+    let mut pending: Option<WorkerToBroker> = None;
+    let mut backoff = Backoff::new();
+    let mut failures = 0u32;
+
+    'connection: loop {
+        if draining && jobs.is_empty() && unacked.is_empty() {
+            return Ok(());
+        }
+        let held: Vec<HeldJob> = jobs
+            .iter()
+            .map(|(j, r)| HeldJob { job_id: *j, attempt: r.attempt })
+            .chain(unacked.values().filter_map(|m| match m {
+                WorkerToBroker::Finish { job_id, attempt, .. } => Some(HeldJob { job_id: *job_id, attempt: *attempt }),
+                _ => None,
+            }))
+            .collect();
+        let mut socket = match connect(&config, held).await {
+            Ok((socket, heartbeat)) => {
+                if failures > 0 {
+                    tracing::info!("connected to the broker again");
+                }
+                failures = 0;
+                backoff.reset();
+                (socket, heartbeat)
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = backoff.wait();
+                tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, failures, "cannot reach the broker");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = &mut shutdown, if !draining => {
+                        draining = true;
+                        drain_deadline = Some(Instant::now() + config.drain_timeout);
+                    }
+                    _ = sleep_until(drain_deadline), if draining => {
+                        // No broker to hand jobs back to: stop them; the broker requeues them
+                        // when the lease runs out.
+                        for r in jobs.values() {
+                            let _ = r.stop.send(Stop::HandBack);
+                        }
+                        if jobs.is_empty() {
+                            return Ok(());
+                        }
+                        drain_deadline = None;
+                    }
+                    Some(out) = rx.recv(), if draining && drain_deadline.is_none() => {
+                        if let Out::Done { job, .. } = out {
+                            jobs.remove(&job);
+                        }
+                        if jobs.is_empty() {
+                            return Ok(());
+                        }
+                    }
+                }
+                continue;
+            }
+        };
+        let (ref mut ws, heartbeat) = socket;
+        let mut tick = tokio::time::interval(heartbeat);
+        tick.reset();
+        let mut outbox: Vec<WorkerToBroker> = Vec::new();
+        if draining {
+            outbox.push(WorkerToBroker::Drain);
+        }
+        outbox.extend(unacked.values().cloned());
+        outbox.extend(pending.take());
+        for msg in outbox {
+            if let Err(e) = send(ws, &msg).await {
+                tracing::warn!(error = %e, "lost the broker while catching up");
+                pending = Some(msg);
+                continue 'connection;
+            }
+        }
+        loop {
+            if draining && jobs.is_empty() && unacked.is_empty() {
+                let _ = ws.close(None).await;
+                return Ok(());
+            }
+            tokio::select! {
+                inbound = ws.next() => {
+                    let text = match inbound {
+                        Some(Ok(Message::Text(t))) => t,
+                        Some(Ok(Message::Close(frame))) => {
+                            tracing::warn!(?frame, "the broker closed the connection");
+                            continue 'connection;
+                        }
+                        Some(Ok(_)) => continue,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "the connection to the broker failed");
+                            continue 'connection;
+                        }
+                        None => continue 'connection,
+                    };
+                    let msg: BrokerToWorker = match serde_json::from_str(&text) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "unreadable message from the broker");
+                            continue;
+                        }
+                    };
+                    let reply = handle(msg, &config, &env, &tx, &mut jobs, &mut free_gpus, &mut unacked, draining);
+                    for m in reply {
+                        if send(ws, &m).await.is_err() {
+                            pending = Some(m);
+                            continue 'connection;
+                        }
+                    }
+                }
+                Some(out) = rx.recv() => {
+                    let msg = match out {
+                        Out::Msg(m) => Some(m),
+                        Out::Done { job, attempt, outcome } => {
+                            if let Some(r) = jobs.remove(&job) {
+                                free_gpus.extend(r.gpus);
+                            }
+                            match outcome {
+                                Outcome::Finished(m) => {
+                                    log_finish(&m);
+                                    unacked.insert(job, m.clone());
+                                    Some(m)
+                                }
+                                Outcome::Cancelled => None,
+                                Outcome::HandedBack => Some(WorkerToBroker::Release {
+                                    job_id: job,
+                                    attempt,
+                                    reason: Some("the worker is shutting down".into()),
+                                }),
+                            }
+                        }
+                    };
+                    if let Some(m) = msg {
+                        if let Err(e) = send(ws, &m).await {
+                            tracing::warn!(error = %e, "the connection to the broker failed");
+                            pending = Some(m);
+                            continue 'connection;
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    if send(ws, &WorkerToBroker::Heartbeat).await.is_err() {
+                        continue 'connection;
+                    }
+                }
+                _ = &mut shutdown, if !draining => {
+                    draining = true;
+                    drain_deadline = Some(Instant::now() + config.drain_timeout);
+                    tracing::info!(running = jobs.len(), deadline = ?config.drain_timeout, "draining: no new jobs; running ones may finish");
+                    if send(ws, &WorkerToBroker::Drain).await.is_err() {
+                        continue 'connection;
+                    }
+                }
+                _ = sleep_until(drain_deadline), if draining => {
+                    tracing::info!(running = jobs.len(), "drain deadline reached: handing running jobs back");
+                    for r in jobs.values() {
+                        let _ = r.stop.send(Stop::HandBack);
+                    }
+                    drain_deadline = None;
+                }
+            }
+        }
+    }
+}
+
+fn log_finish(m: &WorkerToBroker) {
+    if let WorkerToBroker::Finish { job_id, status, outputs, .. } = m {
+        match status {
+            ExitStatus::Error { message, .. } => tracing::warn!(job = %job_id, error = %message, "job failed to run"),
+            other => tracing::info!(job = %job_id, status = ?other, outputs = outputs.len(), "job finished"),
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn send(ws: &mut Socket, msg: &WorkerToBroker) -> Result<()> {
+    let text = serde_json::to_string(msg)?;
+    ws.send(Message::text(text)).await?;
+    Ok(())
+}
+
+/// Opens the socket, says hello and waits for the welcome; returns the heartbeat interval.
+async fn connect(config: &Config, held: Vec<HeldJob>) -> Result<(Socket, Duration)> {
+    let ws_url = match config.broker_url.split_once("://") {
+        Some(("https", rest)) => format!("wss://{}/ws/worker", rest.trim_end_matches('/')),
+        Some(("http", rest)) => format!("ws://{}/ws/worker", rest.trim_end_matches('/')),
+        _ => bail!("the broker URL must start with http:// or https://, got `{}`", config.broker_url),
+    };
+    let mut request = ws_url.as_str().into_client_request()?;
+    if let Some(t) = &config.token {
+        request.headers_mut().insert("authorization", format!("Bearer {t}").parse()?);
+    }
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async_with_config(request, None, true),
+    )
+    .await
+    .context("timed out connecting")??;
+    let mut hello = crate::hello(config.worker_id.clone(), config.queues.clone(), config.slots, held);
+    hello.gpus = config.gpus.len() as u32;
+    hello.tags = config.tags.clone();
+    send(&mut ws, &WorkerToBroker::Hello(hello)).await?;
+    let welcome = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(m) = ws.next().await {
+            match m? {
+                Message::Text(t) => return Ok::<_, anyhow::Error>(serde_json::from_str::<BrokerToWorker>(&t)?),
+                Message::Close(frame) => bail!("the broker refused the connection: {frame:?}"),
+                _ => {}
+            }
+        }
+        bail!("the broker closed the connection")
+    })
+    .await
+    .context("no welcome from the broker")??;
+    match welcome {
+        BrokerToWorker::Welcome { heartbeat_ms, .. } => Ok((ws, Duration::from_millis(heartbeat_ms.max(100)))),
+        BrokerToWorker::Error(e) => bail!("the broker refused the worker: {}", e.message),
+        other => bail!("expected a welcome, got {other:?}"),
+    }
+}
+
+/// Acts on one broker message; returns messages to send back.
+#[allow(clippy::too_many_arguments)]
+fn handle(
+    msg: BrokerToWorker,
+    config: &Config,
+    env: &Arc<JobEnv>,
+    tx: &mpsc::Sender<Out>,
+    jobs: &mut HashMap<JobId, Running>,
+    free_gpus: &mut BTreeSet<String>,
+    unacked: &mut HashMap<JobId, WorkerToBroker>,
+    draining: bool,
+) -> Vec<WorkerToBroker> {
+    match msg {
+        BrokerToWorker::Assign { job_id, attempt, queue, definition } => {
+            if let Some(r) = jobs.get(&job_id) {
+                if r.attempt == attempt {
+                    return vec![WorkerToBroker::Accept { job_id, attempt }];
+                }
+                let _ = r.stop.send(Stop::Cancel);
+            }
+            let release =
+                |reason: &str| vec![WorkerToBroker::Release { job_id, attempt, reason: Some(reason.to_string()) }];
+            if draining {
+                return release("the worker is shutting down");
+            }
+            if jobs.len() >= config.slots as usize {
+                return release("no free slot");
+            }
+            let definition = match BrokerToWorker::assigned_definition(&definition).and_then(|d| d.normalize()) {
+                Ok(d) => d,
+                Err(e) => {
+                    let status = ExitStatus::Error { message: format!("unreadable definition: {e}"), retryable: false };
+                    let finish = WorkerToBroker::Finish { job_id, attempt, status, outputs: Vec::new() };
+                    unacked.insert(job_id, finish.clone());
+                    return vec![WorkerToBroker::Accept { job_id, attempt }, finish];
+                }
+            };
+            let wanted = definition.gpus() as usize;
+            if wanted > free_gpus.len() {
+                return release("not enough free GPUs");
+            }
+            let gpus: Vec<String> = free_gpus.iter().take(wanted).cloned().collect();
+            for g in &gpus {
+                free_gpus.remove(g);
+            }
+            tracing::info!(job = %job_id, attempt, queue, "running job");
+            let (stop_tx, stop_rx) = watch::channel(Stop::No);
+            jobs.insert(job_id, Running { attempt, stop: stop_tx, gpus: gpus.clone() });
+            let assignment = Assignment { job: job_id, attempt, definition, gpus };
+            tokio::spawn(job::run(env.clone(), assignment, stop_rx, tx.clone()));
+            vec![WorkerToBroker::Accept { job_id, attempt }]
+        }
+        BrokerToWorker::Cancel { job_id, attempt, reason } => {
+            if let Some(r) = jobs.get(&job_id).filter(|r| r.attempt == attempt) {
+                tracing::info!(job = %job_id, attempt, reason, "cancelling job");
+                let _ = r.stop.send(Stop::Cancel);
+            }
+            if unacked
+                .get(&job_id)
+                .is_some_and(|m| matches!(m, WorkerToBroker::Finish { attempt: a, .. } if *a == attempt))
+            {
+                unacked.remove(&job_id);
+            }
+            Vec::new()
+        }
+        BrokerToWorker::FinishAck { job_id, attempt } => {
+            if unacked
+                .get(&job_id)
+                .is_some_and(|m| matches!(m, WorkerToBroker::Finish { attempt: a, .. } if *a == attempt))
+            {
+                unacked.remove(&job_id);
+            }
+            Vec::new()
+        }
+        BrokerToWorker::Error(e) => {
+            tracing::warn!(code = ?e.code, message = %e.message, job = ?e.job_id, "the broker reported an error");
+            // A finish the broker will never take (the attempt is no longer current).
+            if e.code == protocol::messages::ErrorCode::StaleAttempt {
+                if let Some(job) = e.job_id {
+                    unacked.remove(&job);
+                }
+            }
+            Vec::new()
+        }
+        BrokerToWorker::Welcome { .. } => Vec::new(),
+    }
+}

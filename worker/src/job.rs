@@ -1,0 +1,542 @@
+//! One attempt of one job on this worker: inputs materialised under the job's directory, the
+//! image made ready, the container started (or found again after a restart), its output
+//! streamed in batches, its deadline enforced, its outputs uploaded, and the result reported.
+//!
+//! Everything the task says goes through one ordered channel to the controller, ending with
+//! [`Out::Done`], so a job's last log lines always precede its finish.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::Docker;
+use futures_util::StreamExt;
+use protocol::definition::{DataRef, JobDefinition, validate_relative_path};
+use protocol::job::OutputFile;
+use protocol::messages::{ExitStatus, WorkerToBroker};
+use protocol::{JobId, LogLine, Phase, Stream as LogStream};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+
+use crate::blobs::{BlobClient, Digested};
+use crate::docker::{self, ContainerSpec, ImageProgress, JobError};
+
+/// Logs are sent at least this often while a container prints.
+pub const LOG_FLUSH: Duration = Duration::from_millis(100);
+/// Most lines in one logs message.
+const LOG_BATCH_LINES: usize = 500;
+/// Most bytes in one logs message (the broker refuses websocket messages over 1 MiB).
+const LOG_BATCH_BYTES: usize = 256 << 10;
+/// Longest single log line kept; longer ones are cut.
+const MAX_LINE: usize = 64 << 10;
+
+/// What a job task tells the controller.
+#[derive(Debug)]
+pub enum Out {
+    Msg(WorkerToBroker),
+    Done { job: JobId, attempt: u32, outcome: Outcome },
+}
+
+/// How a job task ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Report this finish (kept until the broker acknowledges it).
+    Finished(WorkerToBroker),
+    /// The broker cancelled it; nothing to report.
+    Cancelled,
+    /// The worker is stopping: hand the job back unfinished.
+    HandedBack,
+}
+
+/// Why the controller wants a job to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    No,
+    Cancel,
+    HandBack,
+}
+
+/// What every job task shares.
+#[derive(Debug)]
+pub struct JobEnv {
+    pub docker: Docker,
+    pub blobs: BlobClient,
+    pub http: reqwest::Client,
+    pub worker_id: String,
+    pub data_dir: PathBuf,
+    /// The worker's limit on any job's run time.
+    pub max_duration: Option<Duration>,
+    /// Between SIGTERM and SIGKILL when a job runs out of time.
+    pub stop_grace: Duration,
+    pub pids_limit: i64,
+}
+
+/// An assignment as the task runs it.
+#[derive(Debug, Clone)]
+pub struct Assignment {
+    pub job: JobId,
+    pub attempt: u32,
+    pub definition: JobDefinition,
+    pub gpus: Vec<String>,
+}
+
+/// What is kept on disk about a running attempt, to pick it up after a worker restart.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    pub job: JobId,
+    pub attempt: u32,
+    pub definition: JobDefinition,
+    /// Unix milliseconds after which the container is stopped.
+    pub deadline_ms: Option<u64>,
+    pub gpus: Vec<String>,
+}
+
+impl JobEnv {
+    pub fn job_dir(&self, job: JobId, attempt: u32) -> PathBuf {
+        self.data_dir.join("jobs").join(format!("{job}-{attempt}"))
+    }
+
+    fn blob_cache(&self) -> PathBuf {
+        self.data_dir.join("cache").join("blobs")
+    }
+
+    fn shared_cache(&self) -> PathBuf {
+        self.data_dir.join("cache").join("shared")
+    }
+}
+
+/// The channel and stop signal of one task.
+struct Ctx {
+    env: Arc<JobEnv>,
+    job: JobId,
+    attempt: u32,
+    tx: mpsc::Sender<Out>,
+    stop: watch::Receiver<Stop>,
+}
+
+impl Ctx {
+    async fn send(&self, msg: WorkerToBroker) {
+        let _ = self.tx.send(Out::Msg(msg)).await;
+    }
+
+    fn progress(&self, phase: Phase, p: Option<ImageProgress>) {
+        let (message, current, total) = match p {
+            Some(p) => (Some(p.message), p.current, p.total),
+            None => (None, None, None),
+        };
+        let msg = WorkerToBroker::Progress { job_id: self.job, attempt: self.attempt, phase, message, current, total };
+        // Progress is advisory: drop it rather than wait when the channel is full.
+        let _ = self.tx.try_send(Out::Msg(msg));
+    }
+
+    fn system_line(&self, text: String) -> WorkerToBroker {
+        let line = LogLine { stream: LogStream::System, time: (docker::now_ns() / 1_000_000) as u64, text };
+        WorkerToBroker::Logs { job_id: self.job, attempt: self.attempt, lines: vec![line] }
+    }
+
+    fn stop_requested(&self) -> Stop {
+        *self.stop.borrow()
+    }
+}
+
+/// Runs a new assignment to its end.
+pub async fn run(env: Arc<JobEnv>, a: Assignment, stop: watch::Receiver<Stop>, tx: mpsc::Sender<Out>) {
+    let ctx = Ctx { env, job: a.job, attempt: a.attempt, tx, stop };
+    let outcome = match prepare_and_start(&ctx, &a).await {
+        Ok(Some((container, record))) => supervise(&ctx, &container, &record, 0).await,
+        Ok(None) => stopped_outcome(&ctx),
+        Err(e) => {
+            cleanup_dir(&ctx).await;
+            finish(&ctx, ExitStatus::Error { message: e.message, retryable: e.retryable }, Vec::new())
+        }
+    };
+    done(&ctx, outcome).await;
+}
+
+/// Picks up an attempt whose container outlived a worker restart.
+pub async fn resume(
+    env: Arc<JobEnv>,
+    record: Record,
+    container: String,
+    stop: watch::Receiver<Stop>,
+    tx: mpsc::Sender<Out>,
+) {
+    let ctx = Ctx { env, job: record.job, attempt: record.attempt, tx, stop };
+    let cursor = read_cursor(&ctx).await;
+    ctx.send(ctx.system_line("cq: the worker restarted and re-attached to this container\n".into())).await;
+    let outcome = supervise(&ctx, &container, &record, cursor).await;
+    done(&ctx, outcome).await;
+}
+
+async fn done(ctx: &Ctx, outcome: Outcome) {
+    let _ = ctx.tx.send(Out::Done { job: ctx.job, attempt: ctx.attempt, outcome }).await;
+}
+
+fn stopped_outcome(ctx: &Ctx) -> Outcome {
+    match ctx.stop_requested() {
+        Stop::HandBack => Outcome::HandedBack,
+        _ => Outcome::Cancelled,
+    }
+}
+
+fn finish(ctx: &Ctx, status: ExitStatus, outputs: Vec<OutputFile>) -> Outcome {
+    Outcome::Finished(WorkerToBroker::Finish { job_id: ctx.job, attempt: ctx.attempt, status, outputs })
+}
+
+/// Inputs, image, container. `None` when told to stop on the way.
+async fn prepare_and_start(ctx: &Ctx, a: &Assignment) -> Result<Option<(String, Record)>, JobError> {
+    let dir = ctx.env.job_dir(a.job, a.attempt);
+    let inputs = dir.join("inputs");
+    let outputs = dir.join("outputs");
+    ctx.progress(Phase::Preparing, None);
+    for d in [&inputs, &outputs, &ctx.env.blob_cache(), &ctx.env.shared_cache()] {
+        tokio::fs::create_dir_all(d).await.map_err(|e| JobError::infra(format!("creating {}: {e}", d.display())))?;
+    }
+    // Containers may run as any user: let them write their outputs and cache.
+    set_mode(&outputs, 0o777).await;
+    set_mode(&ctx.env.shared_cache(), 0o777).await;
+    let mut stop = ctx.stop.clone();
+    tokio::select! {
+        r = materialise_inputs(ctx, &a.definition, &inputs) => r?,
+        _ = stop_requested(&mut stop) => return Ok(None),
+    }
+    let image = {
+        let progress_ctx = &ctx;
+        let on_progress = |p: ImageProgress| {
+            let phase = if a.definition.build.is_some() { Phase::Building } else { Phase::Pulling };
+            progress_ctx.progress(phase, Some(p));
+        };
+        let on_log = |text: String| {
+            let _ = ctx.tx.try_send(Out::Msg(ctx.system_line(text)));
+        };
+        tokio::select! {
+            r = docker::ensure_image(&ctx.env.docker, &a.definition, &on_progress, &on_log) => r?,
+            _ = stop_requested(&mut stop) => return Ok(None),
+        }
+    };
+    let limit =
+        [a.definition.max_duration_secs().map(Duration::from_secs), ctx.env.max_duration].into_iter().flatten().min();
+    let deadline_ms = limit.map(|l| (docker::now_ns() / 1_000_000) as u64 + l.as_millis() as u64);
+    let record =
+        Record { job: a.job, attempt: a.attempt, definition: a.definition.clone(), deadline_ms, gpus: a.gpus.clone() };
+    let json = serde_json::to_vec(&record).map_err(|e| JobError::infra(e.to_string()))?;
+    tokio::fs::write(dir.join("job.json"), json)
+        .await
+        .map_err(|e| JobError::infra(format!("writing job.json: {e}")))?;
+    let spec = ContainerSpec {
+        name: format!("cq-{}-{}-{}", ctx.env.worker_id, &a.job.to_string()[..16], a.attempt),
+        image,
+        worker: ctx.env.worker_id.clone(),
+        job: a.job,
+        attempt: a.attempt,
+        inputs_dir: path_str(&inputs),
+        outputs_dir: path_str(&outputs),
+        cache_dir: path_str(&ctx.env.shared_cache()),
+        gpu_devices: a.gpus.clone(),
+        pids_limit: ctx.env.pids_limit,
+    };
+    if ctx.stop_requested() != Stop::No {
+        return Ok(None);
+    }
+    let container = docker::start_container(&ctx.env.docker, &a.definition, &spec).await?;
+    ctx.progress(Phase::Running, None);
+    Ok(Some((container, record)))
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+async fn set_mode(path: &Path, mode: u32) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).await;
+    }
+}
+
+/// Writes every input under `dir`: inline data as is, blobs from the local cache or the broker,
+/// URLs downloaded (and checked when the job gave their hash).
+async fn materialise_inputs(ctx: &Ctx, def: &JobDefinition, dir: &Path) -> Result<(), JobError> {
+    for (path, data) in &def.inputs {
+        validate_relative_path(path).map_err(|e| JobError::user(format!("input `{path}`: {e}")))?;
+        let dest = dir.join(path);
+        if let Some(parent) = dest.parent() {
+            tokio::fs::create_dir_all(parent).await.map_err(|e| JobError::infra(format!("creating {path}: {e}")))?;
+        }
+        match data {
+            DataRef::Blob { sha256, size } => {
+                let cached = ctx.env.blob_cache().join(sha256);
+                let expected = Digested { sha256: sha256.clone(), size: *size };
+                let present = tokio::fs::metadata(&cached).await.map(|m| m.len() == *size).unwrap_or(false);
+                if !present {
+                    ctx.env.blobs.download(&format!("/f/{sha256}"), &cached, Some(&expected), None).await.map_err(
+                        |e| {
+                            let text = format!("{e:#}");
+                            let message = format!("downloading input `{path}` failed: {text}");
+                            if text.contains("404") { JobError::user(message) } else { JobError::infra(message) }
+                        },
+                    )?;
+                }
+                // A hard link shares the cached bytes; the mount is read-only for the job.
+                if tokio::fs::hard_link(&cached, &dest).await.is_err() {
+                    tokio::fs::copy(&cached, &dest)
+                        .await
+                        .map_err(|e| JobError::infra(format!("placing input `{path}`: {e}")))?;
+                }
+            }
+            DataRef::Url { url, sha256, size } => {
+                let resp = ctx.env.http.get(url).send().await.map_err(|e| {
+                    JobError::infra(format!("downloading input `{path}` from {}: {e}", docker::redact(url)))
+                })?;
+                if !resp.status().is_success() {
+                    let status = resp.status();
+                    let message = format!("downloading input `{path}` from {}: {status}", docker::redact(url));
+                    return Err(if status.is_client_error() {
+                        JobError::user(message)
+                    } else {
+                        JobError::infra(message)
+                    });
+                }
+                let bytes =
+                    resp.bytes().await.map_err(|e| JobError::infra(format!("downloading input `{path}`: {e}")))?;
+                if let Some(expected) = sha256 {
+                    use sha2::Digest;
+                    let actual = hex::encode(sha2::Sha256::digest(&bytes));
+                    if &actual != expected || size.is_some_and(|s| s != bytes.len() as u64) {
+                        return Err(JobError::user(format!(
+                            "input `{path}` from {} does not match its sha256 (got {actual})",
+                            docker::redact(url)
+                        )));
+                    }
+                }
+                tokio::fs::write(&dest, &bytes).await.map_err(|e| JobError::infra(format!("writing {path}: {e}")))?;
+            }
+            inline => {
+                let bytes =
+                    inline.inline_bytes().ok_or_else(|| JobError::user(format!("input `{path}` is invalid")))?;
+                tokio::fs::write(&dest, bytes).await.map_err(|e| JobError::infra(format!("writing {path}: {e}")))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Streams the container's logs, enforces its deadline, obeys stop requests, then collects the
+/// outputs and reports.
+async fn supervise(ctx: &Ctx, container: &str, record: &Record, since_ns: u128) -> Outcome {
+    let docker = ctx.env.docker.clone();
+    let log_task = tokio::spawn(forward_logs(
+        docker::logs(&docker, container, since_ns),
+        ctx.tx.clone(),
+        ctx.job,
+        ctx.attempt,
+        ctx.env.job_dir(ctx.job, ctx.attempt).join("log-cursor"),
+    ));
+    let deadline = record.deadline_ms.map(|ms| {
+        let now = (docker::now_ns() / 1_000_000) as u64;
+        tokio::time::Instant::now() + Duration::from_millis(ms.saturating_sub(now))
+    });
+    let mut stop = ctx.stop.clone();
+    let mut timed_out = false;
+    let exit = tokio::select! {
+        exit = docker::wait(&docker, container) => exit,
+        _ = sleep_until(deadline) => {
+            timed_out = true;
+            let grace = ctx.env.stop_grace;
+            ctx.send(ctx.system_line(format!(
+                "cq: the job reached its maximum duration; stopping it (SIGTERM, then SIGKILL after {}s)\n",
+                grace.as_secs()
+            ))).await;
+            docker::stop(&docker, container, grace).await;
+            docker::wait(&docker, container).await
+        }
+        _ = stop_requested(&mut stop) => {
+            docker::kill(&docker, container).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), log_task).await;
+            let _ = docker::remove(&docker, container).await;
+            cleanup_dir(ctx).await;
+            return stopped_outcome(ctx);
+        }
+    };
+    // The log stream ends with the container; give it a moment to deliver the last lines.
+    let _ = tokio::time::timeout(Duration::from_secs(5), log_task).await;
+    let exit = match exit {
+        Ok(exit) => exit,
+        Err(e) => {
+            let _ = docker::remove(&docker, container).await;
+            cleanup_dir(ctx).await;
+            return finish(ctx, ExitStatus::Error { message: e.message, retryable: e.retryable }, Vec::new());
+        }
+    };
+    if exit.oom_killed {
+        let limit = record
+            .definition
+            .resources
+            .as_ref()
+            .and_then(|r| match &r.memory {
+                Some(protocol::definition::ByteSize::Bytes(b)) => Some(*b),
+                _ => None,
+            })
+            .map(|b| format!(" of {} MiB", b >> 20))
+            .unwrap_or_default();
+        ctx.send(ctx.system_line(format!("cq: the container was killed for exceeding its memory limit{limit}\n")))
+            .await;
+    }
+    ctx.progress(Phase::Uploading, None);
+    let outputs = collect_outputs(ctx).await;
+    let _ = docker::remove(&docker, container).await;
+    cleanup_dir(ctx).await;
+    let status = match outputs {
+        Err(e) => return finish(ctx, ExitStatus::Error { message: e.message, retryable: e.retryable }, Vec::new()),
+        Ok(_) if timed_out => ExitStatus::TimedOut { exit_code: Some(exit.code) },
+        Ok(_) => ExitStatus::Exited { exit_code: exit.code },
+    };
+    finish(ctx, status, outputs.unwrap_or_default())
+}
+
+/// Resolves once the controller asks the job to stop.
+async fn stop_requested(stop: &mut watch::Receiver<Stop>) {
+    if stop.wait_for(|s| *s != Stop::No).await.is_err() {
+        // The controller is gone: keep running to the end.
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sends the container's lines in batches: when [`LOG_FLUSH`] has passed since the first
+/// unsent line, or a batch is full. Remembers the timestamp of the last line sent.
+async fn forward_logs(
+    lines: impl futures_util::Stream<Item = (u128, LogLine)> + Send + 'static,
+    tx: mpsc::Sender<Out>,
+    job: JobId,
+    attempt: u32,
+    cursor_file: PathBuf,
+) {
+    let mut lines = std::pin::pin!(lines);
+    let mut batch: Vec<LogLine> = Vec::new();
+    let mut bytes = 0usize;
+    let mut last_ns = 0u128;
+    let mut flush_at: Option<tokio::time::Instant> = None;
+    loop {
+        let next = tokio::select! {
+            next = lines.next() => next,
+            _ = sleep_until(flush_at) => {
+                flush(&tx, job, attempt, &mut batch, &mut bytes, last_ns, &cursor_file).await;
+                flush_at = None;
+                continue;
+            }
+        };
+        let Some((ns, mut line)) = next else { break };
+        if line.text.len() > MAX_LINE {
+            let mut cut = MAX_LINE;
+            while !line.text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.text.truncate(cut);
+            line.text.push_str("…[line cut]\n");
+        }
+        last_ns = ns;
+        bytes += line.text.len();
+        batch.push(line);
+        flush_at.get_or_insert_with(|| tokio::time::Instant::now() + LOG_FLUSH);
+        if batch.len() >= LOG_BATCH_LINES || bytes >= LOG_BATCH_BYTES {
+            flush(&tx, job, attempt, &mut batch, &mut bytes, last_ns, &cursor_file).await;
+            flush_at = None;
+        }
+    }
+    flush(&tx, job, attempt, &mut batch, &mut bytes, last_ns, &cursor_file).await;
+}
+
+async fn flush(
+    tx: &mpsc::Sender<Out>,
+    job: JobId,
+    attempt: u32,
+    batch: &mut Vec<LogLine>,
+    bytes: &mut usize,
+    last_ns: u128,
+    cursor_file: &Path,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let lines = std::mem::take(batch);
+    *bytes = 0;
+    let _ = tx.send(Out::Msg(WorkerToBroker::Logs { job_id: job, attempt, lines })).await;
+    let _ = tokio::fs::write(cursor_file, last_ns.to_string()).await;
+}
+
+async fn read_cursor(ctx: &Ctx) -> u128 {
+    let file = ctx.env.job_dir(ctx.job, ctx.attempt).join("log-cursor");
+    tokio::fs::read_to_string(file).await.ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+/// Uploads every regular file under the job's `outputs/` (symbolic links are not followed).
+async fn collect_outputs(ctx: &Ctx) -> Result<Vec<OutputFile>, JobError> {
+    let root = ctx.env.job_dir(ctx.job, ctx.attempt).join("outputs");
+    let files = tokio::task::spawn_blocking({
+        let root = root.clone();
+        move || list_files(&root)
+    })
+    .await
+    .map_err(|e| JobError::infra(e.to_string()))?;
+    let mut outputs = Vec::new();
+    for (rel, path) in files {
+        if let Err(e) = validate_relative_path(&rel) {
+            ctx.send(ctx.system_line(format!("cq: output `{rel}` skipped: {e}\n"))).await;
+            continue;
+        }
+        let d = ctx
+            .env
+            .blobs
+            .upload_file(&path, None)
+            .await
+            .map_err(|e| JobError::infra(format!("uploading output `{rel}` failed: {e:#}")))?;
+        outputs.push(OutputFile { path: rel, size: d.size, sha256: d.sha256 });
+    }
+    Ok(outputs)
+}
+
+/// (relative path with `/`, full path) of every regular file below `root`, sorted.
+fn list_files(root: &Path) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else { continue };
+            let path = entry.path();
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file() {
+                let Ok(rel) = path.strip_prefix(root) else { continue };
+                let Some(rel) = rel.to_str() else { continue };
+                out.push((rel.replace(std::path::MAIN_SEPARATOR, "/"), path));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+async fn cleanup_dir(ctx: &Ctx) {
+    let dir = ctx.env.job_dir(ctx.job, ctx.attempt);
+    if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(job = %ctx.job, dir = %dir.display(), error = %e, "cannot remove the job directory");
+        }
+    }
+}
+
+/// Reads the record of an attempt from its directory.
+pub async fn read_record(env: &JobEnv, job: JobId, attempt: u32) -> Option<Record> {
+    let bytes = tokio::fs::read(env.job_dir(job, attempt).join("job.json")).await.ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
