@@ -81,7 +81,8 @@ async fn kill_9_loses_no_acknowledged_submission() {
 #[tokio::test]
 async fn cq_dev_serves_and_accepts_a_job_and_the_cli_talks_to_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut child, url) = spawn(&["dev", "--listen", "127.0.0.1:0", "--data-dir", dir.path().to_str().unwrap()]);
+    let (mut child, url) =
+        spawn(&["dev", "--no-worker", "--listen", "127.0.0.1:0", "--data-dir", dir.path().to_str().unwrap()]);
     let health = reqwest::get(format!("{url}/healthz")).await.unwrap();
     assert_eq!(health.status(), 200);
     let page = reqwest::get(format!("{url}/")).await.unwrap().text().await.unwrap();
@@ -109,11 +110,40 @@ async fn cq_dev_serves_and_accepts_a_job_and_the_cli_talks_to_it() {
     child.wait().unwrap();
 }
 
+/// The promise of the README: `cq dev`, then `cq submit --wait` prints the job's output live
+/// and exits 0, and `cq outputs` fetches what it wrote. Real Docker, the local test image.
+#[tokio::test]
+async fn cq_dev_runs_a_container_and_cq_outputs_fetches_its_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url) = spawn(&["dev", "--listen", "127.0.0.1:0", "--data-dir", dir.path().to_str().unwrap()]);
+    let out = cq()
+        .args(["submit", "--url", &url, "--wait", "--image", "cq-test/busybox", "--"])
+        .args(["sh", "-c", "echo hi; echo out > /outputs/a"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hi\n");
+    let id = stderr.split_whitespace().find(|w| w.len() == 64).expect("the job id is printed").to_string();
+    let results = dir.path().join("results");
+    let out = cq().args(["outputs", "--url", &url, &id, "-o", results.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(results.join("a")).unwrap(), "out\n");
+    // An exit code comes back as cq's own.
+    let out = cq()
+        .args(["submit", "--url", &url, "--wait", "--image", "cq-test/busybox", "--", "sh", "-c", "exit 4"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 #[test]
 fn help_names_every_command_and_env_var() {
     let out = cq().arg("--help").output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
-    for cmd in ["dev", "broker", "submit", "status", "logs", "cancel"] {
+    for cmd in ["dev", "broker", "worker", "submit", "status", "logs", "cancel", "outputs"] {
         assert!(text.contains(cmd), "{text}");
     }
     let out = cq().args(["broker", "--help"]).output().unwrap();

@@ -1,0 +1,408 @@
+//! The worker against the real Docker engine and a real broker on 127.0.0.1: jobs run as
+//! containers from the local test image (`scripts/test-image.sh` builds it), with logs, outputs,
+//! exit codes, timeouts, cancels, memory limits, image builds, lost and restarted workers, two
+//! workers on one host, and a graceful drain.
+
+use std::time::Duration;
+
+use bollard::query_parameters::ListContainersOptions;
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+/// The image every test runs; built from Debian's busybox-static, never pulled.
+const IMAGE: &str = "cq-test/busybox:latest";
+/// Longest any test waits for one expected event.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A broker in its own runtime on 127.0.0.1:0.
+struct Broker {
+    url: String,
+    _dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Broker {
+    fn start(lease_grace_ms: u64) -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let config = broker::Config {
+            store: broker::runtime::StoreConfig {
+                data_dir: dir.path().to_path_buf(),
+                fsync: broker::runtime::FsyncMode::Never,
+                core: broker::core::CoreConfig { lease_grace_ms, ..Default::default() },
+            },
+            tokens: Default::default(),
+            max_body: broker::http::DEFAULT_MAX_BODY,
+            blobs: broker::blob::BlobConfig { gc_interval: None, ..Default::default() },
+        };
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                broker::run(listener, config, async {
+                    let _ = stop_rx.await;
+                })
+                .await
+                .unwrap();
+            });
+        });
+        Broker { url, _dir: dir, stop: Some(stop_tx), thread: Some(thread) }
+    }
+
+    async fn submit(&self, definition: Value) -> String {
+        let r = reqwest::Client::new()
+            .post(format!("{}/q/local/j", self.url))
+            .json(&json!({ "definition": definition }))
+            .send()
+            .await
+            .unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap();
+        assert!(status.is_success(), "{body}");
+        body["jobId"].as_str().unwrap().to_string()
+    }
+
+    async fn job(&self, id: &str) -> Value {
+        reqwest::get(format!("{}/j/{id}", self.url)).await.unwrap().json().await.unwrap()
+    }
+
+    async fn log_text(&self, id: &str) -> String {
+        let v: Value = reqwest::get(format!("{}/j/{id}/logs", self.url)).await.unwrap().json().await.unwrap();
+        v["lines"].as_array().unwrap().iter().map(|l| l["text"].as_str().unwrap().to_string()).collect()
+    }
+
+    /// Follows the job's events until `until` holds for one of them; returns them all.
+    async fn follow_until(&self, id: &str, until: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let resp = reqwest::get(format!("{}/j/{id}/events", self.url)).await.unwrap();
+        let mut stream = resp.bytes_stream();
+        let mut buf = String::new();
+        let mut seen = Vec::new();
+        tokio::time::timeout(WAIT, async {
+            while let Some(chunk) = stream.next().await {
+                buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+                while let Some(end) = buf.find("\n\n") {
+                    let event: String = buf[..end].to_string();
+                    buf.drain(..end + 2);
+                    for line in event.lines() {
+                        if let Some(data) = line.strip_prefix("data:") {
+                            let v: Value = serde_json::from_str(data.trim()).unwrap();
+                            let done = until(&v);
+                            seen.push(v);
+                            if done {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            panic!("the event stream ended first: {seen:?}");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out following job {id}"));
+        seen
+    }
+
+    async fn finished(&self, id: &str) -> Value {
+        self.follow_until(id, is_finished).await;
+        self.job(id).await
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn is_finished(v: &Value) -> bool {
+    v["type"] == "job" && v["data"]["job"]["state"] == "finished"
+}
+
+fn logged(v: &Value, text: &str) -> bool {
+    v["type"] == "logs"
+        && v["data"]["lines"]
+            .as_array()
+            .is_some_and(|l| l.iter().any(|l| l["text"].as_str().unwrap_or("").contains(text)))
+}
+
+/// A running worker; dropping `stop` starts its drain.
+struct Worker {
+    id: String,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+fn config(url: &str, id: &str, dir: &std::path::Path, slots: u32) -> worker::Config {
+    worker::Config {
+        broker_url: url.to_string(),
+        token: None,
+        worker_id: protocol::WorkerId(id.to_string()),
+        queues: vec!["local".into()],
+        slots,
+        gpus: Vec::new(),
+        tags: Vec::new(),
+        max_duration: None,
+        data_dir: dir.to_path_buf(),
+        stop_grace: Duration::from_secs(1),
+        drain_timeout: Duration::from_secs(60),
+        pids_limit: 512,
+    }
+}
+
+fn start_worker(config: worker::Config) -> Worker {
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let id = config.worker_id.to_string();
+    let task = tokio::spawn(worker::run(config, async {
+        let _ = stop_rx.await;
+    }));
+    Worker { id, stop: Some(stop_tx), task }
+}
+
+/// A worker id no other test (or earlier run) uses.
+fn unique(name: &str) -> String {
+    format!(
+        "t-{name}-{}-{:x}",
+        std::process::id(),
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos()
+    )
+}
+
+async fn docker() -> bollard::Docker {
+    let d = bollard::Docker::connect_with_local_defaults().expect("Docker");
+    d.inspect_image(IMAGE).await.unwrap_or_else(|_| panic!("{IMAGE} is missing: run scripts/test-image.sh"));
+    d
+}
+
+/// Containers carrying the worker label `id`.
+async fn containers_of(id: &str) -> Vec<String> {
+    let filters = std::collections::HashMap::from([("label".to_string(), vec![format!("cq.worker={id}")])]);
+    let list = docker()
+        .await
+        .list_containers(Some(ListContainersOptions { all: true, filters: Some(filters), ..Default::default() }))
+        .await
+        .unwrap();
+    list.into_iter().filter_map(|c| c.id).collect()
+}
+
+async fn remove_containers_of(id: &str) {
+    let d = docker().await;
+    for c in containers_of(id).await {
+        let _ = worker::docker::remove(&d, &c).await;
+    }
+}
+
+fn sh(script: &str) -> Value {
+    json!(["sh", "-c", script])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_echoes_writes_an_output_and_exit_codes_are_reported() {
+    docker().await;
+    let b = Broker::start(30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let w = start_worker(config(&b.url, &unique("echo"), dir.path(), 2));
+    let ok = b
+        .submit(json!({ "image": IMAGE, "command": sh("echo hi; echo oops >&2; echo \"$JOB_ID\" > /outputs/id; mkdir -p /outputs/d; cat /inputs/in.txt > /outputs/d/copy"),
+            "inputs": { "in.txt": { "type": "text", "value": "input bytes" } } }))
+        .await;
+    let failed = b.submit(json!({ "image": IMAGE, "command": sh("echo partial > /outputs/p; exit 3") })).await;
+    let job = b.finished(&ok).await;
+    assert_eq!(job["reason"], "succeeded", "{job}");
+    assert_eq!(job["exitCode"], 0);
+    let logs = b.log_text(&ok).await;
+    assert!(logs.contains("hi\n") && logs.contains("oops\n"), "{logs}");
+    let paths: Vec<&str> = job["outputs"].as_array().unwrap().iter().map(|o| o["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["d/copy", "id"]);
+    let id_file = reqwest::get(format!("{}/j/{ok}/outputs/id", b.url)).await.unwrap().text().await.unwrap();
+    assert_eq!(id_file.trim(), ok, "JOB_ID is the job's id");
+    let copy = reqwest::get(format!("{}/j/{ok}/outputs/d/copy", b.url)).await.unwrap().text().await.unwrap();
+    assert_eq!(copy, "input bytes");
+
+    let job = b.finished(&failed).await;
+    assert_eq!(job["reason"], "failed", "{job}");
+    assert_eq!(job["exitCode"], 3);
+    assert_eq!(job["outputs"][0]["path"], "p", "outputs of failed jobs are kept too");
+    assert!(containers_of(&w.id).await.is_empty(), "finished containers are removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_cancels_and_memory_limits() {
+    docker().await;
+    let b = Broker::start(30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let w = start_worker(config(&b.url, &unique("limits"), dir.path(), 3));
+    let slow =
+        b.submit(json!({ "image": IMAGE, "command": sh("echo begin > /outputs/o; sleep 60"), "maxDuration": 1 })).await;
+    let cancelled = b.submit(json!({ "image": IMAGE, "command": sh("echo started; sleep 60") })).await;
+    let hungry = b
+        .submit(json!({ "image": IMAGE, "resources": { "memory": "8m" },
+            "command": sh("x=$(head -c 100000000 /dev/zero | tr '\\0' a); echo survived") }))
+        .await;
+
+    b.follow_until(&cancelled, |v| logged(v, "started")).await;
+    let r = reqwest::Client::new().post(format!("{}/j/{cancelled}/cancel", b.url)).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let job = b.finished(&cancelled).await;
+    assert_eq!(job["reason"], "cancelled");
+
+    let job = b.finished(&slow).await;
+    assert_eq!(job["reason"], "timedOut", "{job}");
+    assert_eq!(job["outputs"][0]["path"], "o", "outputs of timed-out jobs are kept");
+    assert!(b.log_text(&slow).await.contains("maximum duration"));
+
+    let job = b.finished(&hungry).await;
+    assert_eq!(job["reason"], "failed", "{job}");
+    assert_eq!(job["exitCode"], 137);
+    let logs = b.log_text(&hungry).await;
+    assert!(logs.contains("memory limit") && !logs.contains("survived"), "{logs}");
+
+    // The cancelled container is gone (cancel kills at once; removal follows).
+    tokio::time::timeout(WAIT, async {
+        while !containers_of(&w.id).await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("containers removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_arrive_while_the_job_runs() {
+    docker().await;
+    let b = Broker::start(30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let _w = start_worker(config(&b.url, &unique("live"), dir.path(), 1));
+    // The job waits for its own first line to reach the broker before it ends.
+    let probe = b.submit(json!({ "image": IMAGE, "command": sh("echo first; sleep 2; echo second") })).await;
+    let events = b.follow_until(&probe, |v| logged(v, "first")).await;
+    assert!(!events.iter().any(is_finished), "the first line arrived before the job finished");
+    let now = b.job(&probe).await;
+    assert_eq!(now["state"], "running", "{now}");
+    let job = b.finished(&probe).await;
+    assert_eq!(job["reason"], "succeeded");
+    assert_eq!(b.log_text(&probe).await, "first\nsecond\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_dockerfile_is_built_with_its_build_arg_and_cached() {
+    docker().await;
+    let b = Broker::start(30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let _w = start_worker(config(&b.url, &unique("build"), dir.path(), 1));
+    let greeting = format!("hello-{}", unique("g"));
+    let build = json!({ "dockerfile": format!("FROM {IMAGE}\nARG GREETING\nRUN echo $GREETING > /greeting\n"),
+        "buildArgs": { "GREETING": greeting } });
+    let id = b.submit(json!({ "build": build, "command": ["cat", "/greeting"] })).await;
+    let job = b.finished(&id).await;
+    assert_eq!(job["reason"], "succeeded", "{job} {}", b.log_text(&id).await);
+    assert!(b.log_text(&id).await.contains(&greeting));
+    let tag = worker::docker::build_tag(&serde_json::from_value(build.clone()).unwrap());
+    assert!(docker().await.inspect_image(&tag).await.is_ok(), "built image cached as {tag}");
+
+    let broken = b.submit(json!({ "build": { "dockerfile": format!("FROM {IMAGE}\nRUN exit 7\n") } })).await;
+    let job = b.finished(&broken).await;
+    assert_eq!(job["reason"], "error", "{job}");
+    assert!(job["message"].as_str().unwrap().contains("build"), "{job}");
+    let _ = docker().await.remove_image(&tag, None::<bollard::query_parameters::RemoveImageOptions>, None).await;
+
+    let missing = b.submit(json!({ "image": "cq-test/no-such-image:1", "command": ["true"] })).await;
+    let job = b.finished(&missing).await;
+    assert_eq!(job["reason"], "error", "{job}");
+    assert!(job["message"].as_str().unwrap().contains("cq-test/no-such-image"), "{job}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_s_job_is_finished_by_another_worker() {
+    docker().await;
+    let b = Broker::start(0);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start_worker(config(&b.url, &unique("lost-a"), dir_a.path(), 1));
+    let id = b.submit(json!({ "image": IMAGE, "command": sh("echo started; sleep 2; echo done") })).await;
+    b.follow_until(&id, |v| logged(v, "started")).await;
+    assert_eq!(b.job(&id).await["worker"], a.id.as_str());
+    // Kill: the worker's connection drops without a goodbye.
+    a.task.abort();
+    let _ = a.task.await;
+    let w2 = start_worker(config(&b.url, &unique("lost-b"), dir_b.path(), 1));
+    let job = b.finished(&id).await;
+    assert_eq!(job["reason"], "succeeded", "{job}");
+    assert_eq!(job["worker"], w2.id.as_str());
+    assert_eq!(job["attempt"], 2);
+    remove_containers_of(&a.id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_worker_reattaches_to_its_running_container() {
+    docker().await;
+    let b = Broker::start(60_000);
+    let dir = tempfile::tempdir().unwrap();
+    let id_name = unique("restart");
+    let first = start_worker(config(&b.url, &id_name, dir.path(), 1));
+    let id =
+        b.submit(json!({ "image": IMAGE, "command": sh("echo one; sleep 3; echo two; echo r > /outputs/r") })).await;
+    b.follow_until(&id, |v| logged(v, "one")).await;
+    first.task.abort();
+    let _ = first.task.await;
+    let containers = containers_of(&id_name).await;
+    assert_eq!(containers.len(), 1, "the container outlives its worker");
+    let _again = start_worker(config(&b.url, &id_name, dir.path(), 1));
+    let job = b.finished(&id).await;
+    assert_eq!(job["reason"], "succeeded", "{job}");
+    assert_eq!(job["attempt"], 1, "the same attempt, not a rerun");
+    assert_eq!(job["outputs"][0]["path"], "r");
+    let logs = b.log_text(&id).await;
+    assert_eq!(logs.matches("one\n").count(), 1, "no line twice: {logs}");
+    assert!(logs.contains("two\n") && logs.contains("re-attached"), "{logs}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_on_one_host_leave_each_other_s_containers_alone() {
+    docker().await;
+    let b = Broker::start(60_000);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start_worker(config(&b.url, &unique("pair-a"), dir_a.path(), 1));
+    let id = b.submit(json!({ "image": IMAGE, "command": sh("echo running; sleep 60") })).await;
+    b.follow_until(&id, |v| logged(v, "running")).await;
+    let mine = containers_of(&a.id).await;
+    assert_eq!(mine.len(), 1);
+    // B starts on the same Docker host: its start-up clean-up must not touch A's container.
+    let b_worker = start_worker(config(&b.url, &unique("pair-b"), dir_b.path(), 1));
+    let other = b.submit(json!({ "image": IMAGE, "command": ["true"] })).await;
+    let job = b.finished(&other).await;
+    assert_eq!(job["worker"], b_worker.id.as_str());
+    assert_eq!(containers_of(&a.id).await, mine, "A's container is untouched");
+    assert!(worker::docker::is_running(&docker().await, &mine[0]).await);
+    reqwest::Client::new().post(format!("{}/j/{id}/cancel", b.url)).send().await.unwrap();
+    b.finished(&id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_worker_hands_back_what_it_cannot_finish() {
+    docker().await;
+    let b = Broker::start(60_000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&b.url, &unique("drain"), dir.path(), 2);
+    cfg.drain_timeout = Duration::from_millis(300);
+    let mut w = start_worker(cfg);
+    let quick = b.submit(json!({ "image": IMAGE, "command": sh("echo quick") })).await;
+    b.finished(&quick).await;
+    let long = b.submit(json!({ "image": IMAGE, "command": sh("echo long; sleep 60") })).await;
+    b.follow_until(&long, |v| logged(v, "long")).await;
+    let _ = w.stop.take().unwrap().send(());
+    tokio::time::timeout(WAIT, w.task).await.expect("the worker stops after its drain").unwrap().unwrap();
+    let job = b.job(&long).await;
+    assert_eq!(job["state"], "queued", "handed back at once, not after the lease: {job}");
+    assert!(containers_of(&w.id).await.is_empty());
+    let summary: Value = reqwest::get(format!("{}/q/local", b.url)).await.unwrap().json().await.unwrap();
+    assert_eq!(summary["queued"], 1, "{summary}");
+}
