@@ -8,6 +8,9 @@ const FILES: &[(&str, &str, &str)] = &[
     ("index.html", "text/html; charset=utf-8", include_str!("../../iframe-ui/index.html")),
     ("app.js", "text/javascript; charset=utf-8", include_str!("../../iframe-ui/app.js")),
     ("style.css", "text/css; charset=utf-8", include_str!("../../iframe-ui/style.css")),
+    ("connection.js", "text/javascript; charset=utf-8", include_str!("../../iframe-ui/connection.js")),
+    ("ansi.js", "text/javascript; charset=utf-8", include_str!("../../iframe-ui/ansi.js")),
+    ("demo.html", "text/html; charset=utf-8", include_str!("../../iframe-ui/demo.html")),
 ];
 
 fn file(name: &str) -> Option<warp::reply::Response> {

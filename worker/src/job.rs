@@ -411,8 +411,9 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// Sends the container's lines in batches: when [`LOG_FLUSH`] has passed since the first
-/// unsent line, or a batch is full. Remembers the timestamp of the last line sent.
+/// Sends the container's lines: a line after a quiet spell at once, busier output in batches at
+/// most [`LOG_FLUSH`] apart (or sooner when a batch is full). Remembers the timestamp of the last
+/// line sent, for a re-attach.
 async fn forward_logs(
     lines: impl futures_util::Stream<Item = (u128, LogLine)> + Send + 'static,
     tx: mpsc::Sender<Out>,
@@ -425,11 +426,13 @@ async fn forward_logs(
     let mut bytes = 0usize;
     let mut last_ns = 0u128;
     let mut flush_at: Option<tokio::time::Instant> = None;
+    let mut last_flush = tokio::time::Instant::now() - LOG_FLUSH;
     loop {
         let next = tokio::select! {
             next = lines.next() => next,
             _ = sleep_until(flush_at) => {
                 flush(&tx, job, attempt, &mut batch, &mut bytes, last_ns, &cursor_file).await;
+                last_flush = tokio::time::Instant::now();
                 flush_at = None;
                 continue;
             }
@@ -446,10 +449,15 @@ async fn forward_logs(
         last_ns = ns;
         bytes += line.text.len();
         batch.push(line);
-        flush_at.get_or_insert_with(|| tokio::time::Instant::now() + LOG_FLUSH);
-        if batch.len() >= LOG_BATCH_LINES || bytes >= LOG_BATCH_BYTES {
+        // A line after a quiet spell leaves at once; lines that follow within LOG_FLUSH are
+        // batched with the ones after them.
+        let quiet = last_flush.elapsed() >= LOG_FLUSH;
+        if quiet || batch.len() >= LOG_BATCH_LINES || bytes >= LOG_BATCH_BYTES {
             flush(&tx, job, attempt, &mut batch, &mut bytes, last_ns, &cursor_file).await;
+            last_flush = tokio::time::Instant::now();
             flush_at = None;
+        } else {
+            flush_at.get_or_insert(last_flush + LOG_FLUSH);
         }
     }
     flush(&tx, job, attempt, &mut batch, &mut bytes, last_ns, &cursor_file).await;

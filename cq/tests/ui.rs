@@ -1,0 +1,233 @@
+//! The browser page in a real headless Chromium (through chromedriver), against `cq dev` with
+//! its real worker and Docker: run a job from the form and watch its log arrive live, fetch an
+//! output, drive the page from a host page over postMessage, and survive dropped sockets
+//! without a gap or a repeated log line. Screenshots land in the test's temporary directory.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `cq dev` on a free port with its own data directory; returns its URL.
+fn cq_dev(dir: &std::path::Path) -> (Killed, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cq"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()])
+        .env("CQ_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").unwrap().to_string();
+    (Killed(child), url)
+}
+
+/// chromedriver on a free port, and a headless Chromium session through it.
+async fn browser() -> (Killed, Client) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let driver = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver is not installed (apt-get install chromium chromium-driver)");
+    let driver = Killed(driver);
+    let url = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    while reqwest::get(format!("{url}/status")).await.is_err() {
+        assert!(started.elapsed() < WAIT, "chromedriver did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut caps = serde_json::Map::new();
+    let mut options = json!({ "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+        "--disable-background-networking", "--disable-dev-shm-usage", "--window-size=1200,900"] });
+    if std::path::Path::new("/usr/bin/chromium").exists() {
+        options["binary"] = json!("/usr/bin/chromium");
+    }
+    caps.insert("goog:chromeOptions".into(), options);
+    let client = ClientBuilder::rustls().unwrap().capabilities(caps).connect(&url).await.expect("a Chromium session");
+    (driver, client)
+}
+
+/// Polls `f` until it returns `Some`, up to [`WAIT`].
+async fn until<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(started.elapsed() < WAIT, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn text(c: &Client, css: &str) -> String {
+    match c.find(Locator::Css(css)).await {
+        Ok(e) => e.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+async fn script(c: &Client, js: &str) -> Value {
+    c.execute(js, vec![]).await.unwrap()
+}
+
+fn screenshot(name: &str, png: &[u8]) {
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::write(&path, png).unwrap();
+    eprintln!("screenshot: {}", path.display());
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_a_job_from_the_page_and_watch_it_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, url) = cq_dev(dir.path());
+    let (_driver, c) = browser().await;
+    c.goto(&format!("{url}/#queue=local")).await.unwrap();
+    c.find(Locator::Css("#image")).await.unwrap().send_keys("cq-test/busybox").await.unwrap();
+    let command = r#"sh -c 'echo first; printf "\033[31mred\033[0m\n"; sleep 2; echo second >&2; echo result > /outputs/out.txt'"#;
+    c.find(Locator::Css("#command")).await.unwrap().send_keys(command).await.unwrap();
+    c.find(Locator::Css("#run")).await.unwrap().click().await.unwrap();
+
+    // The first line shows while the job still runs.
+    let state_then = until("the first log line", || async {
+        let log = text(&c, "#log").await;
+        if log.contains("first") { Some(text(&c, "#state").await) } else { None }
+    })
+    .await;
+    assert_eq!(state_then, "running", "the line arrived before the job finished");
+    until("success", || async { (text(&c, "#state").await == "succeeded").then_some(()) }).await;
+    let red = script(
+        &c,
+        "return [...document.querySelectorAll('#log span[style]')].map(s => [s.textContent, s.style.color]);",
+    )
+    .await;
+    assert_eq!(red, json!([["red", "rgb(255, 123, 114)"]]), "ANSI colours are rendered");
+    let log = text(&c, "#log").await;
+    assert!(log.contains("second"), "{log}");
+    let stderr = script(&c, "return document.querySelector('#log .stderr').textContent").await;
+    assert_eq!(stderr, json!("second\n"), "stderr is told apart");
+    let href = until("the output link", || async {
+        let link = c.find(Locator::Css("a.output-link")).await.ok()?;
+        link.attr("href").await.ok().flatten()
+    })
+    .await;
+    let body = reqwest::get(format!("{url}{href}")).await.unwrap().text().await.unwrap();
+    assert_eq!(body, "result\n");
+    assert!(text(&c, "#details").await.contains("exit code 0"));
+    screenshot("ui-job-view.png", &c.screenshot().await.unwrap());
+
+    let delays = script(&c, "return window.cq.lineDelays").await;
+    let mut delays: Vec<f64> = delays.as_array().unwrap().iter().map(|d| d.as_f64().unwrap()).collect();
+    delays.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    eprintln!(
+        "log line printed in the container → shown in the page: p50 {} ms, max {} ms over {} lines",
+        percentile(&delays, 0.5),
+        percentile(&delays, 1.0),
+        delays.len()
+    );
+
+    c.find(Locator::Css(".tab[data-view=queue]")).await.unwrap().click().await.unwrap();
+    let rows = until("the queue's jobs", || async {
+        let n = script(&c, "return document.querySelectorAll('#jobs tbody tr').length").await.as_u64()?;
+        (n >= 1).then_some(n)
+    })
+    .await;
+    assert_eq!(rows, 1);
+    let workers = text(&c, "#workers tbody").await;
+    assert!(workers.contains("0 / "), "{workers}");
+    assert!(script(&c, "return document.querySelector('#no-worker').hidden").await == json!(true));
+    screenshot("ui-queue-view.png", &c.screenshot().await.unwrap());
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_page_drives_the_iframe_over_post_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, url) = cq_dev(dir.path());
+    let (_driver, c) = browser().await;
+    c.goto(&format!("{url}/ui/demo.html#auto")).await.unwrap();
+    let received = until("the finish message", || async {
+        let v = script(&c, "return window.received || []").await;
+        v.as_array()?.iter().any(|m| m["type"] == "cq:finished").then_some(v)
+    })
+    .await;
+    let types: Vec<&str> = received.as_array().unwrap().iter().map(|m| m["type"].as_str().unwrap()).collect();
+    assert_eq!(types[0], "cq:ready", "{types:?}");
+    assert!(types.contains(&"cq:submitted"), "{types:?}");
+    assert!(
+        received.as_array().unwrap().iter().any(|m| m["type"] == "cq:state" && m["state"] == "running"),
+        "{received}"
+    );
+    let finished = received.as_array().unwrap().iter().find(|m| m["type"] == "cq:finished").unwrap();
+    assert_eq!(finished["reason"], "succeeded", "{finished}");
+    assert_eq!(finished["outputs"][0]["path"], "count.txt");
+    let output = reqwest::get(finished["outputs"][0]["url"].as_str().unwrap()).await.unwrap().text().await.unwrap();
+    assert_eq!(output, "26 /inputs/note.txt\n", "the host's input reached the job");
+    screenshot("ui-demo-host.png", &c.screenshot().await.unwrap());
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_resume_after_dropped_sockets_without_gap_or_repeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, url) = cq_dev(dir.path());
+    let (_driver, c) = browser().await;
+    let job = json!({ "image": "cq-test/busybox",
+        "command": ["sh", "-c", "for i in $(seq 1 60); do echo line $i; sleep 0.05; done"] });
+    let hash = format!("queue=local&autostart=1&job={}", urlencode(&job.to_string()));
+    c.goto(&format!("{url}/#{hash}")).await.unwrap();
+    for n in [5, 25] {
+        until("some lines", || async {
+            let count = script(&c, "return window.cq.job.lines.length").await.as_u64()?;
+            (count >= n).then_some(())
+        })
+        .await;
+        script(&c, "window.cq.dropConnection()").await;
+    }
+    until("success", || async { (text(&c, "#state").await == "succeeded").then_some(()) }).await;
+    until("the last line", || async {
+        let n = script(&c, "return window.cq.job.lines.length").await.as_u64()?;
+        (n >= 60).then_some(())
+    })
+    .await;
+    let lines = script(&c, "return window.cq.job.lines.map(l => l.text)").await;
+    let expected: Vec<String> = (1..=60).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(lines, json!(expected), "every line once, in order");
+    assert_eq!(text(&c, "#conn").await, "live");
+    c.close().await.unwrap();
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
