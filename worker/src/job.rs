@@ -386,8 +386,15 @@ async fn supervise(ctx: &Ctx, container: &str, record: &Record, since_ns: u128) 
     }
     ctx.progress(Phase::Uploading, None);
     let outputs = collect_outputs(ctx).await;
-    let _ = docker::remove(&docker, container).await;
-    cleanup_dir(ctx).await;
+    // The result does not wait for the clean-up.
+    let dir = ctx.env.job_dir(ctx.job, ctx.attempt);
+    let container = container.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = docker::remove(&docker, &container).await {
+            tracing::warn!(container, error = %e, "cannot remove a finished container");
+        }
+        remove_dir(&dir).await;
+    });
     let status = match outputs {
         Err(e) => return finish(ctx, ExitStatus::Error { message: e.message, retryable: e.retryable }, Vec::new()),
         Ok(_) if timed_out => ExitStatus::TimedOut { exit_code: Some(exit.code) },
@@ -535,10 +542,13 @@ fn list_files(root: &Path) -> Vec<(String, PathBuf)> {
 }
 
 async fn cleanup_dir(ctx: &Ctx) {
-    let dir = ctx.env.job_dir(ctx.job, ctx.attempt);
-    if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+    remove_dir(&ctx.env.job_dir(ctx.job, ctx.attempt)).await;
+}
+
+async fn remove_dir(dir: &Path) {
+    if let Err(e) = tokio::fs::remove_dir_all(dir).await {
         if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(job = %ctx.job, dir = %dir.display(), error = %e, "cannot remove the job directory");
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a job directory");
         }
     }
 }
