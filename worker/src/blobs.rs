@@ -117,15 +117,8 @@ impl BlobClient {
             .send()
             .await
             .with_context(|| format!("uploading blob {}", d.sha256))?;
-        if !resp.status().is_success() {
-            let status = resp.status();
-            let text = resp.text().await.unwrap_or_default();
-            let message = serde_json::from_str::<serde_json::Value>(&text)
-                .ok()
-                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-                .unwrap_or_else(|| text.chars().take(500).collect());
-            bail!("uploading blob {}: {status}: {message}", d.sha256);
-        }
+        // S3 answers in XML, the broker in JSON: either way the error says what went wrong.
+        api_json(resp).await.with_context(|| format!("uploading blob {}", d.sha256))?;
         Ok(())
     }
 
@@ -213,6 +206,7 @@ async fn api_json(resp: reqwest::Response) -> Result<serde_json::Value> {
         if text.trim().is_empty() {
             return Ok(serde_json::Value::Null);
         }
+        // Presigned S3 uploads answer with an empty or XML body.
         return Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null));
     }
     let message = serde_json::from_str::<serde_json::Value>(&text)
