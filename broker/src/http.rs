@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::fmt::Write;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -165,6 +164,27 @@ pub fn routes(
             })
         },
     );
+    let scale = warp::path!("q" / String / "scale")
+        .and(warp::get())
+        .and(client.clone())
+        .and(warp::query::<ScaleQuery>())
+        .and_then(|queue: String, ctx: Arc<Context>, q: ScaleQuery| async move {
+            let per = q.slots_per_worker.unwrap_or(1);
+            if per == 0 {
+                return Err(reject(ErrorCode::BadMessage, "`slotsPerWorker` must be at least 1"));
+            }
+            let reply = ctx.handle.call(Command::Summary { queue: Some(queue.clone()) }).await;
+            Ok::<_, Rejection>(respond(reply, |r| match r {
+                CoreReply::Summary(s) => {
+                    let s = s
+                        .into_iter()
+                        .next()
+                        .unwrap_or_else(|| protocol::job::QueueSummary { queue: queue.clone(), ..Default::default() });
+                    json_reply(StatusCode::OK, &scale_answer(&s, per, q.min.unwrap_or(0), q.max))
+                }
+                other => unexpected(other),
+            }))
+        });
     let queues = warp::path!("q").and(warp::get()).and(client.clone()).then(|ctx: Arc<Context>| async move {
         respond(ctx.handle.call(Command::Summary { queue: None }).await, |r| match r {
             CoreReply::Summary(s) => json_reply(StatusCode::OK, &json!({ "queues": s })),
@@ -253,7 +273,7 @@ pub fn routes(
 
     // Boxing the groups keeps the filter types shallow enough to compile quickly.
     let ops = healthz.or(readyz).unify().or(metrics).unify().or(ws_client).unify().or(ws_worker).unify().boxed();
-    let queue_routes = submit.or(list).unify().or(summary).unify().or(queues).unify().boxed();
+    let queue_routes = submit.or(list).unify().or(scale).unify().or(summary).unify().or(queues).unify().boxed();
     let job_routes =
         logs.or(events).unify().or(cancel).unify().or(job).unify().or(forget).unify().or(definition).unify().boxed();
     let api = ops.or(queue_routes).unify().or(job_routes).unify().or(ui::routes()).unify();
@@ -290,6 +310,45 @@ struct ListQuery {
     limit: Option<usize>,
     #[allow(dead_code)]
     token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ScaleQuery {
+    slots_per_worker: Option<u32>,
+    min: Option<u64>,
+    max: Option<u64>,
+    #[allow(dead_code)]
+    token: Option<String>,
+}
+
+/// What an autoscaler needs for one queue: the raw counts and the workers wanted, i.e. enough
+/// slots for every job queued, assigned or running, `slots_per_worker` slots each, within
+/// `[min, max]`.
+pub fn scale_answer(
+    s: &protocol::job::QueueSummary,
+    slots_per_worker: u32,
+    min: u64,
+    max: Option<u64>,
+) -> serde_json::Value {
+    let demand = s.queued + s.assigned + s.running;
+    let mut desired = demand.div_ceil(u64::from(slots_per_worker)).max(min);
+    if let Some(max) = max {
+        desired = desired.min(max.max(min));
+    }
+    json!({
+        "queue": s.queue,
+        "queued": s.queued,
+        "assigned": s.assigned,
+        "running": s.running,
+        "workers": s.workers,
+        "slots": s.slots,
+        "freeSlots": s.free_slots,
+        "oldestQueuedSeconds": s.oldest_queued_ms.unwrap_or(0) as f64 / 1000.0,
+        "demandSlots": demand,
+        "slotsPerWorker": slots_per_worker,
+        "desiredWorkers": desired,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -389,7 +448,7 @@ async fn follow_job(
     let reg = ctx.handle.outbox.register();
     let conn = reg.conn;
     ctx.handle.send(Command::WatchJob { conn, job, since, follow: true }, ReplyTo::None).await;
-    let guard = Unwatch { ctx: ctx.clone(), conn };
+    let guard = Unwatch { ctx: ctx.clone(), conn, _counted: ctx.handle.metrics.connection("events") };
     futures_util::stream::unfold((reg, guard), |(mut reg, guard)| async move {
         let text = reg.rx.recv().await?;
         Some((Ok(warp::sse::Event::default().data(text.to_string())), (reg, guard)))
@@ -400,6 +459,7 @@ async fn follow_job(
 struct Unwatch {
     ctx: Arc<Context>,
     conn: u64,
+    _counted: crate::metrics::ConnectionGuard,
 }
 
 impl Drop for Unwatch {
@@ -413,48 +473,13 @@ impl Drop for Unwatch {
     }
 }
 
-/// Reads one per-queue gauge off a queue summary.
-type QueueGauge = fn(&protocol::job::QueueSummary) -> f64;
-
 async fn metrics(ctx: Arc<Context>) -> warp::reply::Response {
     let CoreReply::Overview(o) = ctx.handle.call(Command::Overview).await else {
         return error_reply(ErrorBody::new(ErrorCode::Unavailable, "no metrics"));
     };
-    let mut text = String::new();
-    let header = |text: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(text, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
-    header(&mut text, "cq_jobs", "gauge", "Jobs held by the broker, by queue and state (queued = not yet assigned).");
-    for q in &o.queues {
-        for (state, n) in
-            [("queued", q.queued), ("assigned", q.assigned), ("running", q.running), ("finished", q.finished)]
-        {
-            let _ = writeln!(text, "cq_jobs{{queue=\"{}\",state=\"{state}\"}} {n}", q.queue);
-        }
-    }
-    let per_queue: [(&str, &str, QueueGauge); 4] = [
-        ("cq_oldest_queued_seconds", "Age of the oldest queued job.", |q| {
-            q.oldest_queued_ms.unwrap_or(0) as f64 / 1000.0
-        }),
-        ("cq_workers", "Connected workers serving the queue.", |q| q.workers as f64),
-        ("cq_slots", "Job slots of the connected workers.", |q| q.slots as f64),
-        ("cq_free_slots", "Free job slots of connected, non-draining workers.", |q| q.free_slots as f64),
-    ];
-    for (name, help, value) in per_queue {
-        header(&mut text, name, "gauge", help);
-        for q in &o.queues {
-            let _ = writeln!(text, "{name}{{queue=\"{}\"}} {}", q.queue, value(q));
-        }
-    }
-    header(&mut text, "cq_jobs_finished_total", "counter", "Jobs finished since the broker started, by reason.");
-    for (queue, reason, n) in &o.finished {
-        let _ = writeln!(text, "cq_jobs_finished_total{{queue=\"{queue}\",reason=\"{}\"}} {n}", reason.as_str());
-    }
-    header(&mut text, "cq_dispatched_total", "counter", "Assignments pushed to workers since the broker started.");
-    let _ = writeln!(text, "cq_dispatched_total {}", o.dispatched);
-    header(&mut text, "cq_connections", "gauge", "Open websocket and event-stream connections.");
-    let _ = writeln!(text, "cq_connections {}", ctx.handle.outbox.connections());
-    warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4").into_response()
+    let text = ctx.handle.metrics.render(&o);
+    warp::reply::with_header(text, "content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
+        .into_response()
 }
 
 async fn recover(rejection: Rejection) -> Result<warp::reply::Response, Infallible> {

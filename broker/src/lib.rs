@@ -13,6 +13,7 @@ pub mod event;
 pub mod files;
 pub mod http;
 pub mod log;
+pub mod metrics;
 pub mod outbox;
 pub mod runtime;
 pub mod server;

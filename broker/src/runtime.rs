@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use crate::core::{Command, ConnId, Core, CoreConfig, Effect, Reply};
 use crate::event::SnapshotV1;
 use crate::log::{Log, LogError, SNAPSHOT_AFTER_BYTES, encode_event};
+use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 
 /// Commands waiting for the core task before senders wait.
@@ -63,6 +64,7 @@ struct Request {
 pub struct Handle {
     tx: mpsc::Sender<Request>,
     pub outbox: Arc<Outbox>,
+    pub metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
 }
 
@@ -151,8 +153,9 @@ pub fn start(
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let outbox = Arc::new(Outbox::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let handle = Handle { tx, outbox: outbox.clone(), ready: ready.clone() };
-    let task = tokio::spawn(core_task(config, rx, outbox, ready, shutdown));
+    let metrics = Arc::new(Metrics::default());
+    let handle = Handle { tx, outbox: outbox.clone(), metrics: metrics.clone(), ready: ready.clone() };
+    let task = tokio::spawn(core_task(config, rx, outbox, metrics, ready, shutdown));
     (handle, task)
 }
 
@@ -160,6 +163,7 @@ async fn core_task(
     config: StoreConfig,
     mut rx: mpsc::Receiver<Request>,
     outbox: Arc<Outbox>,
+    metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), LogError> {
@@ -186,9 +190,10 @@ async fn core_task(
     let mut log_bytes = log.bytes_since_snapshot;
     let (wtx, wrx) = mpsc::channel::<Batch>(WRITER_QUEUE);
     let writer_outbox = outbox.clone();
+    let writer_metrics = metrics.clone();
     let thread = std::thread::Builder::new()
         .name("cq-log-writer".into())
-        .spawn(move || writer_loop(log, wrx, writer_outbox, fsync))
+        .spawn(move || writer_loop(log, wrx, writer_outbox, writer_metrics, fsync))
         .expect("spawning the log writer");
     let mut writer = Writer { tx: Some(wtx), thread: Some(thread) };
     if report.replayed_events > 0 {
@@ -219,6 +224,9 @@ async fn core_task(
                 Ok(req) => apply(&mut core, &clock, req, &mut batch),
                 Err(_) => break,
             }
+        }
+        for waited_ms in core.take_dispatch_latencies() {
+            metrics.dispatch_latency.observe(waited_ms as f64 / 1000.0);
         }
         if batch.bytes.is_empty() && batch.deliveries.is_empty() {
             continue;
@@ -330,6 +338,7 @@ fn writer_loop(
     mut log: Log,
     mut rx: mpsc::Receiver<Batch>,
     outbox: Arc<Outbox>,
+    metrics: Arc<Metrics>,
     fsync: FsyncMode,
 ) -> Result<(), LogError> {
     while let Some(first) = rx.blocking_recv() {
@@ -340,7 +349,8 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        let written = write_group(&mut log, &group, fsync);
+        let written = write_group(&mut log, &group, fsync, &metrics);
+        metrics.log_file_bytes.set(log.bytes_since_snapshot as i64);
         if let Err(e) = written {
             tracing::error!(error = %e, "the log cannot be written; stopping so that nothing unsaved is acknowledged");
             for b in group {
@@ -367,7 +377,7 @@ fn writer_loop(
     Ok(())
 }
 
-fn write_group(log: &mut Log, group: &[Batch], fsync: FsyncMode) -> Result<(), LogError> {
+fn write_group(log: &mut Log, group: &[Batch], fsync: FsyncMode, metrics: &Metrics) -> Result<(), LogError> {
     let mut unsynced = false;
     for b in group {
         if !b.bytes.is_empty() {
@@ -380,7 +390,9 @@ fn write_group(log: &mut Log, group: &[Batch], fsync: FsyncMode) -> Result<(), L
         }
     }
     if unsynced && fsync == FsyncMode::Always {
+        let started = std::time::Instant::now();
         log.sync()?;
+        metrics.fsync.observe(started.elapsed().as_secs_f64());
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ use protocol::messages::{BrokerToClient, BrokerToWorker, ClientToBroker, ErrorBo
 use protocol::{MAX_WS_MESSAGE, PROTOCOL_VERSION, close};
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::Instrument;
 use warp::ws::{Message, WebSocket};
 
 use crate::auth::{Role, Tokens};
@@ -82,6 +83,7 @@ async fn client_session(mut sink: Sink, stream: Stream, ctx: Context, header_tok
         return;
     }
     tracing::debug!(conn = reg.conn, agent = hello.agent.as_deref().unwrap_or(""), "client connected");
+    let _counted = ctx.handle.metrics.connection("client");
     session_loop(sink, stream, reg, &ctx, Role::Client).await;
 }
 
@@ -105,7 +107,9 @@ async fn worker_session(mut sink: Sink, stream: Stream, ctx: Context, header_tok
         return;
     }
     tracing::info!(conn = reg.conn, worker = %worker_id, "worker connected");
-    session_loop(sink, stream, reg, &ctx, Role::Worker).await;
+    let _counted = ctx.handle.metrics.connection("worker");
+    let span = tracing::info_span!("worker", worker = %worker_id);
+    session_loop(sink, stream, reg, &ctx, Role::Worker).instrument(span).await;
     tracing::info!(worker = %worker_id, "worker disconnected");
 }
 
@@ -281,6 +285,9 @@ async fn inbound_message(text: &str, conn: ConnId, role: Role, ctx: &Context) ->
                     ));
                 }
             };
+            if let WorkerToBroker::Logs { lines, .. } = &msg {
+                ctx.handle.metrics.log_bytes.inc_by(lines.iter().map(|l| l.text.len() as u64).sum());
+            }
             let msg = checked_outputs(msg);
             ctx.handle.send(Command::Worker { conn, msg }, ReplyTo::Worker { conn }).await;
             None

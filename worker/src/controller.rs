@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tracing::Instrument;
 
 use crate::blobs::BlobClient;
 use crate::docker;
@@ -80,8 +81,14 @@ impl Backoff {
     }
 }
 
-/// Runs the worker until `shutdown` resolves and the drain completes.
+/// Runs the worker until `shutdown` resolves and the drain completes. Every log line it writes
+/// carries the worker id (and, for a job, the job id and attempt).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+    let span = tracing::info_span!("worker", worker = %config.worker_id);
+    serve(config, shutdown).instrument(span).await
+}
+
+async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
     let docker = docker::connect().await.map_err(|e| anyhow::anyhow!(e.message))?;
     docker::ensure_network(&docker).await.map_err(|e| anyhow::anyhow!(e.message))?;
     tokio::fs::create_dir_all(&config.data_dir)
@@ -112,7 +119,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
                 }
                 let (stop_tx, stop_rx) = watch::channel(Stop::No);
                 jobs.insert(owned.job, Running { attempt: owned.attempt, stop: stop_tx, gpus: record.gpus.clone() });
-                tokio::spawn(job::resume(env.clone(), record, owned.id, stop_rx, tx.clone()));
+                let span = tracing::info_span!("job", job = %owned.job, attempt = owned.attempt);
+                tokio::spawn(job::resume(env.clone(), record, owned.id, stop_rx, tx.clone()).instrument(span));
             }
             _ => {
                 tracing::info!(job = %owned.job, container = %owned.id, "removing a container of a previous run that cannot be resumed");
@@ -402,7 +410,8 @@ fn handle(
             let (stop_tx, stop_rx) = watch::channel(Stop::No);
             jobs.insert(job_id, Running { attempt, stop: stop_tx, gpus: gpus.clone() });
             let assignment = Assignment { job: job_id, attempt, definition, gpus };
-            tokio::spawn(job::run(env.clone(), assignment, stop_rx, tx.clone()));
+            let span = tracing::info_span!("job", job = %job_id, attempt);
+            tokio::spawn(job::run(env.clone(), assignment, stop_rx, tx.clone()).instrument(span));
             vec![WorkerToBroker::Accept { job_id, attempt }]
         }
         BrokerToWorker::Cancel { job_id, attempt, reason } => {

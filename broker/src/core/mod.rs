@@ -55,6 +55,8 @@ pub struct Core {
     effects: Vec<Effect>,
     dirty: Vec<JobId>,
     dirty_workers: BTreeSet<Arc<str>>,
+    /// Milliseconds each job waited in its queue before being assigned, since the last take.
+    dispatch_latencies: Vec<u64>,
 }
 
 impl Core {
@@ -76,6 +78,7 @@ impl Core {
             effects: Vec::new(),
             dirty: Vec::new(),
             dirty_workers: BTreeSet::new(),
+            dispatch_latencies: Vec::new(),
         }
     }
 
@@ -142,6 +145,11 @@ impl Core {
         };
         self.flush_notifications();
         reply
+    }
+
+    /// How long (ms) each job assigned since the last call had waited in its queue.
+    pub fn take_dispatch_latencies(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.dispatch_latencies)
     }
 
     /// Events and effects produced since the last call.
@@ -721,8 +729,10 @@ impl Core {
             let (worker, conn) = (w.id.clone(), w.conn.expect("connected"));
             let attempt = job.attempt + 1;
             let definition = RawValue::from_string(job.definition.to_string()).expect("stored definitions are JSON");
+            let waited = self.now.saturating_sub(job.queued_at);
             self.emit(Event::Assigned { job: job_id.0, worker: worker.0.clone(), attempt, at: self.now });
             self.stats.dispatched += 1;
+            self.dispatch_latencies.push(waited);
             self.effects.push(Effect::Worker {
                 to: conn,
                 msg: BrokerToWorker::Assign { job_id, attempt, queue: queue.to_string(), definition },
@@ -1103,6 +1113,7 @@ impl Core {
                     log_bytes: 0,
                     log_full: false,
                     assigned_at: None,
+                    queued_at: *at,
                     progress: None,
                     version: version + 1,
                 };
@@ -1191,6 +1202,7 @@ impl Core {
                     w.held.remove(&id);
                 }
                 j.state = JobState::Queued;
+                j.queued_at = self.now;
                 j.losses += u32::from(*lost);
                 j.progress = None;
                 j.version += 1;
@@ -1374,6 +1386,7 @@ impl Job {
             logs,
             log_full: r.log_full,
             assigned_at: None,
+            queued_at: r.submitted_at,
             progress: None,
             version: r.version,
         }

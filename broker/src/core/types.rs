@@ -229,6 +229,8 @@ pub(crate) struct Job {
     pub log_full: bool,
     /// When the current assignment was made (not persisted; for the accept timeout).
     pub assigned_at: Option<u64>,
+    /// When the job last entered the queue (not persisted; for the dispatch latency).
+    pub queued_at: u64,
     /// Volatile: the worker's latest progress report.
     pub progress: Option<Progress>,
     pub version: u64,

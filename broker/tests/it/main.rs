@@ -5,4 +5,6 @@ mod bad_input;
 mod blobs;
 mod common;
 mod jobs;
+mod k8s;
+mod ops;
 mod recovery;
