@@ -406,3 +406,39 @@ async fn a_draining_worker_hands_back_what_it_cannot_finish() {
     let summary: Value = reqwest::get(format!("{}/q/local", b.url)).await.unwrap().json().await.unwrap();
     assert_eq!(summary["queued"], 1, "{summary}");
 }
+
+/// A worker stopped mid-queue: what it runs is handed back when its drain deadline passes, what
+/// waits in the queue stays there, and a second worker runs every job exactly once to success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_mid_queue_loses_and_duplicates_nothing() {
+    docker().await;
+    let b = Broker::start(60_000);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut cfg = config(&b.url, &unique("midq-a"), dir_a.path(), 2);
+    cfg.drain_timeout = Duration::from_millis(200);
+    let mut a = start_worker(cfg);
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        // Long enough that the first worker cannot finish it within its drain deadline.
+        let script = format!("echo start {i}; sleep 1; echo done {i}");
+        ids.push(b.submit(json!({ "image": IMAGE, "command": sh(&script) })).await);
+    }
+    for id in &ids[..2] {
+        b.follow_until(id, |v| logged(v, "start")).await;
+    }
+    let _ = a.stop.take().unwrap().send(());
+    tokio::time::timeout(WAIT, a.task).await.expect("drained").unwrap().unwrap();
+    let summary: Value = reqwest::get(format!("{}/q/local", b.url)).await.unwrap().json().await.unwrap();
+    assert_eq!(summary["queued"], 4, "everything is back in the queue: {summary}");
+    let w2 = start_worker(config(&b.url, &unique("midq-b"), dir_b.path(), 4));
+    for (i, id) in ids.iter().enumerate() {
+        let job = b.finished(id).await;
+        assert_eq!(job["reason"], "succeeded", "{job}");
+        assert_eq!(job["worker"], w2.id.as_str());
+        let logs = b.log_text(id).await;
+        assert_eq!(logs.matches(&format!("done {i}")).count(), 1, "ran to the end once: {logs}");
+    }
+    let summary: Value = reqwest::get(format!("{}/q/local", b.url)).await.unwrap().json().await.unwrap();
+    assert_eq!(summary["finished"], 4, "{summary}");
+    assert!(containers_of(&a.id).await.is_empty(), "the stopped worker left nothing behind");
+}
