@@ -54,8 +54,17 @@ fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
-fn empty() -> Body {
+/// An empty body.
+pub fn empty() -> Body {
     full(Bytes::new())
+}
+
+/// A plain-text response, for the few answers outside the JSON API (a failed upgrade).
+pub fn plain(status: StatusCode, message: &'static str) -> Response<Body> {
+    let mut resp = Response::new(full(format!("{message}\n")));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp
 }
 
 fn error(body: ErrorBody) -> Response<Body> {

@@ -19,7 +19,7 @@ use warp::{Filter, Rejection, Reply};
 use crate::auth::{Role, bearer};
 use crate::core::{Command, Reply as CoreReply};
 use crate::runtime::ReplyTo;
-use crate::ws::{self, Context};
+use crate::ws::Context;
 use crate::{submission, ui};
 
 /// Largest request body accepted by default (a submission with inline inputs).
@@ -268,11 +268,8 @@ pub fn routes(
         },
     );
 
-    let ws_client = websocket("client", Role::Client, ctx.clone());
-    let ws_worker = websocket("worker", Role::Worker, ctx.clone());
-
     // Boxing the groups keeps the filter types shallow enough to compile quickly.
-    let ops = healthz.or(readyz).unify().or(metrics).unify().or(ws_client).unify().or(ws_worker).unify().boxed();
+    let ops = healthz.or(readyz).unify().or(metrics).unify().boxed();
     let queue_routes = submit.or(list).unify().or(scale).unify().or(summary).unify().or(queues).unify().boxed();
     let job_routes =
         logs.or(events).unify().or(cancel).unify().or(job).unify().or(forget).unify().or(definition).unify().boxed();
@@ -281,26 +278,6 @@ pub fn routes(
         .unify()
         .with(warp::reply::with::header("x-content-type-options", "nosniff"))
         .map(Reply::into_response)
-}
-
-/// `GET /ws/{name}`: upgrades to a websocket for `role`, with the request's bearer token.
-fn websocket(
-    name: &'static str,
-    role: Role,
-    ctx: Arc<Context>,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
-    let with_ctx = warp::any().map(move || ctx.clone());
-    warp::path("ws")
-        .and(warp::path(name))
-        .and(warp::path::end())
-        .and(warp::ws())
-        .and(with_ctx)
-        .and(warp::header::optional::<String>("authorization"))
-        .map(move |upgrade: warp::ws::Ws, ctx: Arc<Context>, auth: Option<String>| {
-            let token = bearer(auth.as_deref()).map(str::to_string);
-            let ctx = (*ctx).clone();
-            ws::limits(upgrade).on_upgrade(move |socket| ws::serve(socket, role, ctx, token)).into_response()
-        })
 }
 
 #[derive(Debug, Deserialize)]

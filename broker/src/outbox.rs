@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use dashmap::DashMap;
 use protocol::close;
 use tokio::sync::{Notify, mpsc};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 use crate::core::{ConnId, Effect};
 
@@ -49,7 +50,7 @@ impl CloseSignal {
 
 #[derive(Debug)]
 struct Peer {
-    tx: mpsc::Sender<Arc<str>>,
+    tx: mpsc::Sender<Utf8Bytes>,
     close: Arc<CloseSignal>,
 }
 
@@ -64,7 +65,7 @@ pub struct Outbox {
 #[derive(Debug)]
 pub struct Registration {
     pub conn: ConnId,
-    pub rx: mpsc::Receiver<Arc<str>>,
+    pub rx: mpsc::Receiver<Utf8Bytes>,
     pub close: Arc<CloseSignal>,
 }
 
@@ -99,13 +100,14 @@ impl Outbox {
     pub fn deliver(&self, effect: Effect) {
         match effect {
             Effect::Client { to, msg } => {
-                let text: Arc<str> = serde_json::to_string(&*msg).expect("messages serialise").into();
+                // One allocation; every receiver shares it.
+                let text: Utf8Bytes = serde_json::to_string(&*msg).expect("messages serialise").into();
                 for conn in to {
                     self.push(conn, text.clone());
                 }
             }
             Effect::Worker { to, msg } => {
-                let text: Arc<str> = serde_json::to_string(&msg).expect("messages serialise").into();
+                let text: Utf8Bytes = serde_json::to_string(&msg).expect("messages serialise").into();
                 self.push(to, text);
             }
             Effect::Close { conn, code, reason } => {
@@ -117,7 +119,7 @@ impl Outbox {
     }
 
     /// Queues a serialised message for one connection.
-    pub fn push(&self, conn: ConnId, text: Arc<str>) {
+    pub fn push(&self, conn: ConnId, text: Utf8Bytes) {
         let Some(peer) = self.peers.get(&conn) else { return };
         match peer.tx.try_send(text) {
             Ok(()) => {}

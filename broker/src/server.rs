@@ -18,13 +18,14 @@ use protocol::close;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::auth::Role;
 use crate::auth::Tokens;
 use crate::blob::{BlobConfig, BlobStore};
 use crate::files::{self, BoxError};
 use crate::http;
 use crate::log::LogError;
 use crate::runtime::{self, StoreConfig};
-use crate::ws::Context;
+use crate::ws::{self, Context};
 
 /// Everything the broker needs to run.
 #[derive(Debug, Clone)]
@@ -91,6 +92,18 @@ pub async fn run(
                 async move {
                     if files::claims(req.uri().path()) {
                         return Ok::<_, std::convert::Infallible>(files::handle(ctx, req).await);
+                    }
+                    let role = match req.uri().path() {
+                        "/ws/client" => Some(Role::Client),
+                        "/ws/worker" => Some(Role::Worker),
+                        _ => None,
+                    };
+                    if let Some(role) = role {
+                        let resp = match ws::upgrade(req, role, ctx) {
+                            Ok(resp) => resp.map(|()| files::empty()),
+                            Err((status, message)) => files::plain(status, message),
+                        };
+                        return Ok(resp);
                     }
                     let resp = match hyper::service::Service::call(&warp, req).await {
                         Ok(resp) => resp,

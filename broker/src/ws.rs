@@ -6,13 +6,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
 use protocol::definition::parse_json;
 use protocol::messages::{BrokerToClient, BrokerToWorker, ClientToBroker, ErrorBody, ErrorCode, WorkerToBroker};
 use protocol::{MAX_WS_MESSAGE, PROTOCOL_VERSION, close};
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tracing::Instrument;
-use warp::ws::{Message, WebSocket};
 
 use crate::auth::{Role, Tokens};
 use crate::blob::BlobStore;
@@ -42,12 +46,73 @@ pub struct Context {
     pub shutdown: watch::Receiver<bool>,
 }
 
+/// A server-side websocket over an upgraded HTTP connection.
+pub type WebSocket = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
 type Stream = futures_util::stream::SplitStream<WebSocket>;
 
-/// Applies the size limits to an upgrade.
-pub fn limits(ws: warp::ws::Ws) -> warp::ws::Ws {
-    ws.max_message_size(MAX_WS_MESSAGE).max_frame_size(MAX_WS_MESSAGE)
+/// Initial size of a socket's read buffer. tungstenite's default (128 KiB, allocated up front)
+/// would dominate the memory of an idle connection; the buffer grows for larger messages.
+const READ_BUFFER: usize = 4 << 10;
+
+/// Socket settings: the size limits, and a small initial read buffer.
+pub fn config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_message_size(Some(MAX_WS_MESSAGE))
+        .max_frame_size(Some(MAX_WS_MESSAGE))
+}
+
+/// Answers a websocket upgrade request on `/ws/client` or `/ws/worker` (RFC 6455 handshake) and
+/// serves the socket once hyper hands over the connection.
+pub fn upgrade(
+    req: hyper::Request<hyper::body::Incoming>,
+    role: Role,
+    ctx: Arc<Context>,
+) -> Result<hyper::Response<()>, (http::StatusCode, &'static str)> {
+    use http::header;
+    let has = |name: header::HeaderName, want: &str| {
+        req.headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(want)))
+    };
+    if req.method() != http::Method::GET || !has(header::UPGRADE, "websocket") || !has(header::CONNECTION, "upgrade") {
+        return Err((http::StatusCode::UPGRADE_REQUIRED, "this endpoint speaks websocket only"));
+    }
+    if req.headers().get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        return Err((http::StatusCode::BAD_REQUEST, "unsupported websocket version (13 is)"));
+    }
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return Err((http::StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key"));
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let token =
+        crate::auth::bearer(req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())).map(str::to_string);
+    tokio::spawn(async move {
+        match hyper::upgrade::on(req).await {
+            Ok(upgraded) => {
+                let io = TokioIo::new(upgraded);
+                let socket = WebSocketStream::from_raw_socket(
+                    io,
+                    tokio_tungstenite::tungstenite::protocol::Role::Server,
+                    Some(config()),
+                )
+                .await;
+                serve(socket, role, (*ctx).clone(), token).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+        }
+    });
+    let mut resp = hyper::Response::new(());
+    *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, http::HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, http::HeaderValue::from_static("Upgrade"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, http::HeaderValue::from_str(&accept).expect("base64 is a header value"));
+    Ok(resp)
 }
 
 /// Serves one socket of `role`. `header_token` is the bearer token of the upgrade request.
@@ -150,7 +215,8 @@ async fn refuse(sink: &mut Sink, role: Role, code: ErrorCode, close_code: u16, m
 }
 
 async fn close_with(sink: &mut Sink, code: u16, reason: &'static str) {
-    let _ = sink.send(Message::close_with(code, reason)).await;
+    let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+    let _ = sink.send(Message::Close(Some(frame))).await;
     let _ = sink.close().await;
 }
 
@@ -161,21 +227,18 @@ async fn next_text(stream: &mut Stream) -> Result<Option<String>, u16> {
             None => return Ok(None),
             Some(Err(e)) => return Err(error_code(&e)),
             Some(Ok(m)) if m.is_close() => return Ok(None),
-            Some(Ok(m)) if m.is_text() => return Ok(Some(m.to_str().unwrap_or_default().to_string())),
+            Some(Ok(m)) if m.is_text() => return Ok(Some(m.to_text().unwrap_or_default().to_string())),
             Some(Ok(m)) if m.is_binary() => return Ok(Some(String::new())),
             Some(Ok(_)) => {}
         }
     }
 }
 
-/// The close code for a socket error. warp's error type hides tungstenite's error kinds, so an
-/// oversized message is recognised by its text; the oversized-frame test pins this.
-fn error_code(e: &warp::Error) -> u16 {
-    let text = e.to_string();
-    if text.contains("Space limit exceeded") || text.contains("too long") || text.contains("Capacity") {
-        close::TOO_BIG
-    } else {
-        1002
+/// The close code for a socket error: 1009 for a message or frame over the limit.
+fn error_code(e: &tokio_tungstenite::tungstenite::Error) -> u16 {
+    match e {
+        tokio_tungstenite::tungstenite::Error::Capacity(_) => close::TOO_BIG,
+        _ => 1002,
     }
 }
 
@@ -195,7 +258,7 @@ async fn session_loop(mut sink: Sink, mut stream: Stream, mut reg: Registration,
                         break None;
                     }
                     if m.is_text() {
-                        let text = m.to_str().unwrap_or_default();
+                        let text = m.to_text().unwrap_or_default();
                         if let Some(reply) = inbound_message(text, conn, role, ctx).await {
                             if sink.send(Message::text(reply)).await.is_err() {
                                 break None;
@@ -211,13 +274,13 @@ async fn session_loop(mut sink: Sink, mut stream: Stream, mut reg: Registration,
             },
             out = reg.rx.recv() => match out {
                 Some(text) => {
-                    if sink.feed(Message::text(text.to_string())).await.is_err() {
+                    if sink.feed(Message::Text(text)).await.is_err() {
                         break None;
                     }
                     let mut n = 1;
                     while n < WRITE_BATCH {
                         let Ok(text) = reg.rx.try_recv() else { break };
-                        if sink.feed(Message::text(text.to_string())).await.is_err() {
+                        if sink.feed(Message::Text(text)).await.is_err() {
                             break;
                         }
                         n += 1;
@@ -234,7 +297,7 @@ async fn session_loop(mut sink: Sink, mut stream: Stream, mut reg: Registration,
                 if last_heard.elapsed() > HEARTBEAT_TIMEOUT {
                     break Some((close::HEARTBEAT_TIMEOUT, "nothing heard within the heartbeat timeout"));
                 }
-                if sink.send(Message::ping(Vec::new())).await.is_err() {
+                if sink.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
                     break None;
                 }
             }
@@ -247,7 +310,7 @@ async fn session_loop(mut sink: Sink, mut stream: Stream, mut reg: Registration,
         // a peer dropped for lagging gets nothing more.
         if code == close::DONE {
             while let Ok(text) = reg.rx.try_recv() {
-                let _ = sink.feed(Message::text(text.to_string())).await;
+                let _ = sink.feed(Message::Text(text)).await;
             }
         }
         close_with(&mut sink, code, reason).await;

@@ -18,6 +18,11 @@ use crate::{BenchArgs, Fsync};
 const WINDOW: usize = 512;
 
 pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
+    match args.scenario {
+        crate::Scenario::Fanout => return crate::bench_more::fanout(args).await,
+        crate::Scenario::Connections => return crate::bench_more::connections(args).await,
+        crate::Scenario::Lifecycle => {}
+    }
     let tmp;
     let (url, server) = match &args.url {
         Some(u) => (u.trim_end_matches('/').to_string(), None),
@@ -135,7 +140,7 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
     Ok(std::process::ExitCode::SUCCESS)
 }
 
-async fn connect(
+pub(crate) async fn connect(
     url: &str,
     hello: Value,
 ) -> Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {

@@ -2,6 +2,7 @@
 //! the broker and worker libraries and by [`client`].
 
 mod bench;
+mod bench_more;
 mod client;
 mod commands;
 mod files;
@@ -80,6 +81,31 @@ struct BenchArgs {
     /// fsync mode of the in-process broker.
     #[arg(long, value_enum, default_value_t = Fsync::Always)]
     fsync: Fsync,
+    /// What to measure: job lifecycles, one job's log fanned out to watchers, or idle sockets.
+    #[arg(long, value_enum, default_value_t = Scenario::Lifecycle)]
+    scenario: Scenario,
+    /// fanout: watchers of the job's log.
+    #[arg(long, default_value_t = 100)]
+    watchers: usize,
+    /// fanout: watchers that never read (they must be dropped, not buffered for).
+    #[arg(long, default_value_t = 0)]
+    slow_watchers: usize,
+    /// fanout: log bytes per second the simulated worker sends.
+    #[arg(long, default_value_t = 10_000_000)]
+    log_rate: u64,
+    /// fanout: how long the worker sends, in seconds.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// connections: idle client sockets to open.
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    Lifecycle,
+    Fanout,
+    Connections,
 }
 
 /// Where the broker is and how to authenticate to it.
