@@ -296,3 +296,31 @@ async fn inputs_upload_and_outputs_download_through_the_cli() {
     broker.kill().unwrap();
     broker.wait().unwrap();
 }
+
+/// The benchmark harness still runs (a few hundred jobs, a short fan-out, a few sockets); its
+/// numbers are not checked here, only that each scenario completes and reports.
+#[test]
+fn the_benchmark_harness_runs_every_scenario() {
+    for args in [
+        vec!["bench", "--jobs", "300", "--workers", "2", "--fsync", "never"],
+        vec![
+            "bench",
+            "--scenario",
+            "fanout",
+            "--watchers",
+            "3",
+            "--slow-watchers",
+            "1",
+            "--seconds",
+            "1",
+            "--log-rate",
+            "200000",
+        ],
+        vec!["bench", "--scenario", "connections", "--connections", "50"],
+    ] {
+        let out = cq().args(&args).env("CQ_LOG", "warn").output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.contains("| measure | value |"), "{args:?} printed:\n{stdout}");
+    }
+}
