@@ -241,9 +241,15 @@ async fn core_task(
         }
     }
     ready.store(false, Ordering::Release);
-    // Commands still queued were never acknowledged; dropping them tells their callers so.
+    // Commands already queued came from peers before the shutdown (a worker's last release or
+    // finish, say): apply them, so they are kept, then write the final snapshot with them.
     rx.close();
-    writer.send(Batch { snapshot: Some(core.snapshot()), ..Default::default() }).await;
+    let mut last = Batch::default();
+    while let Ok(req) = rx.try_recv() {
+        apply(&mut core, &clock, req, &mut last);
+    }
+    last.snapshot = Some(core.snapshot());
+    writer.send(last).await;
     writer.tx = None;
     let thread = writer.thread.take().expect("joined once");
     tokio::task::spawn_blocking(move || thread.join().expect("the log writer does not panic"))

@@ -111,19 +111,23 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
             .unwrap_or_default()
     };
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    println!(
+    outln!(
         "cq bench: {} jobs, {} clients, {} workers x {} slots, fsync {:?}",
-        args.jobs, args.clients, args.workers, args.slots, args.fsync
+        args.jobs,
+        args.clients,
+        args.workers,
+        args.slots,
+        args.fsync
     );
-    println!("| measure | value |");
-    println!("|---|---|");
-    println!("| durable submissions/s (acknowledged) | {:.0} |", args.jobs as f64 / submitted.as_secs_f64());
+    outln!("| measure | value |");
+    outln!("|---|---|");
+    outln!("| durable submissions/s (acknowledged) | {:.0} |", args.jobs as f64 / submitted.as_secs_f64());
     if let Some((done, elapsed)) = lifecycle {
         let rate = done as f64 / elapsed.as_secs_f64();
-        println!("| full lifecycle jobs/s (submit → push → accept → finish, durable) | {rate:.0} |");
+        outln!("| full lifecycle jobs/s (submit → push → accept → finish, durable) | {rate:.0} |");
     }
     if !pushes.is_empty() {
-        println!(
+        outln!(
             "| submit-to-worker-push latency p50 / p99 / p999 (ms) | {:.2} / {:.2} / {:.2} |",
             ms(push_pct(0.5)),
             ms(push_pct(0.99)),
@@ -131,7 +135,7 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
         );
     }
     let load = if args.rate > 0 { format!("{} jobs/s", args.rate) } else { format!("window {WINDOW} per client") };
-    println!(
+    outln!(
         "| submit-ack latency p50 / p99 / p999 (ms, {load}) | {:.2} / {:.2} / {:.2} |",
         ms(pct(0.5)),
         ms(pct(0.99)),

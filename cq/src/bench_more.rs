@@ -171,30 +171,30 @@ pub async fn fanout(args: BenchArgs) -> Result<std::process::ExitCode> {
     lags.sort_unstable();
     let got = received.load(Ordering::Relaxed);
     let per_watcher = got as f64 / args.watchers.max(1) as f64;
-    println!(
+    outln!(
         "cq bench --scenario fanout: {} MB/s for {} s to {} watchers (+{} that never read)",
         args.log_rate as f64 / 1e6,
         args.seconds,
         args.watchers,
         args.slow_watchers
     );
-    println!("| measure | value |");
-    println!("|---|---|");
-    println!("| sent by the worker | {:.1} MB in {:.2} s |", total as f64 / 1e6, sent_in.as_secs_f64());
-    println!(
+    outln!("| measure | value |");
+    outln!("|---|---|");
+    outln!("| sent by the worker | {:.1} MB in {:.2} s |", total as f64 / 1e6, sent_in.as_secs_f64());
+    outln!(
         "| delivered per watcher | {:.1} MB, {:.1} MB/s |",
         per_watcher / 1e6,
         per_watcher / 1e6 / delivered_in.as_secs_f64()
     );
-    println!("| delivered in all | {:.1} MB/s |", got as f64 / 1e6 / delivered_in.as_secs_f64());
-    println!(
+    outln!("| delivered in all | {:.1} MB/s |", got as f64 / 1e6 / delivered_in.as_secs_f64());
+    outln!(
         "| lag worker → watcher p50 / p99 / max (ms) | {} / {} / {} |",
         pct(&lags, 0.5),
         pct(&lags, 0.99),
         pct(&lags, 1.0)
     );
-    println!("| fast watchers dropped | {} |", dropped.load(Ordering::Relaxed));
-    println!(
+    outln!("| fast watchers dropped | {} |", dropped.load(Ordering::Relaxed));
+    outln!(
         "| process RSS before / peak (broker + all clients) | {:.0} / {:.0} MiB |",
         rss_before as f64 / 1048576.0,
         rss_peak as f64 / 1048576.0
@@ -249,12 +249,12 @@ pub async fn connections(args: BenchArgs) -> Result<std::process::ExitCode> {
     tokio::time::sleep(Duration::from_secs(6)).await;
     let after = rss(pid).context("reading the broker's RSS")?;
     let per = (after.saturating_sub(before)) as f64 / args.connections as f64;
-    println!("cq bench --scenario connections: {} idle client websockets to a broker process", args.connections);
-    println!("| measure | value |");
-    println!("|---|---|");
-    println!("| opened (hello + welcome) in | {:.2} s |", opened.as_secs_f64());
-    println!("| broker RSS before / after | {:.1} / {:.1} MiB |", before as f64 / 1048576.0, after as f64 / 1048576.0);
-    println!("| broker memory per idle connection | {:.1} KB |", per / 1000.0);
+    outln!("cq bench --scenario connections: {} idle client websockets to a broker process", args.connections);
+    outln!("| measure | value |");
+    outln!("|---|---|");
+    outln!("| opened (hello + welcome) in | {:.2} s |", opened.as_secs_f64());
+    outln!("| broker RSS before / after | {:.1} / {:.1} MiB |", before as f64 / 1048576.0, after as f64 / 1048576.0);
+    outln!("| broker memory per idle connection | {:.1} KB |", per / 1000.0);
     drop(sockets);
     let _ = child.kill().await;
     Ok(std::process::ExitCode::SUCCESS)

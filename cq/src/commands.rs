@@ -36,17 +36,16 @@ pub async fn dev(args: DevArgs) -> Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    println!("listening on http://{addr}");
+    outln!("listening on http://{addr}");
     eprintln!("cq dev: broker on http://{addr} (data in {})", data_dir.display());
     eprintln!(
         "cq dev: open http://{addr}/ in a browser; submit with `cq submit --url http://{addr} --image IMAGE --wait -- COMMAND`"
     );
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let broker_stop = {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
+    // The worker stops first and hands back what it holds; then the broker.
+    let (broker_stop_tx, broker_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (worker_stop_tx, worker_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let broker_stop = async move {
+        let _ = broker_stop_rx.await;
     };
     let mut broker = tokio::spawn(broker::run(listener, config, broker_stop));
     let worker = if args.no_worker {
@@ -63,11 +62,13 @@ pub async fn dev(args: DevArgs) -> Result<ExitCode> {
             data_dir.join("worker"),
             None,
         )?;
+        // On Ctrl-C, running jobs get a few seconds, then go back to the queue.
+        let mut config = config;
+        config.drain_timeout = std::time::Duration::from_secs(10);
         eprintln!("cq dev: local worker {} on queue `local` with {} slots", config.worker_id, config.slots);
-        let mut rx = stop_rx.clone();
         Some(tokio::spawn(async move {
             let drained = async move {
-                let _ = rx.wait_for(|s| *s).await;
+                let _ = worker_stop_rx.await;
             };
             if let Err(e) = worker::run(config, drained).await {
                 eprintln!("cq dev: the local worker stopped: {e:#}. Jobs wait until a worker connects (`cq worker`).");
@@ -81,11 +82,12 @@ pub async fn dev(args: DevArgs) -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
     }
-    let _ = stop_tx.send(true);
-    // The worker drains first (it hands back what it holds), then the broker stops.
+    eprintln!("cq dev: stopping (running jobs get up to 10 s, then go back to the queue)");
+    let _ = worker_stop_tx.send(());
     if let Some(w) = worker {
         let _ = w.await;
     }
+    let _ = broker_stop_tx.send(());
     broker.await??;
     Ok(ExitCode::SUCCESS)
 }
@@ -236,7 +238,7 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "broker listening");
     // The first line on stdout names the address, for scripts that listen on port 0.
-    println!("listening on http://{addr}");
+    outln!("listening on http://{addr}");
     broker::run(listener, config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -307,7 +309,7 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
         answer["jobId"].as_str().unwrap_or_default().parse().context("the broker's answer has no job id")?;
     let outcome = answer["outcome"].as_str().unwrap_or("");
     if !args.wait {
-        println!("{id}");
+        outln!("{id}");
         if outcome == "cached" {
             eprintln!("(cached result; --force runs it again)");
         }
@@ -399,7 +401,7 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
         let id: JobId = job.parse().context("not a job id")?;
         let v = client.get(&format!("/j/{id}")).await?;
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            outln!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             let view: JobView = serde_json::from_value(v)?;
             print_job(&view);
@@ -415,19 +417,25 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
         None => Vec::new(),
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&json!({ "queues": summaries, "jobs": jobs }))?);
+        outln!("{}", serde_json::to_string_pretty(&json!({ "queues": summaries, "jobs": jobs }))?);
         return Ok(ExitCode::SUCCESS);
     }
     if summaries.is_empty() {
-        println!("no queues yet");
+        outln!("no queues yet");
     } else {
-        println!(
+        outln!(
             "{:<24} {:>7} {:>8} {:>7} {:>8} {:>7} {:>10}",
-            "QUEUE", "QUEUED", "ASSIGNED", "RUNNING", "FINISHED", "WORKERS", "FREE SLOTS"
+            "QUEUE",
+            "QUEUED",
+            "ASSIGNED",
+            "RUNNING",
+            "FINISHED",
+            "WORKERS",
+            "FREE SLOTS"
         );
     }
     for s in &summaries {
-        println!(
+        outln!(
             "{:<24} {:>7} {:>8} {:>7} {:>8} {:>7} {:>10}",
             s["queue"].as_str().unwrap_or(""),
             s["queued"].as_u64().unwrap_or(0),
@@ -439,10 +447,10 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
         );
     }
     if !jobs.is_empty() {
-        println!("\n{:<12} {:<9} {:<11} {:>7} {:<20}", "JOB", "STATE", "REASON", "ATTEMPT", "WORKER");
+        outln!("\n{:<12} {:<9} {:<11} {:>7} {:<20}", "JOB", "STATE", "REASON", "ATTEMPT", "WORKER");
         for j in jobs {
             let v: JobView = serde_json::from_value(j)?;
-            println!(
+            outln!(
                 "{:<12} {:<9} {:<11} {:>7} {:<20}",
                 v.id.short(),
                 state_word(v.state),
@@ -456,25 +464,25 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
 }
 
 fn print_job(v: &JobView) {
-    println!("job       {}", v.id);
-    println!("queue     {}", v.queue);
-    println!("state     {}{}", state_word(v.state), v.reason.map(|r| format!(" ({})", r.as_str())).unwrap_or_default());
+    outln!("job       {}", v.id);
+    outln!("queue     {}", v.queue);
+    outln!("state     {}{}", state_word(v.state), v.reason.map(|r| format!(" ({})", r.as_str())).unwrap_or_default());
     if let Some(c) = v.exit_code {
-        println!("exit code {c}");
+        outln!("exit code {c}");
     }
     if let Some(m) = &v.message {
-        println!("message   {m}");
+        outln!("message   {m}");
     }
-    println!("attempt   {}", v.attempt);
+    outln!("attempt   {}", v.attempt);
     if let Some(w) = &v.worker {
-        println!("worker    {w}");
+        outln!("worker    {w}");
     }
     if !v.namespaces.is_empty() {
-        println!("namespace {}", v.namespaces.join(", "));
+        outln!("namespace {}", v.namespaces.join(", "));
     }
-    println!("log lines {}", v.log_lines);
+    outln!("log lines {}", v.log_lines);
     for o in &v.outputs {
-        println!("output    {} ({} bytes)", o.path, o.size);
+        outln!("output    {} ({} bytes)", o.path, o.size);
     }
 }
 
@@ -510,9 +518,9 @@ pub async fn cancel(args: CancelArgs) -> Result<ExitCode> {
     };
     let v: JobView = serde_json::from_value(client.post(&format!("/j/{id}/cancel"), &body).await?)?;
     if v.state == JobState::Finished {
-        println!("{}", describe_end(&v));
+        outln!("{}", describe_end(&v));
     } else {
-        println!("job {} is {} (other namespaces still want it)", v.id.short(), state_word(v.state));
+        outln!("job {} is {} (other namespaces still want it)", v.id.short(), state_word(v.state));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,19 @@
 //! The `cq` command: argument parsing, logging setup, signals and wiring. The work is done by
 //! the broker and worker libraries and by [`client`].
 
+/// `println!` that ends the program quietly when stdout is gone (piped into `head`, say)
+/// instead of panicking.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout(), $($t)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+        }
+    }};
+}
+
 mod bench;
 mod bench_more;
 mod client;

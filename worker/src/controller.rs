@@ -209,7 +209,11 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
         }
         loop {
             if draining && jobs.is_empty() && unacked.is_empty() {
+                // Complete the closing handshake: once the broker answers, it has read (and
+                // queued for its core) everything sent before, such as the last releases.
                 let _ = ws.close(None).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), async { while ws.next().await.is_some() {} }).await;
                 return Ok(());
             }
             tokio::select! {

@@ -217,13 +217,15 @@ async fn prepare_and_start(ctx: &Ctx, a: &Assignment) -> Result<Option<(String, 
     };
     let limit =
         [a.definition.max_duration_secs().map(Duration::from_secs), ctx.env.max_duration].into_iter().flatten().min();
-    let deadline_ms = limit.map(|l| (docker::now_ns() / 1_000_000) as u64 + l.as_millis() as u64);
-    let record =
-        Record { job: a.job, attempt: a.attempt, definition: a.definition.clone(), deadline_ms, gpus: a.gpus.clone() };
-    let json = serde_json::to_vec(&record).map_err(|e| JobError::infra(e.to_string()))?;
-    tokio::fs::write(dir.join("job.json"), json)
-        .await
-        .map_err(|e| JobError::infra(format!("writing job.json: {e}")))?;
+    let mut record = Record {
+        job: a.job,
+        attempt: a.attempt,
+        definition: a.definition.clone(),
+        deadline_ms: None,
+        gpus: a.gpus.clone(),
+    };
+    // The record exists before the container, so a restarted worker can always pick it up.
+    write_record(&dir, &record).await?;
     let spec = ContainerSpec {
         name: format!("cq-{}-{}-{}", ctx.env.worker_id, &a.job.to_string()[..16], a.attempt),
         image,
@@ -240,8 +242,18 @@ async fn prepare_and_start(ctx: &Ctx, a: &Assignment) -> Result<Option<(String, 
         return Ok(None);
     }
     let container = docker::start_container(&ctx.env.docker, &a.definition, &spec).await?;
+    // maxDuration is the container's run time: it counts from the start.
+    if let Some(limit) = limit {
+        record.deadline_ms = Some((docker::now_ns() / 1_000_000) as u64 + limit.as_millis() as u64);
+        write_record(&dir, &record).await?;
+    }
     ctx.progress(Phase::Running, None);
     Ok(Some((container, record)))
+}
+
+async fn write_record(dir: &Path, record: &Record) -> Result<(), JobError> {
+    let json = serde_json::to_vec(record).map_err(|e| JobError::infra(e.to_string()))?;
+    tokio::fs::write(dir.join("job.json"), json).await.map_err(|e| JobError::infra(format!("writing job.json: {e}")))
 }
 
 fn path_str(p: &Path) -> String {
