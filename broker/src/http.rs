@@ -427,7 +427,7 @@ async fn follow_job(
     ctx.handle.send(Command::WatchJob { conn, job, since, follow: true }, ReplyTo::None).await;
     let guard = Unwatch { ctx: ctx.clone(), conn, _counted: ctx.handle.metrics.connection("events") };
     futures_util::stream::unfold((reg, guard), |(mut reg, guard)| async move {
-        let text = reg.rx.recv().await?;
+        let text = reg.recv().await?;
         Some((Ok(warp::sse::Event::default().data(text.to_string())), (reg, guard)))
     })
 }

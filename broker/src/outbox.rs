@@ -2,7 +2,7 @@
 //! bounded queue here; a connection whose queue is full is dropped with
 //! [`close::LAGGING`](protocol::close::LAGGING), never buffered for.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
@@ -14,6 +14,8 @@ use crate::core::{ConnId, Effect};
 
 /// Messages queued toward one connection before it counts as lagging.
 pub const OUTBOUND_QUEUE: usize = 1024;
+/// Most bytes queued toward one connection; a peer that lets more pile up is dropped too.
+pub const OUTBOUND_BYTES: usize = 4 << 20;
 
 /// Why and how a connection must be closed, set by the broker, read by the connection's task.
 #[derive(Debug, Default)]
@@ -52,6 +54,7 @@ impl CloseSignal {
 struct Peer {
     tx: mpsc::Sender<Utf8Bytes>,
     close: Arc<CloseSignal>,
+    queued: Arc<AtomicUsize>,
 }
 
 /// The registry of connections and their outbound queues.
@@ -65,8 +68,25 @@ pub struct Outbox {
 #[derive(Debug)]
 pub struct Registration {
     pub conn: ConnId,
-    pub rx: mpsc::Receiver<Utf8Bytes>,
+    rx: mpsc::Receiver<Utf8Bytes>,
     pub close: Arc<CloseSignal>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Registration {
+    /// The next queued message; `None` once the outbox has dropped this connection.
+    pub async fn recv(&mut self) -> Option<Utf8Bytes> {
+        let text = self.rx.recv().await?;
+        self.queued.fetch_sub(text.len(), Ordering::Relaxed);
+        Some(text)
+    }
+
+    /// The next queued message, if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
+        let text = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(text.len(), Ordering::Relaxed);
+        Some(text)
+    }
 }
 
 impl Outbox {
@@ -74,8 +94,9 @@ impl Outbox {
         let conn = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = mpsc::channel(OUTBOUND_QUEUE);
         let close = Arc::new(CloseSignal::default());
-        self.peers.insert(conn, Peer { tx, close: close.clone() });
-        Registration { conn, rx, close }
+        let queued = Arc::new(AtomicUsize::new(0));
+        self.peers.insert(conn, Peer { tx, close: close.clone(), queued: queued.clone() });
+        Registration { conn, rx, close, queued }
     }
 
     pub fn unregister(&self, conn: ConnId) {
@@ -121,8 +142,12 @@ impl Outbox {
     /// Queues a serialised message for one connection.
     pub fn push(&self, conn: ConnId, text: Utf8Bytes) {
         let Some(peer) = self.peers.get(&conn) else { return };
-        match peer.tx.try_send(text) {
-            Ok(()) => {}
+        let len = text.len();
+        let over = peer.queued.load(Ordering::Relaxed) + len > OUTBOUND_BYTES;
+        match if over { Err(mpsc::error::TrySendError::Full(text)) } else { peer.tx.try_send(text) } {
+            Ok(()) => {
+                peer.queued.fetch_add(len, Ordering::Relaxed);
+            }
             Err(mpsc::error::TrySendError::Full(_)) => {
                 let close = peer.close.clone();
                 drop(peer);

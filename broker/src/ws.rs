@@ -247,6 +247,7 @@ async fn session_loop(mut sink: Sink, mut stream: Stream, mut reg: Registration,
     let mut shutdown = ctx.shutdown.clone();
     let mut heartbeat = tokio::time::interval_at(Instant::now() + HEARTBEAT_INTERVAL, HEARTBEAT_INTERVAL);
     let mut last_heard = Instant::now();
+    let close_signal = reg.close.clone();
     let close: Option<(u16, &'static str)> = loop {
         tokio::select! {
             inbound = stream.next() => match inbound {
@@ -272,14 +273,14 @@ async fn session_loop(mut sink: Sink, mut stream: Stream, mut reg: Registration,
                     }
                 }
             },
-            out = reg.rx.recv() => match out {
+            out = reg.recv() => match out {
                 Some(text) => {
                     if sink.feed(Message::Text(text)).await.is_err() {
                         break None;
                     }
                     let mut n = 1;
                     while n < WRITE_BATCH {
-                        let Ok(text) = reg.rx.try_recv() else { break };
+                        let Some(text) = reg.try_recv() else { break };
                         if sink.feed(Message::Text(text)).await.is_err() {
                             break;
                         }
@@ -290,9 +291,9 @@ async fn session_loop(mut sink: Sink, mut stream: Stream, mut reg: Registration,
                     }
                 }
                 // The outbox dropped us: the close signal says why.
-                None => break Some(reg.close.get().unwrap_or((close::LAGGING, "dropped"))),
+                None => break Some(close_signal.get().unwrap_or((close::LAGGING, "dropped"))),
             },
-            _ = reg.close.wait() => break reg.close.get(),
+            _ = close_signal.wait() => break close_signal.get(),
             _ = heartbeat.tick() => {
                 if last_heard.elapsed() > HEARTBEAT_TIMEOUT {
                     break Some((close::HEARTBEAT_TIMEOUT, "nothing heard within the heartbeat timeout"));
@@ -309,7 +310,7 @@ async fn session_loop(mut sink: Sink, mut stream: Stream, mut reg: Registration,
         // A normal end still delivers what is queued (the update that finished a followed job);
         // a peer dropped for lagging gets nothing more.
         if code == close::DONE {
-            while let Ok(text) = reg.rx.try_recv() {
+            while let Some(text) = reg.try_recv() {
                 let _ = sink.feed(Message::Text(text)).await;
             }
         }

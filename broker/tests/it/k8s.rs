@@ -223,6 +223,12 @@ async fn the_manifests_parse_and_reference_each_other_and_what_the_broker_serves
     let base = load(&k8s_dir().join("base"), &mut o);
     assert!(!base.labels.is_empty() && !base.images.is_empty());
     let b = TestBroker::start();
+    // /readyz says 503 while the log is recovered; wait for the broker to be ready first.
+    let started = std::time::Instant::now();
+    while reqwest::get(b.url("/readyz")).await.unwrap().status() != 200 {
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "the broker never became ready");
+        tokio::task::yield_now().await;
+    }
 
     // Broker: StatefulSet behind its Service, with probes the broker answers.
     let [service] = &o.services[..] else { panic!("one service") };
