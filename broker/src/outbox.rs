@@ -15,7 +15,7 @@ use crate::core::{ConnId, Effect};
 /// Messages queued toward one connection before it counts as lagging.
 pub const OUTBOUND_QUEUE: usize = 1024;
 /// Most bytes queued toward one connection; a peer that lets more pile up is dropped too.
-pub const OUTBOUND_BYTES: usize = 4 << 20;
+pub const OUTBOUND_BYTES: usize = 16 << 20;
 
 /// Why and how a connection must be closed, set by the broker, read by the connection's task.
 #[derive(Debug, Default)]
