@@ -55,11 +55,7 @@ impl Client {
             return serde_json::from_str(&text)
                 .with_context(|| format!("the broker answered with something that is not JSON: {text}"));
         }
-        let message = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-            .unwrap_or(text);
-        Err(anyhow!("{message} (HTTP {status})"))
+        Err(anyhow!("{} (HTTP {status})", worker::blobs::error_message(&text)))
     }
 
     pub async fn get(&self, path: &str) -> Result<Value> {

@@ -209,11 +209,16 @@ async fn api_json(resp: reqwest::Response) -> Result<serde_json::Value> {
         // Presigned S3 uploads answer with an empty or XML body.
         return Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null));
     }
-    let message = serde_json::from_str::<serde_json::Value>(&text)
+    bail!("{status}: {}", error_message(&text))
+}
+
+/// What went wrong, from an error answer: the broker's `{"error": {"message"}}`, or the start of
+/// whatever else came back (S3 answers in XML).
+pub fn error_message(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-        .unwrap_or_else(|| text.chars().take(500).collect());
-    bail!("{status}: {message}")
+        .unwrap_or_else(|| body.chars().take(500).collect())
 }
 
 /// Hashes a file on a blocking thread.
