@@ -270,8 +270,14 @@ async fn serve_blob(
             // A local file: read it in large chunks (object_store's own stream reads 8 KiB at a
             // time, one blocking task each).
             object_store::GetResultPayload::File(file, _) => {
-                let start = result.range.start;
-                let stream = file_stream(file, start, len).map_ok(Frame::data).map_err(|e| Box::new(e) as BoxError);
+                use tokio::io::{AsyncReadExt, AsyncSeekExt};
+                let mut file = tokio::fs::File::from_std(file);
+                file.seek(std::io::SeekFrom::Start(result.range.start))
+                    .await
+                    .map_err(|e| ErrorBody::new(ErrorCode::Internal, format!("reading blob {sha}: {e}")))?;
+                let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), FILE_CHUNK)
+                    .map_ok(Frame::data)
+                    .map_err(|e| Box::new(e) as BoxError);
                 StreamBody::new(stream).boxed_unsync()
             }
             object_store::GetResultPayload::Stream(stream) => {
@@ -304,31 +310,6 @@ async fn serve_blob(
 
 /// Read size when serving a local file.
 const FILE_CHUNK: usize = 256 << 10;
-
-/// `len` bytes of `file` from `start`, as a stream of chunks.
-fn file_stream(
-    file: std::fs::File,
-    start: u64,
-    len: u64,
-) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
-    use tokio::io::{AsyncReadExt, AsyncSeekExt};
-    let file = tokio::fs::File::from_std(file);
-    futures_util::stream::try_unfold((file, len, false), move |(mut file, left, seeked)| async move {
-        if !seeked {
-            file.seek(std::io::SeekFrom::Start(start)).await?;
-        }
-        if left == 0 {
-            return Ok(None);
-        }
-        let mut buf = vec![0u8; FILE_CHUNK.min(left as usize)];
-        let n = file.read(&mut buf).await?;
-        if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the blob is shorter than its size"));
-        }
-        buf.truncate(n);
-        Ok(Some((Bytes::from(buf), (file, left - n as u64, true))))
-    })
-}
 
 fn header_value(text: &str) -> HeaderValue {
     HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))

@@ -64,7 +64,7 @@ impl BlobClient {
         };
         let file = tokio::fs::File::open(path).await.with_context(|| format!("opening {}", path.display()))?;
         let bar = progress.clone();
-        let stream = file_stream(file).map(move |chunk| {
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, CHUNK).map(move |chunk| {
             if let (Ok(c), Some(p)) = (&chunk, &bar) {
                 p.inc(c.len() as u64);
             }
@@ -240,22 +240,4 @@ pub async fn hash_file(path: &Path) -> Result<Digested> {
         Ok(Digested { sha256: hex::encode(hasher.finalize()), size })
     })
     .await?
-}
-
-/// A file as a stream of chunks.
-fn file_stream(
-    file: tokio::fs::File,
-) -> impl futures_util::Stream<Item = std::io::Result<bytes::Bytes>> + Send + 'static {
-    futures_util::stream::unfold(file, |mut file| async move {
-        use tokio::io::AsyncReadExt;
-        let mut buf = vec![0u8; CHUNK];
-        match file.read(&mut buf).await {
-            Ok(0) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok(bytes::Bytes::from(buf)), file))
-            }
-            Err(e) => Some((Err(e), file)),
-        }
-    })
 }

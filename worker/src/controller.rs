@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::blobs::BlobClient;
 use crate::docker;
-use crate::job::{self, Assignment, JobEnv, Out, Outcome, Stop};
+use crate::job::{self, Assignment, JobEnv, Out, Outcome, Stop, sleep_until};
 
 /// First wait before reconnecting; doubles up to [`BACKOFF_MAX`], with jitter.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
@@ -307,13 +307,6 @@ fn log_finish(m: &WorkerToBroker) {
             ExitStatus::Error { message, .. } => tracing::warn!(job = %job_id, error = %message, "job failed to run"),
             other => tracing::info!(job = %job_id, status = ?other, outputs = outputs.len(), "job finished"),
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 
