@@ -38,13 +38,8 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
                 max_body: broker::http::DEFAULT_MAX_BODY,
                 blobs: broker::blob::BlobConfig::default(),
             };
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let addr = listener.local_addr()?;
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let task = tokio::spawn(broker::run(listener, config, async {
-                let _ = stopped.await;
-            }));
-            (format!("http://{addr}"), Some((stop, task)))
+            let (url, server) = start_broker(config).await?;
+            (url, Some(server))
         }
     };
     let ws = format!("ws{}", url.strip_prefix("http").unwrap_or(&url));
@@ -142,6 +137,21 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
         ms(pct(0.999))
     );
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// A running in-process broker: the sender that stops it, and its task.
+pub(crate) type Server =
+    (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), broker::server::ServeError>>);
+
+/// Starts a broker in this process on a free loopback port; returns its URL.
+pub(crate) async fn start_broker(config: broker::Config) -> Result<(String, Server)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(broker::run(listener, config, async {
+        let _ = stopped.await;
+    }));
+    Ok((format!("http://{addr}"), (stop, task)))
 }
 
 pub(crate) async fn connect(

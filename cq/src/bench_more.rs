@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::BenchArgs;
-use crate::bench::connect;
+use crate::bench::{connect, start_broker};
 
 /// Bytes per simulated log line (newline included).
 const LINE: usize = 100;
@@ -52,13 +52,8 @@ pub async fn fanout(args: BenchArgs) -> Result<std::process::ExitCode> {
         max_body: broker::http::DEFAULT_MAX_BODY,
         blobs: broker::blob::BlobConfig { gc_interval: None, ..Default::default() },
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(broker::run(listener, config, async {
-        let _ = stopped.await;
-    }));
-    let ws = format!("ws://{addr}");
+    let (url, (stop, server)) = start_broker(config).await?;
+    let ws = format!("ws{}", url.strip_prefix("http").unwrap_or(&url));
     let queue = "fanout";
 
     // The worker, and the job it runs.
@@ -67,7 +62,7 @@ pub async fn fanout(args: BenchArgs) -> Result<std::process::ExitCode> {
     let mut worker = connect(&format!("{ws}/ws/worker"), hello).await?;
     let _welcome = worker.next().await;
     let job: Value = reqwest::Client::new()
-        .post(format!("http://{addr}/q/{queue}/j"))
+        .post(format!("{url}/q/{queue}/j"))
         .json(&json!({"definition": {"image": "busybox", "command": "fanout"}}))
         .send()
         .await?

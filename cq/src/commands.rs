@@ -51,19 +51,8 @@ pub async fn dev(args: DevArgs) -> Result<ExitCode> {
     let worker = if args.no_worker {
         None
     } else {
-        let config = worker_config(
-            format!("http://{addr}"),
-            None,
-            vec!["local".into()],
-            args.slots,
-            Vec::new(),
-            Vec::new(),
-            None,
-            data_dir.join("worker"),
-            None,
-        )?;
+        let mut config = worker_config(format!("http://{addr}"), data_dir.join("worker"), None, args.slots)?;
         // On Ctrl-C, running jobs get a few seconds, then go back to the queue.
-        let mut config = config;
         config.drain_timeout = std::time::Duration::from_secs(10);
         eprintln!("cq dev: local worker {} on queue `local` with {} slots", config.worker_id, config.slots);
         Some(tokio::spawn(async move {
@@ -92,18 +81,13 @@ pub async fn dev(args: DevArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A worker's settings, with defaults filled in.
-#[allow(clippy::too_many_arguments)]
+/// A worker's settings for the broker at `url`: its id (given, or generated once and kept in
+/// `data_dir`), its slots (given, or one per CPU), and defaults for the rest.
 fn worker_config(
     url: String,
-    token: Option<String>,
-    queues: Vec<String>,
-    slots: Option<u32>,
-    gpus: Vec<String>,
-    tags: Vec<String>,
-    max_duration: Option<std::time::Duration>,
     data_dir: PathBuf,
     worker_id: Option<String>,
+    slots: Option<u32>,
 ) -> Result<worker::Config> {
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let worker_id = match worker_id {
@@ -135,13 +119,13 @@ fn worker_config(
     }
     Ok(worker::Config {
         broker_url: url,
-        token,
+        token: None,
         worker_id,
-        queues,
+        queues: vec!["local".into()],
         slots,
-        gpus,
-        tags,
-        max_duration,
+        gpus: Vec::new(),
+        tags: Vec::new(),
+        max_duration: None,
         data_dir,
         stop_grace: std::time::Duration::from_secs(10),
         drain_timeout: std::time::Duration::from_secs(300),
@@ -171,20 +155,17 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
             .map(|d| d.join("cq").join("worker"))
             .unwrap_or_else(|| PathBuf::from("cq-worker-data")),
     };
-    let mut config = worker_config(
-        args.url,
-        args.token,
-        args.queues,
-        args.slots,
-        parse_gpus(&args.gpus)?,
-        args.tags,
-        args.max_duration,
-        data_dir,
-        args.worker_id,
-    )?;
-    config.stop_grace = args.stop_grace;
-    config.drain_timeout = args.drain_timeout;
-    config.pids_limit = args.pids_limit;
+    let config = worker::Config {
+        token: args.token,
+        queues: args.queues,
+        gpus: parse_gpus(&args.gpus)?,
+        tags: args.tags,
+        max_duration: args.max_duration,
+        stop_grace: args.stop_grace,
+        drain_timeout: args.drain_timeout,
+        pids_limit: args.pids_limit,
+        ..worker_config(args.url, data_dir, args.worker_id, args.slots)?
+    };
     tracing::info!(worker = %config.worker_id, queues = ?config.queues, slots = config.slots, broker = %config.broker_url, "worker starting");
     worker::run(config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
