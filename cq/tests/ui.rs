@@ -39,19 +39,21 @@ fn cq_dev(dir: &std::path::Path) -> (Killed, String) {
 /// chromedriver on a free port, and a headless Chromium session through it.
 async fn browser() -> (Killed, Client) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let driver = Command::new("chromedriver")
+    let mut driver = Command::new("chromedriver")
         .arg(format!("--port={port}"))
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("chromedriver is not installed (apt-get install chromium chromium-driver)");
+    // It says when it listens.
+    let mut out = BufReader::new(driver.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("started successfully") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "chromedriver exited before it listened");
+    }
     let driver = Killed(driver);
     let url = format!("http://127.0.0.1:{port}");
-    let started = Instant::now();
-    while reqwest::get(format!("{url}/status")).await.is_err() {
-        assert!(started.elapsed() < WAIT, "chromedriver did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let mut caps = serde_json::Map::new();
     let mut options = json!({ "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
         "--disable-background-networking", "--disable-dev-shm-usage", "--window-size=1200,900"] });
@@ -63,7 +65,8 @@ async fn browser() -> (Killed, Client) {
     (driver, client)
 }
 
-/// Polls `f` until it returns `Some`, up to [`WAIT`].
+/// Polls `f` until it returns `Some`, up to [`WAIT`]. WebDriver has no way to push a change of
+/// the page to the test, so asking again is the only way to wait for one.
 async fn until<T, F, Fut>(what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,

@@ -194,6 +194,22 @@ async fn containers_of(id: &str) -> Vec<String> {
     list.into_iter().filter_map(|c| c.id).collect()
 }
 
+/// Waits for Docker's `destroy` events until no container of worker `id` is left.
+async fn all_removed(id: &str) {
+    let filters = std::collections::HashMap::from([
+        ("type".to_string(), vec!["container".to_string()]),
+        ("event".to_string(), vec!["destroy".to_string()]),
+        ("label".to_string(), vec![format!("cq.worker={id}")]),
+    ]);
+    let d = docker().await;
+    // Subscribe before looking, so a removal between the two is not missed.
+    let mut events =
+        d.events(Some(bollard::query_parameters::EventsOptions { filters: Some(filters), ..Default::default() }));
+    while !containers_of(id).await.is_empty() {
+        events.next().await.expect("Docker's event stream ended").unwrap();
+    }
+}
+
 async fn remove_containers_of(id: &str) {
     let d = docker().await;
     for c in containers_of(id).await {
@@ -267,13 +283,7 @@ async fn timeouts_cancels_and_memory_limits() {
     assert!(logs.contains("memory limit") && !logs.contains("survived"), "{logs}");
 
     // The cancelled container is gone (cancel kills at once; removal follows).
-    tokio::time::timeout(WAIT, async {
-        while !containers_of(&w.id).await.is_empty() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("containers removed");
+    tokio::time::timeout(WAIT, all_removed(&w.id)).await.expect("containers removed");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
