@@ -10,6 +10,7 @@ use hyper_util::rt::TokioIo;
 use protocol::definition::parse_json;
 use protocol::messages::{BrokerToClient, BrokerToWorker, ClientToBroker, ErrorBody, ErrorCode, WorkerToBroker};
 use protocol::{MAX_WS_MESSAGE, PROTOCOL_VERSION, close};
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
@@ -34,6 +35,9 @@ pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long the broker waits for the peer's half of the closing handshake before dropping the
 /// connection. Closing without reading it can reset the connection and lose the close frame.
 pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// After a protocol error the broker reads and discards what the peer still sends until it has
+/// been quiet this long (or [`CLOSE_LINGER`] has passed): the rest of an oversized message.
+const LINGER_QUIET: Duration = Duration::from_millis(250);
 /// Most queued outbound messages written before one flush.
 const WRITE_BATCH: usize = 64;
 
@@ -120,7 +124,7 @@ pub async fn serve(socket: WebSocket, role: Role, ctx: Context, header_token: Op
     let (mut sink, mut stream) = socket.split();
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, next_text(&mut stream)).await {
         Err(_) => return close_with(&mut sink, close::HELLO_TIMEOUT, "no hello within 10 seconds").await,
-        Ok(Err(code)) => return close_with(&mut sink, code, "socket error before hello").await,
+        Ok(Err(code)) => return close_and_linger(sink, stream, code, "socket error before hello").await,
         Ok(Ok(None)) => return,
         Ok(Ok(Some(text))) => text,
     };
@@ -220,6 +224,36 @@ async fn close_with(sink: &mut Sink, code: u16, reason: &'static str) {
     let _ = sink.close().await;
 }
 
+/// Sends the close frame, then keeps reading until the peer answers it, hangs up or
+/// [`CLOSE_LINGER`] passes. Dropping a socket with unread data resets the connection, and the
+/// peer would lose the close frame (and its code). After a protocol error — an oversized frame
+/// whose payload is still arriving — tungstenite cannot parse what follows, so those bytes are
+/// read raw and discarded until the peer is quiet for [`LINGER_QUIET`].
+async fn close_and_linger(mut sink: Sink, mut stream: Stream, code: u16, reason: &'static str) {
+    close_with(&mut sink, code, reason).await;
+    let protocol_error = code == close::TOO_BIG || code == close::PROTOCOL_ERROR;
+    let _ = tokio::time::timeout(CLOSE_LINGER, async move {
+        if !protocol_error {
+            loop {
+                match stream.next().await {
+                    None => return,
+                    Some(Ok(m)) if m.is_close() => return,
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) => break,
+                }
+            }
+        }
+        let Ok(mut socket) = sink.reunite(stream) else { return };
+        let mut buf = vec![0u8; 16 << 10];
+        while let Ok(Ok(n)) = tokio::time::timeout(LINGER_QUIET, socket.get_mut().read(&mut buf)).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 /// The next text message; `Ok(None)` when the peer closed, `Err(code)` on a protocol error.
 async fn next_text(stream: &mut Stream) -> Result<Option<String>, u16> {
     loop {
@@ -238,7 +272,7 @@ async fn next_text(stream: &mut Stream) -> Result<Option<String>, u16> {
 fn error_code(e: &tokio_tungstenite::tungstenite::Error) -> u16 {
     match e {
         tokio_tungstenite::tungstenite::Error::Capacity(_) => close::TOO_BIG,
-        _ => 1002,
+        _ => close::PROTOCOL_ERROR,
     }
 }
 
@@ -295,6 +329,11 @@ async fn session_loop(mut sink: Sink, mut stream: Stream, mut reg: Registration,
             },
             _ = close_signal.wait() => break close_signal.get(),
             _ = heartbeat.tick() => {
+                // A peer the outbox dropped is closed for that reason, even when the tick is
+                // picked first: a reader that stopped reading is usually silent too.
+                if let Some(reason) = close_signal.get() {
+                    break Some(reason);
+                }
                 if last_heard.elapsed() > HEARTBEAT_TIMEOUT {
                     break Some((close::HEARTBEAT_TIMEOUT, "nothing heard within the heartbeat timeout"));
                 }
@@ -314,15 +353,7 @@ async fn session_loop(mut sink: Sink, mut stream: Stream, mut reg: Registration,
                 let _ = sink.feed(Message::Text(text)).await;
             }
         }
-        close_with(&mut sink, code, reason).await;
-        let _ = tokio::time::timeout(CLOSE_LINGER, async {
-            while let Some(Ok(m)) = stream.next().await {
-                if m.is_close() {
-                    break;
-                }
-            }
-        })
-        .await;
+        close_and_linger(sink, stream, code, reason).await;
     }
     ctx.handle.send(Command::Disconnected { conn }, ReplyTo::None).await;
 }

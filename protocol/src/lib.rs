@@ -21,6 +21,8 @@ pub const MAX_WS_MESSAGE: usize = 1024 * 1024;
 pub mod close {
     /// The broker is shutting down; reconnect later (standard code).
     pub const GOING_AWAY: u16 = 1001;
+    /// The peer broke the websocket protocol (standard code).
+    pub const PROTOCOL_ERROR: u16 = 1002;
     /// A message was larger than [`crate::MAX_WS_MESSAGE`] (standard code).
     pub const TOO_BIG: u16 = 1009;
     /// The token was missing or wrong.
