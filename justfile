@@ -6,7 +6,7 @@ dev:
 
 # Run every test, as CI does.
 test:
-    cargo test --workspace
+    scripts/test.sh
 
 # Everything CI checks: formatting, lints, tests.
 ci:
