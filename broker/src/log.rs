@@ -41,6 +41,10 @@ pub enum LogError {
     NewerFormat { path: PathBuf, found: u32 },
     #[error("{path}: snapshot is corrupt ({why}); restore the data directory from a backup")]
     CorruptSnapshot { path: PathBuf, why: String },
+    #[error(
+        "data directory {dir} is in use by another cq broker (it holds {dir}/lock); stop it or use another --data-dir"
+    )]
+    InUse { dir: PathBuf },
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> LogError {
@@ -63,6 +67,9 @@ pub fn encode_event(event: &Event, buf: &mut Vec<u8>) {
 /// The open log, positioned at its end.
 #[derive(Debug)]
 pub struct Log {
+    /// The exclusive lock on `DATA_DIR/lock`, held while this log exists: two brokers writing
+    /// one data directory would remove each other's files.
+    _lock: File,
     dir: PathBuf,
     generation: u64,
     file: File,
@@ -84,6 +91,7 @@ impl Log {
     /// Opens (or creates) the store in `dir`, restoring its state into `core`.
     pub fn recover(dir: &Path, core: &mut Core) -> Result<(Log, RecoveryReport), LogError> {
         fs::create_dir_all(dir).map_err(io_err(format!("creating data directory {}", dir.display())))?;
+        let lock = lock_dir(dir)?;
         let mut generations: Vec<(u64, bool)> = Vec::new();
         for entry in fs::read_dir(dir).map_err(io_err(format!("reading {}", dir.display())))? {
             let name = entry.map_err(io_err("reading the data directory"))?.file_name();
@@ -122,8 +130,13 @@ impl Log {
             create_log(dir, generation)?
         };
         let size = file.metadata().map_err(io_err(format!("reading {}", path.display())))?.len();
-        let log =
-            Log { dir: dir.to_path_buf(), generation, file, bytes_since_snapshot: size.saturating_sub(HEADER_LEN) };
+        let log = Log {
+            _lock: lock,
+            dir: dir.to_path_buf(),
+            generation,
+            file,
+            bytes_since_snapshot: size.saturating_sub(HEADER_LEN),
+        };
         log.remove_older(generation);
         Ok((log, report))
     }
@@ -195,6 +208,23 @@ fn log_path(dir: &Path, generation: u64) -> PathBuf {
 
 fn sync_dir(dir: &Path) -> Result<(), LogError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(format!("fsync of {}", dir.display())))
+}
+
+/// Takes the data directory's advisory lock (released by the kernel when the process dies, so a
+/// crashed broker never leaves a stale lock behind).
+fn lock_dir(dir: &Path) -> Result<File, LogError> {
+    let path = dir.join("lock");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err(format!("opening {}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(LogError::InUse { dir: dir.to_path_buf() }),
+        Err(fs::TryLockError::Error(e)) => Err(io_err(format!("locking {}", path.display()))(e)),
+    }
 }
 
 fn create_log(dir: &Path, generation: u64) -> Result<File, LogError> {

@@ -70,14 +70,22 @@ impl TestBroker {
                     _ = kill_rx => {}
                 }
             });
-            // Dropping the runtime abandons every task mid-flight, like a crash would.
-            rt.shutdown_background();
+            // Dropping the runtime abandons every task mid-flight, like a crash would. Waiting
+            // for its threads to end makes sure nothing of this broker still touches the data
+            // directory when the next one starts on it (the log writer thread ends once the
+            // core task is dropped).
+            rt.shutdown_timeout(std::time::Duration::from_secs(30));
         });
         TestBroker { addr, _tmp: None, stop: Some(stop_tx), kill: Some(kill_tx), thread: Some(thread) }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The data directory of a broker started on a temporary one.
+    pub fn data_dir(&self) -> &Path {
+        self._tmp.as_ref().expect("a temporary data directory").path()
     }
 
     /// Stops the broker without a graceful shutdown and returns its data directory.

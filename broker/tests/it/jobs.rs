@@ -42,11 +42,13 @@ async fn logs_reach_a_watcher_while_the_job_runs() {
     let mut w = Ws::worker(b.addr, "w1", 1, json!([])).await;
     let id = job_id(&b.submit("q", "echo hi", json!({})).await.1);
     w.recv_type("assign").await;
-    w.send(json!({"type": "accept", "data": {"jobId": id, "attempt": 1}})).await;
     let mut c = Ws::client(b.addr).await;
     c.send(json!({"type": "watchJob", "data": {"jobId": id}})).await;
     let first = c.recv_type("job").await;
-    assert_eq!(first["data"]["job"]["state"], "running");
+    assert_eq!(first["data"]["job"]["state"], "assigned");
+    // The accept travels on another socket: wait for the watcher to see its effect.
+    w.send(json!({"type": "accept", "data": {"jobId": id, "attempt": 1}})).await;
+    assert_eq!(c.recv_type("job").await["data"]["job"]["state"], "running");
     let line = |t: &str| json!({"stream": "stdout", "time": 1, "text": t});
     w.send(json!({"type": "logs", "data": {"jobId": id, "attempt": 1, "lines": [line("one\n"), line("two\n")]}})).await;
     let logs = c.recv_type("logs").await;

@@ -168,3 +168,20 @@ async fn write_v1_fixture(dir: &Path) {
     )
     .unwrap();
 }
+
+/// Two brokers on one data directory would remove each other's files; the second refuses to
+/// start and names the directory, and a crashed broker leaves no stale lock behind.
+#[tokio::test]
+async fn a_second_broker_on_the_same_data_directory_refuses_to_start() {
+    let (dir, ids) = busy_then_crash().await;
+    let first = TestBroker::restart(dir);
+    let (status, _) = first.get(&format!("/j/{}", ids[0])).await;
+    assert_eq!(status, 200);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let data_dir = first.data_dir().to_path_buf();
+    let second = broker::run(listener, crate::common::config(&data_dir), std::future::pending()).await;
+    let message = second.expect_err("a second broker on the same directory").to_string();
+    assert!(message.contains("in use by another cq broker"), "{message}");
+    // The first broker is untouched.
+    check_after_restart(&first, &ids).await;
+}
