@@ -220,10 +220,10 @@ fn lock_dir(dir: &Path) -> Result<File, LogError> {
         .write(true)
         .open(&path)
         .map_err(io_err(format!("opening {}", path.display())))?;
-    match file.try_lock() {
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
         Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => Err(LogError::InUse { dir: dir.to_path_buf() }),
-        Err(fs::TryLockError::Error(e)) => Err(io_err(format!("locking {}", path.display()))(e)),
+        Err(e) if e == rustix::io::Errno::WOULDBLOCK => Err(LogError::InUse { dir: dir.to_path_buf() }),
+        Err(e) => Err(io_err(format!("locking {}", path.display()))(e.into())),
     }
 }
 
