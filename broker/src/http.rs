@@ -24,6 +24,8 @@ use crate::{submission, ui};
 
 /// Largest request body accepted by default (a submission with inline inputs).
 pub const DEFAULT_MAX_BODY: u64 = 4 << 20;
+/// Default and largest number of jobs `GET /j?prefix=` lists.
+pub const FIND_LIMIT: usize = 10;
 /// Default and largest page of log lines.
 pub const LOG_PAGE: usize = 10_000;
 
@@ -202,6 +204,22 @@ pub fn routes(
         },
     );
 
+    let find = warp::path!("j").and(warp::get()).and(client.clone()).and(warp::query::<FindQuery>()).and_then(
+        |ctx: Arc<Context>, q: FindQuery| async move {
+            let prefix = q
+                .prefix
+                .as_deref()
+                .ok_or_else(|| reject(ErrorCode::BadMessage, "give `prefix`, the first hex digits of a job id"))?
+                .parse()
+                .map_err(|m: String| reject(ErrorCode::BadMessage, format!("`prefix`: {m}")))?;
+            let limit = q.limit.unwrap_or(FIND_LIMIT).clamp(1, FIND_LIMIT);
+            Ok::<_, Rejection>(respond(ctx.handle.call(Command::FindJobs { prefix, limit }).await, |r| match r {
+                CoreReply::Jobs(jobs) => json_reply(StatusCode::OK, &json!({ "jobs": jobs })),
+                other => unexpected(other),
+            }))
+        },
+    );
+
     let definition = warp::path!("j" / String / "definition").and(warp::get()).and(client.clone()).and_then(
         |id: String, ctx: Arc<Context>| async move {
             let job = parse_id(&id)?;
@@ -271,8 +289,20 @@ pub fn routes(
     // Boxing the groups keeps the filter types shallow enough to compile quickly.
     let ops = healthz.or(readyz).unify().or(metrics).unify().boxed();
     let queue_routes = submit.or(list).unify().or(scale).unify().or(summary).unify().or(queues).unify().boxed();
-    let job_routes =
-        logs.or(events).unify().or(cancel).unify().or(job).unify().or(forget).unify().or(definition).unify().boxed();
+    let job_routes = logs
+        .or(events)
+        .unify()
+        .or(cancel)
+        .unify()
+        .or(job)
+        .unify()
+        .or(forget)
+        .unify()
+        .or(definition)
+        .unify()
+        .or(find)
+        .unify()
+        .boxed();
     let api = ops.or(queue_routes).unify().or(job_routes).unify().or(ui::routes()).unify();
     api.recover(recover)
         .unify()
@@ -326,6 +356,15 @@ pub fn scale_answer(
         "slotsPerWorker": slots_per_worker,
         "desiredWorkers": desired,
     })
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FindQuery {
+    prefix: Option<String>,
+    limit: Option<usize>,
+    #[allow(dead_code)]
+    token: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

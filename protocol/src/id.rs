@@ -35,6 +35,50 @@ impl fmt::Debug for JobId {
     }
 }
 
+/// Fewest hex digits accepted as an abbreviated job id: with fewer, unrelated jobs share
+/// prefixes too often for a prefix to name one.
+pub const MIN_ID_PREFIX: usize = 6;
+
+/// The leading hex digits of a job id, as people type them (`f06afc`, 6 to 64 digits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdPrefix(String);
+
+impl IdPrefix {
+    /// Whether `id` starts with these digits.
+    pub fn matches(&self, id: &JobId) -> bool {
+        // Compares nibble by nibble, so scanning every job allocates nothing.
+        self.0.bytes().enumerate().all(|(i, digit)| {
+            let byte = id.0[i / 2];
+            let nibble = if i % 2 == 0 { byte >> 4 } else { byte & 0xf };
+            b"0123456789abcdef"[nibble as usize] == digit
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for IdPrefix {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.to_ascii_lowercase();
+        if !lower.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!("`{}` is not a job id: ids are hex digits", s.chars().take(80).collect::<String>()));
+        }
+        if lower.len() < MIN_ID_PREFIX || lower.len() > 64 {
+            return Err(format!("`{s}` is not a job id: give at least {MIN_ID_PREFIX} of its 64 hex digits"));
+        }
+        Ok(IdPrefix(lower))
+    }
+}
+
+impl fmt::Display for IdPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 /// A string that is not 64 lowercase hex digits was given as a job id or content hash.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("`{0}` is not a sha256 hex digest (64 lowercase hex digits)")]

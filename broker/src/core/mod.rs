@@ -123,6 +123,12 @@ impl Core {
             },
             Command::ListJobs { queue, state, limit } => Reply::Jobs(self.list(&queue, state, limit)),
             Command::Summary { queue } => Reply::Summary(self.summary(&queue)),
+            Command::FindJobs { prefix, limit } => {
+                // A scan of every retained job: prefixes are typed by people, a few at a time.
+                let mut found: Vec<&Job> = self.jobs.values().filter(|j| prefix.matches(&j.id)).collect();
+                found.sort_by_key(|j| std::cmp::Reverse(j.submitted_at));
+                Reply::Jobs(found.into_iter().take(limit).map(Job::view).collect())
+            }
             Command::GetLogs { job, since, limit } => match self.jobs.get(&job) {
                 Some(j) => {
                     let start = (since as usize).min(j.logs.len());

@@ -97,6 +97,11 @@ pub enum Command {
     Summary {
         queue: Option<String>,
     },
+    /// Jobs whose id starts with `prefix`, newest first, at most `limit`.
+    FindJobs {
+        prefix: protocol::id::IdPrefix,
+        limit: usize,
+    },
     GetLogs {
         job: JobId,
         since: u64,
@@ -121,6 +126,7 @@ impl Command {
                 | Command::GetJob { .. }
                 | Command::ListJobs { .. }
                 | Command::Summary { .. }
+                | Command::FindJobs { .. }
                 | Command::GetLogs { .. }
                 | Command::Overview
                 | Command::BlobRefs
