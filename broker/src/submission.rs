@@ -45,7 +45,11 @@ pub async fn prepare(
     if retries.is_some_and(|r| r > MAX_RETRIES) {
         return Err(ErrorBody::new(ErrorCode::InvalidDefinition, format!("`retries`: at most {MAX_RETRIES}")));
     }
-    let mut definition = definition.normalize().map_err(|e| ErrorBody::invalid(&e))?;
+    let mut definition = definition.normalize().map_err(|mut e| {
+        // Paths are relative to the submission, over HTTP and websocket alike, as parse errors are.
+        e.field = if e.field.is_empty() { "definition".into() } else { format!("definition.{}", e.field) };
+        ErrorBody::invalid(&e)
+    })?;
     // The id depends only on content, so it is the same before and after inputs move.
     let job = definition.job_id();
     resolve_inputs(&mut definition, blobs).await?;
@@ -72,7 +76,7 @@ async fn resolve_inputs(definition: &mut JobDefinition, blobs: &BlobStore) -> Re
             if body.code == ErrorCode::NotFound || body.code == ErrorCode::HashMismatch {
                 body.code = ErrorCode::InvalidDefinition;
             }
-            body.message = format!("`inputs.{path}`: {}", body.message);
+            body.message = format!("`definition.inputs.{path}`: {}", body.message);
             body
         };
         match data {

@@ -371,7 +371,7 @@ fn error_text(role: Role, e: ErrorBody) -> String {
 async fn inbound_message(text: &str, conn: ConnId, role: Role, ctx: &Context) -> Option<String> {
     match role {
         Role::Worker => {
-            let msg = match parse_json::<WorkerToBroker>(text.as_bytes()) {
+            let msg = match parse_message::<WorkerToBroker>(text) {
                 Ok(m) => m,
                 Err(e) => {
                     return Some(error_text(
@@ -388,7 +388,7 @@ async fn inbound_message(text: &str, conn: ConnId, role: Role, ctx: &Context) ->
             None
         }
         Role::Client => {
-            let msg = match parse_json::<ClientToBroker>(text.as_bytes()) {
+            let msg = match parse_message::<ClientToBroker>(text) {
                 Ok(m) => m,
                 Err(e) => return Some(error_text(role, explain_client_error(text, e))),
             };
@@ -456,24 +456,48 @@ fn checked_outputs(msg: WorkerToBroker) -> WorkerToBroker {
     WorkerToBroker::Finish { job_id, attempt, status, outputs }
 }
 
-/// Serde cannot say where inside an enum's payload parsing failed, so a failed `submit` is
-/// parsed again on its own to name the offending field (and echo its `request`).
-fn explain_client_error(text: &str, e: protocol::DefinitionError) -> ErrorBody {
-    let value: Option<serde_json::Value> = serde_json::from_str(text).ok();
-    if let Some(v) = value.filter(|v| v["type"] == "submit") {
-        let request = v["data"]["request"].as_u64();
-        if let Err(inner) = protocol::definition::from_value::<protocol::messages::SubmitMessage>(v["data"].clone()) {
-            let code = if inner.field.starts_with("definition") {
-                ErrorCode::InvalidDefinition
-            } else {
-                ErrorCode::BadMessage
+/// Parses a message after the hello. A message without a payload (`heartbeat`, `drain`) may
+/// carry `data` absent, `null` or `{}`; serde accepts the first two, so an empty object is
+/// retried without it. Only the error path pays for the retry.
+fn parse_message<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, protocol::DefinitionError> {
+    match parse_json::<T>(text.as_bytes()) {
+        Ok(m) => Ok(m),
+        Err(e) => {
+            let Ok(serde_json::Value::Object(mut v)) = serde_json::from_str::<serde_json::Value>(text) else {
+                return Err(e);
             };
-            let mut body = ErrorBody::new(code, format!("invalid submit: {inner}"));
-            body.request = request;
-            return body;
+            if !v.get("data").is_some_and(|d| d.as_object().is_some_and(|d| d.is_empty())) {
+                return Err(e);
+            }
+            v.remove("data");
+            protocol::definition::from_value(serde_json::Value::Object(v)).map_err(|_| e)
         }
     }
-    ErrorBody::new(ErrorCode::BadMessage, format!("not a client message: {e}"))
+}
+
+/// Serde cannot say where inside an enum's payload parsing failed, so a failed `submit` is
+/// parsed again on its own to name the offending field. The error carries the message's
+/// `request` whenever that much of it could be read, whatever the message's type.
+fn explain_client_error(text: &str, e: protocol::DefinitionError) -> ErrorBody {
+    let value: Option<serde_json::Value> = serde_json::from_str(text).ok();
+    let request = value.as_ref().and_then(|v| v["data"]["request"].as_u64());
+    let mut body = match value.filter(|v| v["type"] == "submit") {
+        Some(v) => match protocol::definition::from_value::<protocol::messages::SubmitMessage>(v["data"].clone()) {
+            Err(inner) => {
+                let code = if inner.field.starts_with("definition") {
+                    ErrorCode::InvalidDefinition
+                } else {
+                    ErrorCode::BadMessage
+                };
+                // The same words as the HTTP API's for the same mistake.
+                ErrorBody::new(code, inner.to_string())
+            }
+            Ok(_) => ErrorBody::new(ErrorCode::BadMessage, format!("not a client message: {e}")),
+        },
+        None => ErrorBody::new(ErrorCode::BadMessage, format!("not a client message: {e}")),
+    };
+    body.request = request;
+    body
 }
 
 /// Shared by the HTTP layer: the context as an `Arc` for warp filters.

@@ -186,6 +186,14 @@ fn path_error(e: serde_path_to_error::Error<serde_json::Error>) -> DefinitionErr
     let inner = e.into_inner();
     let malformed = matches!(inner.classify(), serde_json::error::Category::Syntax | serde_json::error::Category::Eof);
     let mut message = inner.to_string();
+    if !malformed {
+        // Where a value sits in the text differs between a body and a websocket message; the
+        // path names it the same way in both.
+        let at = format!(" at line {} column {}", inner.line(), inner.column());
+        if let Some(m) = message.strip_suffix(&at) {
+            message = m.to_string();
+        }
+    }
     if message.starts_with("data did not match any variant of untagged enum") {
         message = "has the wrong type".into();
     }

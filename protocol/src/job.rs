@@ -137,7 +137,8 @@ pub struct JobView {
     pub attempt: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub worker: Option<WorkerId>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Always present (empty when none), as the protocol documents.
+    #[serde(default)]
     pub namespaces: Vec<String>,
     pub priority: i32,
     /// Times in milliseconds since the Unix epoch.
@@ -150,7 +151,7 @@ pub struct JobView {
     pub progress: Option<Progress>,
     /// Log lines stored so far; the next line has this offset.
     pub log_lines: u64,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub outputs: Vec<OutputFile>,
     /// Increases with every change, so a client can drop stale updates.
     pub version: u64,
@@ -165,7 +166,7 @@ pub struct WorkerView {
     pub slots: u32,
     pub busy: u32,
     pub gpus: u32,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub tags: Vec<String>,
     pub connected: bool,
     pub draining: bool,
@@ -180,7 +181,7 @@ pub struct QueueSummary {
     pub assigned: u64,
     pub running: u64,
     pub finished: u64,
-    /// Age in milliseconds of the oldest queued job.
+    /// Age in milliseconds of the oldest queued job; absent when nothing is queued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_queued_ms: Option<u64>,
     pub workers: u32,

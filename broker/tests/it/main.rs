@@ -4,6 +4,7 @@
 mod bad_input;
 mod blobs;
 mod common;
+mod conformance;
 mod jobs;
 mod k8s;
 mod ops;
