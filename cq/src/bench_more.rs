@@ -201,7 +201,7 @@ pub async fn connections(args: BenchArgs) -> Result<std::process::ExitCode> {
     let tmp = tempfile::tempdir().context("creating a temporary data directory")?;
     let exe = std::env::current_exe()?;
     let mut child = tokio::process::Command::new(exe)
-        .args(["--log", "warn", "broker", "--listen", "127.0.0.1:0", "--fsync", "never", "--data-dir"])
+        .args(["broker", "--log", "warn", "--listen", "127.0.0.1:0", "--fsync", "never", "--data-dir"])
         .arg(tmp.path())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)

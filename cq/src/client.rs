@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use futures_util::{SinkExt, StreamExt};
+use protocol::id::IdPrefix;
 use protocol::messages::{BrokerToClient, ClientHello, ClientToBroker};
 use protocol::{JobId, JobState, JobView, LogLine, PROTOCOL_VERSION};
 use serde_json::Value;
@@ -43,19 +44,49 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.with_context(|| {
-            format!("cannot reach the broker at {} (is it running? start one with `cq dev`)", self.base)
-        })?;
+        let resp = req.send().await.map_err(|e| connection_error(&self.base, &e))?;
         let status = resp.status();
         let text = resp.text().await.context("reading the broker's answer")?;
         if status.is_success() {
             if text.is_empty() {
                 return Ok(Value::Null);
             }
-            return serde_json::from_str(&text)
-                .with_context(|| format!("the broker answered with something that is not JSON: {text}"));
+            return serde_json::from_str(&text).with_context(|| {
+                format!("{url} answered with something that is not JSON; is --url the broker's address? {text:.200}")
+            });
+        }
+        if status == reqwest::StatusCode::NOT_FOUND && !is_api_error(&text, "notFound") {
+            return Err(no_such_endpoint(&url, &self.base));
         }
         Err(anyhow!("{} (HTTP {status})", worker::blobs::error_message(&text)))
+    }
+
+    /// The job a full id or an abbreviated one (6 or more of its first hex digits) names;
+    /// an ambiguous prefix is refused with the jobs it could mean.
+    pub async fn resolve(&self, given: &str) -> Result<JobId> {
+        let lower = given.trim().to_ascii_lowercase();
+        if let Ok(id) = lower.parse::<JobId>() {
+            return Ok(id);
+        }
+        let prefix: IdPrefix = lower.parse().map_err(|m: String| anyhow!(m))?;
+        let found = self.get(&format!("/j?prefix={prefix}")).await?;
+        let jobs: Vec<JobView> =
+            serde_json::from_value(found["jobs"].clone()).context("the broker's list of jobs is malformed")?;
+        match jobs.as_slice() {
+            [] => bail!("no job's id starts with `{prefix}` (finished jobs are kept for the broker's --retention)"),
+            [one] => Ok(one.id),
+            many => {
+                let lines: Vec<String> = many
+                    .iter()
+                    .map(|j| format!("  {}  {:<9} queue {}", j.id, crate::commands::state_word(j.state), j.queue))
+                    .collect();
+                bail!(
+                    "`{prefix}` is ambiguous; it starts the ids of{}:\n{}\ngive more digits",
+                    if many.len() >= broker::http::FIND_LIMIT { " (at least)" } else { "" },
+                    lines.join("\n")
+                )
+            }
+        }
     }
 
     pub async fn get(&self, path: &str) -> Result<Value> {
@@ -81,10 +112,13 @@ impl Client {
         mut on_update: impl FnMut(&JobView),
     ) -> Result<JobView> {
         let mut failures = 0;
+        let mut connected = false;
         loop {
-            match self.follow_once(job, &mut since, &mut on_log, &mut on_update).await {
+            match self.follow_once(job, &mut since, &mut connected, &mut on_log, &mut on_update).await {
                 Ok(Some(view)) => return Ok(view),
                 Ok(None) => {}
+                // A broker that was never reached is reported at once; a dropped connection is retried.
+                Err(e) if !connected => return Err(e),
                 Err(e) if failures < FOLLOW_RECONNECTS => tracing::debug!(error = %e, "following failed; reconnecting"),
                 Err(e) => return Err(e),
             }
@@ -100,6 +134,7 @@ impl Client {
         &self,
         job: JobId,
         since: &mut u64,
+        connected: &mut bool,
         on_log: &mut impl FnMut(&LogLine),
         on_update: &mut impl FnMut(&JobView),
     ) -> Result<Option<JobView>> {
@@ -109,9 +144,14 @@ impl Client {
                 .headers_mut()
                 .insert("authorization", format!("Bearer {t}").parse().context("token is not a valid header value")?);
         }
-        let (mut socket, _) = tokio_tungstenite::connect_async(request)
-            .await
-            .with_context(|| format!("cannot open a websocket to {}", self.base))?;
+        let url = self.ws_url("/ws/client");
+        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| match &e {
+            tokio_tungstenite::tungstenite::Error::Http(resp) if resp.status() == 404 => {
+                no_such_endpoint(&url, &self.base)
+            }
+            _ => connection_error(&self.base, &e),
+        })?;
+        *connected = true;
         let hello = ClientToBroker::Hello(ClientHello {
             protocol: PROTOCOL_VERSION,
             token: None,
@@ -121,6 +161,7 @@ impl Client {
         socket
             .send(Message::text(serde_json::to_string(&ClientToBroker::WatchJob { job_id: job, since: *since })?))
             .await?;
+        let mut finished: Option<JobView> = None;
         while let Some(msg) = socket.next().await {
             let text = match msg? {
                 Message::Text(t) => t,
@@ -141,15 +182,75 @@ impl Client {
                 }
                 BrokerToClient::Job { job } => {
                     on_update(&job);
-                    // Log lines are sent before the update that finishes the job.
                     if job.state == JobState::Finished {
-                        return Ok(Some(job));
+                        finished = Some(job);
                     }
                 }
-                BrokerToClient::Error(e) => bail!("{}", e.message),
+                // A refusal (unknown job, wrong token) will not change on a retry.
+                BrokerToClient::Error(e) => {
+                    *connected = false;
+                    bail!("{}", e.message)
+                }
                 _ => {}
+            }
+            // Live, log lines come before the update that finishes the job; but a job that had
+            // finished before the watch began is sent as its view first, then its log.
+            if let Some(job) = finished.take_if(|job| *since >= job.log_lines) {
+                return Ok(Some(job));
             }
         }
         Ok(None)
     }
+}
+
+/// One message for every way of failing to reach the broker: the URL tried, what went wrong
+/// (once, not repeated by each layer of the error chain) and a hint that fits the cause.
+pub fn connection_error(base: &str, e: &(dyn std::error::Error + 'static)) -> anyhow::Error {
+    let mut chain: Vec<String> = Vec::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = next {
+        chain.push(err.to_string());
+        next = err.source();
+    }
+    let all = chain.join(": ").to_lowercase();
+    // The innermost error is the cause; outer layers mostly repeat it with their own prefix.
+    let cause = chain.last().cloned().unwrap_or_default();
+    let (what, hint) = if all.contains("dns error") || all.contains("failed to lookup address") {
+        ("cannot resolve the host name", "check the host in --url (or CQ_URL)")
+    } else if all.contains("connection refused") {
+        ("nothing listens there", "is the broker running? Start one with `cq dev`, or point --url (or CQ_URL) at it")
+    } else if all.contains("tls")
+        || all.contains("certificate")
+        || all.contains("corrupt message")
+        || all.contains("handshake")
+    {
+        (
+            "the TLS handshake failed",
+            "if the broker serves plain HTTP, use an http:// URL; if its certificate comes from a private CA, \
+             add that CA to the system's trust store",
+        )
+    } else if all.contains("timed out") {
+        ("the connection timed out", "check the address and any firewall between here and the broker")
+    } else if all.contains("connection reset") || all.contains("connection closed") || all.contains("invalid http") {
+        (
+            "the connection failed",
+            "is --url the broker's address, and does its scheme (http or https) match the broker's?",
+        )
+    } else {
+        ("the connection failed", "check --url (or CQ_URL)")
+    };
+    anyhow!("cannot reach the broker at {base}: {what} ({cause}); {hint}")
+}
+
+/// Whether `text` is the broker's JSON error with `code` (as opposed to some other server's 404).
+fn is_api_error(text: &str, code: &str) -> bool {
+    let v: Value = serde_json::from_str(text).unwrap_or_default();
+    v["error"]["code"] == code && !v["error"]["message"].as_str().unwrap_or("").starts_with("no such endpoint")
+}
+
+fn no_such_endpoint(url: &str, base: &str) -> anyhow::Error {
+    anyhow!(
+        "{url} is not a broker endpoint (HTTP 404); is {base} the broker's address? It takes no path, e.g. \
+         --url http://127.0.0.1:8000"
+    )
 }

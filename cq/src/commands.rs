@@ -14,7 +14,7 @@ use protocol::{FinishReason, JobId, JobState, JobView, LogLine, Stream};
 use serde_json::{Value, json};
 
 use crate::client::Client;
-use crate::{BrokerArgs, CancelArgs, DevArgs, Fsync, LogsArgs, StatusArgs, SubmitArgs, WorkerArgs};
+use crate::{BrokerArgs, CancelArgs, DevArgs, Fsync, LogsArgs, Output, StatusArgs, SubmitArgs, WorkerArgs};
 
 pub async fn dev(args: DevArgs) -> Result<ExitCode> {
     let data_dir = match args.data_dir {
@@ -289,23 +289,79 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     let id: JobId =
         answer["jobId"].as_str().unwrap_or_default().parse().context("the broker's answer has no job id")?;
     let outcome = answer["outcome"].as_str().unwrap_or("");
+    let json = args.output == Output::Json;
     if !args.wait {
-        outln!("{id}");
+        if json {
+            outln!("{}", serde_json::to_string_pretty(&answer)?);
+        } else {
+            outln!("{id}");
+        }
+        let short = id.short();
         if outcome == "cached" {
-            eprintln!("(cached result; --force runs it again)");
+            eprintln!("cq: a cached result (--force runs it again); see it with `cq status {short}`");
+        } else {
+            eprintln!(
+                "cq: job {outcome} on queue `{}`; follow it with `cq logs -f {short}`, or `cq status {short}`",
+                args.queue
+            );
         }
         return Ok(ExitCode::SUCCESS);
     }
+    // Listen for Ctrl-C before saying anything, so that an interrupt from the moment the job is
+    // announced is caught.
+    let mut interrupt = interrupt_signal()?;
     eprintln!("cq: job {id} ({outcome}) on queue {}", args.queue);
-    let view = follow(&client, id, 0).await?;
+    let following = follow(&client, id, 0, json);
+    let view = tokio::select! {
+        view = following => view?,
+        _ = interrupt.recv() => return interrupted(&client, id, args.cancel_on_interrupt, json).await,
+    };
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&view)?);
+    }
     Ok(exit_code(&view))
 }
 
-/// Follows a job, printing its logs, and returns its final state.
-async fn follow(client: &Client, id: JobId, since: u64) -> Result<JobView> {
+/// A stream of SIGINTs (Ctrl-C), listening from the moment it is made.
+fn interrupt_signal() -> Result<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).context("listening for Ctrl-C")
+}
+
+/// Ctrl-C while following: by default the job keeps running, and the user is told so and how
+/// to get back to it; with `--cancel-on-interrupt` it is cancelled (like `docker run`'s
+/// attached mode, where Ctrl-C stops the container).
+async fn interrupted(client: &Client, id: JobId, cancel: bool, json: bool) -> Result<ExitCode> {
+    let short = id.short();
+    if cancel {
+        let v: JobView = serde_json::from_value(client.post(&format!("/j/{id}/cancel"), &json!({})).await?)?;
+        eprintln!("\ncq: interrupted; {}", describe_end(&v));
+        if json {
+            outln!("{}", serde_json::to_string_pretty(&v)?);
+        }
+    } else {
+        eprintln!(
+            "\ncq: stopped following; job {short} is not cancelled: it stays on the broker and runs to its end.\n    \
+             follow it again: cq logs -f {short}\n    cancel it:       cq cancel {short}\n    \
+             (--cancel-on-interrupt cancels on Ctrl-C instead)"
+        );
+    }
+    Ok(ExitCode::from(130))
+}
+
+/// Follows a job, printing its logs (all of them to stderr with `logs_to_stderr`), and returns
+/// its final state.
+async fn follow(client: &Client, id: JobId, since: u64, logs_to_stderr: bool) -> Result<JobView> {
     let mut last_state = None;
+    let on_log = |line: &LogLine| {
+        if logs_to_stderr {
+            let newline = if line.text.ends_with('\n') { "" } else { "\n" };
+            eprint!("{}{newline}", line.text);
+        } else {
+            print_line(line);
+        }
+    };
     let view = client
-        .follow(id, since, print_line, |job| {
+        .follow(id, since, on_log, |job| {
             let state = (job.state, job.progress.as_ref().map(|p| p.phase));
             if last_state != Some(state) && job.state != JobState::Finished {
                 let worker = job.worker.as_ref().map(|w| format!(" on {w}")).unwrap_or_default();
@@ -336,7 +392,7 @@ fn print_line(line: &LogLine) {
     }
 }
 
-fn state_word(s: JobState) -> &'static str {
+pub(crate) fn state_word(s: JobState) -> &'static str {
     match s {
         JobState::Queued => "queued",
         JobState::Assigned => "assigned",
@@ -358,7 +414,18 @@ fn describe_end(v: &JobView) -> String {
         .filter(|_| v.reason != Some(FinishReason::Failed))
         .map(|m| format!(": {m}"))
         .unwrap_or_default();
-    format!("job {} {reason}{duration}{code}{message}", v.id.short())
+    let hint = v.message.as_deref().and_then(pull_hint).map(|h| format!("\ncq: {h}")).unwrap_or_default();
+    format!("job {} {reason}{duration}{code}{message}{hint}", v.id.short())
+}
+
+/// What to try when the worker could not pull the job's image, most often because it has no
+/// registry access: an image that is already there, or one built from a recipe.
+fn pull_hint(message: &str) -> Option<&'static str> {
+    (message.contains("pulling image") || message.contains("not found (or access denied)")).then_some(
+        "the worker could not pull the image. Without registry access, run an image its Docker already has \
+         (`docker images`; scripts/test-image.sh builds cq-test/busybox), or give a `build` recipe \
+         (an inline Dockerfile, a git or tarball URL) in a --file definition",
+    )
 }
 
 /// The process exit code for a finished job: the container's own code, 124 when it timed
@@ -378,10 +445,11 @@ fn exit_code(v: &JobView) -> ExitCode {
 
 pub async fn status(args: StatusArgs) -> Result<ExitCode> {
     let client = Client::new(&args.conn.url, args.conn.token)?;
+    let json = args.json || args.output == Output::Json;
     if let Some(job) = args.job {
-        let id: JobId = job.parse().context("not a job id")?;
+        let id = client.resolve(&job).await?;
         let v = client.get(&format!("/j/{id}")).await?;
-        if args.json {
+        if json {
             outln!("{}", serde_json::to_string_pretty(&v)?);
         } else {
             let view: JobView = serde_json::from_value(v)?;
@@ -397,7 +465,7 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
         Some(q) => client.get(&format!("/q/{q}/j?limit=20")).await?["jobs"].as_array().cloned().unwrap_or_default(),
         None => Vec::new(),
     };
-    if args.json {
+    if json {
         outln!("{}", serde_json::to_string_pretty(&json!({ "queues": summaries, "jobs": jobs }))?);
         return Ok(ExitCode::SUCCESS);
     }
@@ -453,6 +521,9 @@ fn print_job(v: &JobView) {
     }
     if let Some(m) = &v.message {
         outln!("message   {m}");
+        if let Some(hint) = pull_hint(m) {
+            outln!("hint      {hint}");
+        }
     }
     outln!("attempt   {}", v.attempt);
     if let Some(w) = &v.worker {
@@ -469,9 +540,9 @@ fn print_job(v: &JobView) {
 
 pub async fn logs(args: LogsArgs) -> Result<ExitCode> {
     let client = Client::new(&args.conn.url, args.conn.token)?;
-    let id: JobId = args.job.parse().context("not a job id")?;
+    let id = client.resolve(&args.job).await?;
     if args.follow {
-        let view = follow(&client, id, args.since).await?;
+        let view = follow(&client, id, args.since, false).await?;
         return Ok(exit_code(&view));
     }
     let mut since = args.since;
@@ -490,18 +561,31 @@ pub async fn logs(args: LogsArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Exit code of `cq cancel` when there was nothing to cancel: the job had already finished.
+const NOTHING_CANCELLED: u8 = 1;
+
 pub async fn cancel(args: CancelArgs) -> Result<ExitCode> {
     let client = Client::new(&args.conn.url, args.conn.token)?;
-    let id: JobId = args.job.parse().context("not a job id")?;
+    let id = client.resolve(&args.job).await?;
+    // The broker answers a cancel of a finished job with its view, unchanged; asking first tells
+    // "cancelled now" from "had already finished".
+    let before: JobView = serde_json::from_value(client.get(&format!("/j/{id}")).await?)?;
+    if before.state == JobState::Finished {
+        eprintln!("cq: nothing to cancel: {}", describe_end(&before));
+        return Ok(ExitCode::from(NOTHING_CANCELLED));
+    }
     let body = match args.namespace {
         Some(ns) => json!({ "namespace": ns }),
         None => json!({}),
     };
     let v: JobView = serde_json::from_value(client.post(&format!("/j/{id}/cancel"), &body).await?)?;
-    if v.state == JobState::Finished {
-        outln!("{}", describe_end(&v));
-    } else {
-        outln!("job {} is {} (other namespaces still want it)", v.id.short(), state_word(v.state));
+    match (v.state, v.reason) {
+        (JobState::Finished, Some(FinishReason::Cancelled)) => outln!("{}", describe_end(&v)),
+        (JobState::Finished, _) => {
+            eprintln!("cq: nothing to cancel: it finished first; {}", describe_end(&v));
+            return Ok(ExitCode::from(NOTHING_CANCELLED));
+        }
+        _ => outln!("job {} is {} (other namespaces still want it)", v.id.short(), state_word(v.state)),
     }
     Ok(ExitCode::SUCCESS)
 }

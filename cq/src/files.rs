@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
+use protocol::JobView;
 use protocol::definition::{DataRef, JobDefinition, validate_relative_path};
-use protocol::{JobId, JobView};
 use worker::blobs::{BlobClient, Digested};
 
 use crate::OutputsArgs;
@@ -69,7 +69,7 @@ pub async fn add_inputs(
 /// `cq outputs JOB [-o DIR]`.
 pub async fn outputs(args: OutputsArgs) -> Result<ExitCode> {
     let client = Client::new(&args.conn.url, args.conn.token.clone())?;
-    let id: JobId = args.job.parse().context("not a job id")?;
+    let id = client.resolve(&args.job).await?;
     let view: JobView = serde_json::from_value(client.get(&format!("/j/{id}")).await?)?;
     if view.outputs.is_empty() {
         eprintln!("cq: job {id} has no outputs (state: {:?})", view.state);

@@ -29,18 +29,27 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// cq: run containerised jobs on remote computers, reliably, and watch them live.
 ///
 /// Start everything on this machine with `cq dev`, then submit a job with
-/// `cq submit --image busybox --wait -- echo hello`.
+/// `cq submit --image cq-test/busybox --wait -- echo hello` (`scripts/test-image.sh` builds that
+/// image; any image from a registry works too). Jobs are named by their id or its first 6+ hex
+/// digits.
 #[derive(Debug, Parser)]
 #[command(name = "cq", version, propagate_version = true, max_term_width = 100)]
 struct Cli {
-    /// Log format of the broker and worker.
-    #[arg(long, global = true, env = "CQ_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
-    log_format: LogFormat,
-    /// Log filter, e.g. `info`, `debug`, `broker=debug`.
-    #[arg(long, global = true, env = "CQ_LOG", default_value = "info")]
-    log: String,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How the broker and worker log (the commands that run them have these flags; client commands
+/// log only warnings, or what `CQ_LOG` asks for).
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Logging")]
+struct LogArgs {
+    /// Log format.
+    #[arg(long, env = "CQ_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log filter, e.g. `info`, `debug`, `broker=debug`.
+    #[arg(long, env = "CQ_LOG", default_value = "info")]
+    log: String,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -73,6 +82,8 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct BenchArgs {
+    #[command(flatten)]
+    logging: LogArgs,
     /// Benchmark the broker at this URL instead of one started in-process.
     #[arg(long, env = "CQ_URL")]
     url: Option<String>,
@@ -114,6 +125,15 @@ struct BenchArgs {
     connections: usize,
 }
 
+/// How client commands print their result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// For people.
+    Text,
+    /// One JSON document on stdout, for scripts.
+    Json,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Scenario {
     Lifecycle,
@@ -134,6 +154,8 @@ struct Connection {
 
 #[derive(Debug, Args)]
 struct DevArgs {
+    #[command(flatten)]
+    logging: LogArgs,
     /// Address to listen on.
     #[arg(long, env = "CQ_LISTEN", default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
@@ -150,6 +172,8 @@ struct DevArgs {
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
+    #[command(flatten)]
+    logging: LogArgs,
     /// Broker URL.
     #[arg(long, env = "CQ_URL", default_value = "http://127.0.0.1:8000")]
     pub url: String,
@@ -190,6 +214,8 @@ pub struct WorkerArgs {
 
 #[derive(Debug, Args)]
 struct BrokerArgs {
+    #[command(flatten)]
+    logging: LogArgs,
     /// Address to listen on.
     #[arg(long, env = "CQ_LISTEN", default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
@@ -340,8 +366,14 @@ struct SubmitArgs {
     /// Follow the job: print its logs live and exit with its exit code.
     #[arg(long, short)]
     wait: bool,
-    /// The command to run, after `--`.
-    #[arg(last = true)]
+    /// With --wait: Ctrl-C cancels the job instead of leaving it running.
+    #[arg(long, requires = "wait")]
+    cancel_on_interrupt: bool,
+    /// `json` prints the broker's answer (with --wait: the finished job, its log going to stderr).
+    #[arg(long, short, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// The command to run in the container, after `--` (e.g. `-- sh -c 'echo hi'`).
+    #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
 }
 
@@ -349,13 +381,16 @@ struct SubmitArgs {
 struct StatusArgs {
     #[command(flatten)]
     conn: Connection,
-    /// A job id; without it, show the queue (or every queue).
+    /// A job id, or at least 6 of its first hex digits; without it, show the queue (or every queue).
     job: Option<String>,
     /// Queue to show.
     #[arg(long, short, env = "CQ_QUEUE")]
     queue: Option<String>,
-    /// Print JSON.
-    #[arg(long)]
+    /// `json` prints what the broker answered.
+    #[arg(long, short, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// Same as `--output json`.
+    #[arg(long, hide = true)]
     json: bool,
 }
 
@@ -363,6 +398,7 @@ struct StatusArgs {
 struct LogsArgs {
     #[command(flatten)]
     conn: Connection,
+    /// The job's id, or at least 6 of its first hex digits (as `cq status` prints them).
     job: String,
     /// Keep following until the job finishes.
     #[arg(long, short)]
@@ -376,6 +412,7 @@ struct LogsArgs {
 struct OutputsArgs {
     #[command(flatten)]
     conn: Connection,
+    /// The job's id, or at least 6 of its first hex digits (as `cq status` prints them).
     job: String,
     /// Directory to write the outputs into (created if needed).
     #[arg(long, short, default_value = ".")]
@@ -392,6 +429,7 @@ struct OutputsArgs {
 struct CancelArgs {
     #[command(flatten)]
     conn: Connection,
+    /// The job's id, or at least 6 of its first hex digits (as `cq status` prints them).
     job: String,
     /// Only withdraw this namespace's interest; the job stops when no one wants it.
     #[arg(long)]
@@ -399,8 +437,17 @@ struct CancelArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_tracing(&cli.log, cli.log_format);
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(e),
+    };
+    match &cli.command {
+        Command::Dev(DevArgs { logging, .. })
+        | Command::Broker(BrokerArgs { logging, .. })
+        | Command::Worker(WorkerArgs { logging, .. })
+        | Command::Bench(BenchArgs { logging, .. }) => init_tracing(&logging.log, logging.log_format),
+        _ => init_tracing(&std::env::var("CQ_LOG").unwrap_or_else(|_| "warn".into()), LogFormat::Text),
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -430,10 +477,34 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints a usage error; a word where `cq submit` wants flags is most often the job's command
+/// without the `--` before it, so that gets a tip.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let _ = e.print();
+    if e.kind() == ErrorKind::UnknownArgument {
+        let arg = match e.get(ContextKind::InvalidArg) {
+            Some(ContextValue::String(a)) => a.clone(),
+            _ => String::new(),
+        };
+        let submitting = std::env::args().nth(1).as_deref() == Some("submit");
+        if submitting && !arg.starts_with('-') {
+            eprintln!(
+                "\ntip: the job's command goes after `--`, so that its own flags are not taken for cq's:\n  \
+                 cq submit --image IMAGE -- {arg} ..."
+            );
+        }
+    }
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+}
+
 fn init_tracing(filter: &str, format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter =
         tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour codes only for a person at a terminal: a log redirected to a file stays plain text.
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

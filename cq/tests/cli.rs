@@ -10,17 +10,41 @@ fn cq() -> Command {
     Command::new(env!("CARGO_BIN_EXE_cq"))
 }
 
+/// A `cq` process that is killed when dropped, so that a failing test leaves no broker behind
+/// (holding the test's output pipe open).
+struct Proc(Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts `cq <args>` and returns it with the URL it printed.
-fn spawn(args: &[&str]) -> (Child, String) {
+fn spawn(args: &[&str]) -> (Proc, String) {
     let mut child =
         cq().args(args).env("CQ_LOG", "warn").stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
     let url = line.trim().strip_prefix("listening on ").expect("the first line names the address").to_string();
-    (child, url)
+    (Proc(child), url)
 }
 
-fn broker(dir: &std::path::Path) -> (Child, String) {
+fn broker(dir: &std::path::Path) -> (Proc, String) {
     spawn(&["broker", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()])
 }
 
@@ -218,6 +242,10 @@ async fn submit_wait_follows_logs_and_exits_with_the_job_s_code() {
     assert_eq!(code.code(), Some(3), "{stderr}");
     assert_eq!(stdout, "out\n");
     assert!(stderr.contains("err\n") && stderr.contains("failed"), "{stderr}");
+    // Following a job that has already finished still prints its whole log: the broker sends
+    // the finished view first, then the lines.
+    let (code, out, err) = run(&url, &["logs", "-f", job.as_str().unwrap()]);
+    assert_eq!((code, out.as_str()), (Some(3), "out\n"), "{err}");
     broker.kill().unwrap();
     broker.wait().unwrap();
 }
@@ -323,4 +351,280 @@ fn the_benchmark_harness_runs_every_scenario() {
         assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
         assert!(stdout.contains("| measure | value |"), "{args:?} printed:\n{stdout}");
     }
+}
+
+/// Runs `cq <args>` against `url` and returns (exit code, stdout, stderr).
+fn run(url: &str, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = cq().args(args).env("CQ_URL", url).output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Two `echo N` jobs whose ids share their first 6 hex digits, found by counting up (the
+/// birthday bound makes that a few thousand hashes).
+fn two_jobs_sharing_a_prefix() -> (String, String) {
+    use protocol::definition::{JobDefinition, parse_json};
+    let id = |n: u32| {
+        let json = format!(r#"{{"image":"busybox","command":["echo","{n}"]}}"#);
+        parse_json::<JobDefinition>(json.as_bytes()).unwrap().normalize().unwrap().job_id().to_string()
+    };
+    let mut seen = std::collections::HashMap::new();
+    for n in 0.. {
+        let this = id(n);
+        if let Some(other) = seen.insert(this[..6].to_string(), n) {
+            return (other.to_string(), n.to_string());
+        }
+    }
+    unreachable!()
+}
+
+#[tokio::test]
+async fn short_ids_work_everywhere_and_ambiguous_ones_are_refused_with_the_candidates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut broker, url) = broker(dir.path());
+    let (a, b) = two_jobs_sharing_a_prefix();
+    let mut ids = Vec::new();
+    for n in [&a, &b] {
+        let (code, out, err) = run(&url, &["submit", "--image", "busybox", "--", "echo", n]);
+        assert_eq!(code, Some(0), "{err}");
+        ids.push(out.trim().to_string());
+    }
+    assert_eq!(ids[0][..6], ids[1][..6]);
+    // The 12 digits the tables print name one job, for every command that takes an id.
+    let short = &ids[0][..12];
+    let (code, out, err) = run(&url, &["status", short]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(&ids[0]), "{out}");
+    let (code, _, err) = run(&url, &["logs", short]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = run(&url, &["outputs", short, "-o", dir.path().join("out").to_str().unwrap()]);
+    assert!(code == Some(0) && err.contains("no outputs"), "{err}");
+    // Six shared digits are ambiguous: refused, with both candidates.
+    for cmd in ["status", "logs", "cancel", "outputs"] {
+        let (code, _, err) = run(&url, &[cmd, &ids[0][..6]]);
+        assert_eq!(code, Some(125), "{cmd}: {err}");
+        assert!(err.contains("ambiguous") && err.contains(&ids[0]) && err.contains(&ids[1]), "{cmd}: {err}");
+    }
+    let (code, _, err) = run(&url, &["status", &ids[0][..5]]);
+    assert!(code == Some(125) && err.contains("at least 6"), "{err}");
+    let (code, _, err) = run(&url, &["status", "0123456789ab"]);
+    assert!(code == Some(125) && err.contains("no job"), "{err}");
+    let (code, out, err) = run(&url, &["cancel", &ids[1][..12].to_uppercase()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("cancelled"), "{out}");
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+}
+
+#[tokio::test]
+async fn connection_problems_name_the_url_and_a_hint_that_fits_the_cause() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut broker, url) = broker(dir.path());
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let id = "f06afc56184bc2785a079b04f7e0a57404feda5d041435445b2e9842242a8827";
+    let tls = url.replace("http://", "https://");
+    let cases = [
+        (closed.clone(), "nothing listens there", "cq dev"),
+        (tls.clone(), "TLS handshake failed", "http://"),
+        ("http://cq-nowhere.invalid:8000".to_string(), "cannot resolve the host name", "check the host"),
+    ];
+    for (target, what, hint) in &cases {
+        for args in [vec!["status", id], vec!["logs", "-f", id], vec!["submit", "--image", "busybox", "--", "true"]] {
+            let (code, _, err) = run(target, &args);
+            assert_eq!(code, Some(125), "{args:?}: {err}");
+            assert!(err.contains(&format!("cannot reach the broker at {target}")), "{args:?}: {err}");
+            assert!(err.contains(what) && err.contains(hint), "{args:?}: {err}");
+            assert_eq!(err.lines().count(), 1, "one line, the cause said once: {err}");
+            assert!(err.matches("onnection refused").count() <= 1, "{err}");
+        }
+    }
+    // A URL with a path reaches some server but no broker endpoint: the URL tried is named.
+    let with_path = format!("{url}/ui");
+    for args in [vec!["status", id], vec!["logs", "-f", id]] {
+        let (code, _, err) = run(&with_path, &args);
+        assert_eq!(code, Some(125), "{err}");
+        // The URL tried (HTTP or websocket) and the base it came from.
+        assert!(err.contains("/ui/") && err.contains(&format!("is {with_path} the broker's address")), "{err}");
+        assert!(err.contains("is not a broker endpoint"), "{err}");
+        assert!(err.contains("takes no path"), "{err}");
+    }
+    // A job the broker does not know is not mistaken for a wrong URL.
+    let (code, _, err) = run(&url, &["status", id]);
+    assert!(code == Some(125) && err.contains(&format!("no job {id}")) && !err.contains("endpoint"), "{err}");
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+}
+
+#[test]
+fn a_command_not_after_double_dash_gets_a_tip() {
+    let out = cq().args(["submit", "--image", "busybox", "echo", "hello"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("unexpected argument 'echo'") && err.contains("tip:"), "{err}");
+    assert!(err.contains("-- echo"), "{err}");
+    // A mistyped flag is not the command: no tip about `--`.
+    let out = cq().args(["submit", "--imgae", "busybox"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("tip: the job's command"));
+}
+
+#[tokio::test]
+async fn cancel_says_when_there_was_nothing_to_cancel() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut broker, url) = broker(dir.path());
+    let (_, id, _) = run(&url, &["submit", "--image", "busybox", "--", "echo", "cancel me"]);
+    let id = id.trim();
+    let (code, out, err) = run(&url, &["cancel", id]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("cancelled"), "{out}");
+    let (code, out, err) = run(&url, &["cancel", id]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains("nothing to cancel") && err.contains("cancelled"), "{err}");
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+}
+
+/// Ctrl-C while `submit --wait` follows a job: the job goes on and the user is told how to get
+/// back to it; with `--cancel-on-interrupt` the job is cancelled.
+#[tokio::test]
+async fn ctrl_c_during_wait_leaves_the_job_unless_asked_to_cancel_it() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut broker, url) = broker(dir.path());
+    for (extra, state) in [(None, "queued"), (Some("--cancel-on-interrupt"), "finished")] {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cq"))
+            .args(["submit", "--url", &url, "--wait", "--image", "busybox"])
+            .args(extra)
+            .args(["--", "echo", state])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stderr = tokio::io::BufReader::new(child.stderr.take().unwrap());
+        // cq listens for Ctrl-C before it announces the job.
+        let mut line = String::new();
+        stderr.read_line(&mut line).await.unwrap();
+        let id = line.split_whitespace().find(|w| w.len() == 64).expect("the job id is announced").to_string();
+        let kill = Command::new("kill").args(["-INT", &child.id().unwrap().to_string()]).status().unwrap();
+        assert!(kill.success());
+        let mut rest = String::new();
+        let status = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            stderr.read_to_string(&mut rest).await.unwrap();
+            child.wait().await.unwrap()
+        })
+        .await
+        .expect("cq exits on Ctrl-C");
+        assert_eq!(status.code(), Some(130), "{rest}");
+        let job: Value = reqwest::get(format!("{url}/j/{id}")).await.unwrap().json().await.unwrap();
+        assert_eq!(job["state"], state, "{job}");
+        let short = &id[..12];
+        if extra.is_none() {
+            assert!(rest.contains("is not cancelled"), "{rest}");
+            assert!(
+                rest.contains(&format!("cq logs -f {short}")) && rest.contains(&format!("cq cancel {short}")),
+                "{rest}"
+            );
+        } else {
+            assert_eq!(job["reason"], "cancelled");
+            assert!(rest.contains("cancelled"), "{rest}");
+        }
+    }
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+}
+
+#[test]
+fn client_commands_show_only_client_flags_and_describe_every_argument() {
+    for cmd in ["submit", "status", "logs", "cancel", "outputs"] {
+        let out = cq().args([cmd, "--help"]).output().unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(!text.contains("--log"), "{cmd} --help shows the broker's logging flags:\n{text}");
+        assert!(text.contains("--url"), "{text}");
+        // Every positional argument has a description, after its name or (in clap's long
+        // layout) on the next, further indented line.
+        let args = text.split("Arguments:").nth(1).map(|a| a.split("Options:").next().unwrap()).unwrap_or("");
+        let lines: Vec<&str> = args.lines().collect();
+        let indent = |l: &str| l.len() - l.trim_start().len();
+        for (i, line) in lines.iter().enumerate().filter(|(_, l)| l.trim_start().starts_with(['<', '['])) {
+            let same_line = line.trim().split_once(char::is_whitespace).is_some_and(|(_, d)| !d.trim().is_empty());
+            let next_line = lines.get(i + 1).is_some_and(|n| !n.trim().is_empty() && indent(n) > indent(line));
+            assert!(same_line || next_line, "{cmd}: `{}` has no description:\n{text}", line.trim());
+        }
+    }
+    for cmd in ["dev", "broker", "worker"] {
+        let out = cq().args([cmd, "--help"]).output().unwrap();
+        assert!(String::from_utf8(out.stdout).unwrap().contains("--log-format"), "{cmd}");
+    }
+}
+
+/// `cq dev`'s own log, written to a pipe or a file, carries no colour codes.
+#[test]
+fn logs_not_written_to_a_terminal_have_no_colour_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = cq()
+        .args(["dev", "--no-worker", "--listen", "127.0.0.1:0", "--data-dir", dir.path().to_str().unwrap()])
+        .env("CQ_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = String::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        // The broker's first log line, written once its log is recovered.
+        if line.contains("recovered") {
+            break;
+        }
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(seen.contains("INFO"), "{seen}");
+    assert!(!seen.contains('\u{1b}'), "colour codes in a redirected log:\n{seen:?}");
+}
+
+/// Without `--wait`, `cq submit` says how to follow the job; `--output json` gives scripts one
+/// JSON document from `submit` and `status`.
+#[tokio::test]
+async fn submit_says_how_to_follow_and_json_output_is_one_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut broker, url) = broker(dir.path());
+    let (code, out, err) = run(&url, &["submit", "--image", "busybox", "--", "echo", "json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let short = &out.trim()[..12];
+    assert!(err.contains(&format!("cq logs -f {short}")), "{err}");
+    let (_, out, _) = run(&url, &["submit", "--image", "busybox", "--output", "json", "--", "echo", "json"]);
+    let answer: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["outcome"], "joined");
+    assert_eq!(answer["job"]["state"], "queued");
+    let id = answer["jobId"].as_str().unwrap();
+    let (_, out, _) = run(&url, &["status", short, "-o", "json"]);
+    let view: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(view["id"], id);
+    let (_, out, _) = run(&url, &["status", "--queue", "local", "--output", "json"]);
+    let queue: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(queue["queues"][0]["queued"], 1);
+    assert_eq!(queue["jobs"][0]["id"], id);
+    broker.kill().unwrap();
+    broker.wait().unwrap();
+}
+
+/// A job whose image cannot be pulled (no registry here) ends with a hint on what to run
+/// instead. Real Docker: the local worker of `cq dev` tries the pull.
+#[tokio::test]
+async fn a_failed_pull_says_what_to_try() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url) = spawn(&["dev", "--listen", "127.0.0.1:0", "--data-dir", dir.path().to_str().unwrap()]);
+    let (code, _, err) = run(&url, &["submit", "--wait", "--image", "cq-test/never-built:1", "--", "true"]);
+    assert_eq!(code, Some(125), "{err}");
+    assert!(err.contains("cq-test/never-built") && err.contains("scripts/test-image.sh"), "{err}");
+    child.kill().unwrap();
+    child.wait().unwrap();
 }
