@@ -129,6 +129,9 @@ pub struct GitSource {
     /// Branch, tag or commit; the default branch when absent.
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
     pub git_ref: Option<String>,
+    /// Subdirectory of the repository to use as the build context; the root when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
 }
 
 /// Where an input's bytes come from.
@@ -586,8 +589,11 @@ fn validate_build(build: &BuildSpec) -> Result<(), DefinitionError> {
         if url_has_credentials(&git.url) {
             return Err(DefinitionError::new("build.git.url", NO_CREDENTIALS));
         }
-        if git.git_ref.as_deref().is_some_and(|r| r.is_empty() || r.contains(char::is_whitespace)) {
+        if git.git_ref.as_deref().is_some_and(|r| r.is_empty() || r.contains(char::is_whitespace) || r.contains(':')) {
             return Err(DefinitionError::new("build.git.ref", "must be a branch, tag or commit"));
+        }
+        if let Some(dir) = &git.dir {
+            validate_relative_path(dir).map_err(|m| DefinitionError::new("build.git.dir", m))?;
         }
     }
     if build.tarball.as_deref().is_some_and(|u| !url_ok(u)) {

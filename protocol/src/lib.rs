@@ -5,6 +5,7 @@ pub mod definition;
 pub mod id;
 pub mod job;
 pub mod messages;
+pub mod reference;
 
 pub use definition::{DataRef, DefinitionError, JobDefinition};
 pub use id::{JobId, WorkerId};

@@ -195,9 +195,12 @@ async fn build_image(
     log: &(dyn Fn(String) + Send + Sync),
 ) -> Result<(), JobError> {
     let remote = match (&build.git, &build.tarball) {
-        (Some(git), _) => Some(match &git.git_ref {
-            Some(r) => format!("{}#{r}", git.url),
-            None => git.url.clone(),
+        // Docker's git context syntax: `url#ref:dir`, either part optional.
+        (Some(git), _) => Some(match (&git.git_ref, &git.dir) {
+            (Some(r), Some(d)) => format!("{}#{r}:{d}", git.url),
+            (None, Some(d)) => format!("{}#:{d}", git.url),
+            (Some(r), None) => format!("{}#{r}", git.url),
+            (None, None) => git.url.clone(),
         }),
         (None, Some(url)) => Some(url.clone()),
         (None, None) => None,
