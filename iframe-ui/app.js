@@ -4,6 +4,8 @@
 
 import { Connection } from './connection.js';
 import { AnsiState, appendAnsi } from './ansi.js';
+import { readHash, referenceDefinition, writeHash } from './hashparams.js';
+import { Metaframe, inputToDataRef } from './metaframe.js';
 
 const $ = (sel) => document.querySelector(sel);
 /** Lines kept in the page; older ones stay downloadable. */
@@ -11,29 +13,36 @@ const RENDERED_LINES = 2000;
 
 // ---- configuration -------------------------------------------------------------------------
 
-const hash = new URLSearchParams(location.hash.slice(1));
-function jsonParam(name) {
-  const v = hash.get(name);
-  if (!v) return null;
-  try { return JSON.parse(v); } catch { showError(`the \`${name}\` parameter is not valid JSON`); return null; }
-}
+// Both hash formats (cq's and the reference system's) are read by hashparams.js.
+let hashError = null;
+let hashConfig;
+try { hashConfig = readHash(location.hash); } catch (e) { hashError = e.message; hashConfig = readHash(''); }
 const config = {
-  queue: hash.get('queue') || 'local',
-  namespace: hash.get('namespace') || null,
-  autostart: ['1', 'true', 'yes'].includes(hash.get('autostart') || ''),
-  hostOrigin: hash.get('origin') || '*',
-  view: hash.get('view') || 'job',
+  queue: hashConfig.queue,
+  namespace: hashConfig.namespace,
+  autostart: hashConfig.autostart,
+  hostOrigin: hashConfig.hostOrigin,
+  view: hashConfig.view,
+  allowSetJob: hashConfig.allowSetJob,
+  resolveRefs: hashConfig.resolveRefs,
 };
-let token = hash.get('token') || sessionStorage.getItem('cq-token') || null;
+/** Where the broker is: this page's origin, or another broker when `queue` is its URL. */
+let apiBase = '';
+if (/^https?:\/\//.test(config.queue)) {
+  const u = new URL(config.queue);
+  apiBase = u.origin;
+  config.queue = u.pathname.split('/').filter(Boolean).pop() || 'local';
+}
+let token = hashConfig.token || sessionStorage.getItem('cq-token') || null;
 /** The definition from the host or the hash; form fields override its fields. */
-let baseDefinition = jsonParam('job') || {};
+let baseDefinition = (hashConfig.jobFormat === 'cq' && hashConfig.job) || {};
 /** Inputs set by the host or the hash (beyond the form's text inputs and files). */
-let extraInputs = jsonParam('inputs') || {};
+let extraInputs = (hashConfig.format === 'cq' && hashConfig.inputs) || {};
 
 // ---- state ---------------------------------------------------------------------------------
 
 const job = {
-  id: hash.get('jobId') || null,
+  id: hashConfig.jobId,
   view: null,
   lines: [],
   /** Offset of the next log line expected from the broker. */
@@ -92,6 +101,7 @@ function normaliseInputs(inputs) {
 const connEl = $('#conn');
 const conn = new Connection({
   token,
+  base: apiBase,
   onState(state, detail) {
     connEl.dataset.state = state;
     connEl.textContent = {
@@ -108,7 +118,7 @@ const conn = new Connection({
     if (job.id) conn.send('watchJob', { jobId: job.id, since: job.next });
     if (config.autostart && !job.id && !autostarted) {
       autostarted = true;
-      runWhenOpen = false;
+      autostartGate.then(() => run(false));
     }
     if (runWhenOpen !== null) {
       const force = runWhenOpen;
@@ -286,7 +296,7 @@ async function uploadFile(file) {
     const bytes = await file.arrayBuffer();
     const sha256 = [...new Uint8Array(await crypto.subtle.digest('SHA-256', bytes))]
       .map((b) => b.toString(16).padStart(2, '0')).join('');
-    const planRes = await fetch(`/f/${sha256}/upload`, {
+    const planRes = await fetch(`${apiBase}/f/${sha256}/upload`, {
       method: 'POST', headers: { 'content-type': 'application/json', ...authHeaders() }, body: JSON.stringify({ size: file.size }),
     });
     const plan = await planRes.json();
@@ -294,8 +304,9 @@ async function uploadFile(file) {
     if (!plan.exists) {
       await new Promise((resolve, reject) => {
         const xhr = new XMLHttpRequest();
-        xhr.open(plan.method, plan.url);
-        const headers = plan.url.startsWith('/') ? { ...authHeaders(), ...plan.headers } : plan.headers;
+        const local = plan.url.startsWith('/');
+        xhr.open(plan.method, local ? `${apiBase}${plan.url}` : plan.url);
+        const headers = local ? { ...authHeaders(), ...plan.headers } : plan.headers;
         for (const [k, v] of Object.entries(headers || {})) xhr.setRequestHeader(k, v);
         xhr.upload.onprogress = (p) => { bar.value = p.loaded; };
         xhr.onload = () => (xhr.status < 300 ? resolve() : reject(new Error(`upload failed: HTTP ${xhr.status} ${xhr.responseText.slice(0, 200)}`)));
@@ -320,6 +331,8 @@ $('#cancel').onclick = () => cancel();
 
 async function run(force) {
   showError('');
+  // A definition or inputs still being translated by the broker are part of this run.
+  await Promise.all([definitionReady, metaframeInputsReady]);
   const definition = definitionFromForm();
   if (!definition.image && !definition.build) {
     showError('give an image (or a Dockerfile to build)');
@@ -399,7 +412,7 @@ function formatDuration(ms) {
 
 function outputUrl(path) {
   const encoded = path.split('/').map(encodeURIComponent).join('/');
-  return `/j/${job.id}/outputs/${encoded}${token ? `?token=${encodeURIComponent(token)}` : ''}`;
+  return `${apiBase}/j/${job.id}/outputs/${encoded}${token ? `?token=${encodeURIComponent(token)}` : ''}`;
 }
 
 function updateJob(view) {
@@ -441,6 +454,7 @@ function updateJob(view) {
       jobId: view.id, reason: view.reason, exitCode: view.exitCode ?? null, message: view.message || null,
       outputs: (view.outputs || []).map((o) => ({ ...o, url: new URL(outputUrl(o.path), location.href).href })),
     });
+    sendMetaframeOutputs(view);
   }
 }
 
@@ -616,6 +630,140 @@ function showView(name) {
   $('#view-queue').hidden = name !== 'queue';
 }
 for (const b of document.querySelectorAll('.tab')) b.onclick = () => showView(b.dataset.view);
+
+// ---- the metapage ----------------------------------------------------------------------------
+// The page is also a metaframe (metaframe.js): inputs from the metapage become job inputs, the
+// finished job's outputs go back as outputs, and edits of the job are saved in the hash.
+
+const metaframe = new Metaframe({
+  targetOrigin: config.hostOrigin,
+  debug: hashConfig.debug,
+  onConnected() {
+    // Without a namespace of its own, a frame's runs supersede only each other.
+    if (!config.namespace) config.namespace = `frame-${crypto.getRandomValues(new Uint32Array(2)).join('')}`;
+    metaframeConnected();
+  },
+  onInputs: (changed, all, initial) => { metaframeInputsReady = takeMetaframeInputs(changed, all, initial); },
+});
+let metaframeConnected;
+const connected = new Promise((resolve) => { metaframeConnected = resolve; });
+/** In the reference's format a framed page is a metaframe: autostart waits for its inputs. */
+const autostartGate = metaframe.framed && hashConfig.format === 'reference' ? connected : Promise.resolve();
+let metaframeInputsReady = Promise.resolve();
+/** Names of the inputs that came from the metapage. */
+let metaframeInputNames = new Set();
+let inputsSeq = 0;
+let outputsSentFor = null;
+
+/** Reference-format definitions become cq's through the broker (protocol::reference). */
+async function translateReference(definition) {
+  const res = await fetch(`${apiBase}/reference/translate`, {
+    method: 'POST', headers: { 'content-type': 'application/json', ...authHeaders() }, body: JSON.stringify({ definition }),
+  });
+  const body = await res.json();
+  if (!res.ok) throw new Error(body.error ? body.error.message : `HTTP ${res.status}`);
+  return body;
+}
+
+function reportError(err) {
+  showError(err.message);
+  tellHost('cq:error', { message: err.message });
+}
+
+async function takeMetaframeInputs(changed, all, initial) {
+  const seq = ++inputsSeq;
+  try {
+    if (config.allowSetJob && changed.job) {
+      const t = await translateReference(referenceDefinition(hashConfig, changed.job));
+      baseDefinition = t.definition;
+      fillForm();
+    }
+    const refs = {};
+    for (const [name, v] of Object.entries(all)) {
+      const ref = name === 'job' ? null : inputToDataRef(v);
+      if (ref) refs[name] = ref;
+    }
+    // Only the inputs are translated here; the image is a placeholder the translation needs.
+    const inputs = Object.keys(refs).length
+      ? (await translateReference({ image: 'busybox', inputs: refs })).definition.inputs : {};
+    if (seq !== inputsSeq) return;
+    for (const name of metaframeInputNames) delete extraInputs[name];
+    metaframeInputNames = new Set(Object.keys(inputs));
+    extraInputs = { ...extraInputs, ...inputs };
+    renderTextInputs();
+  } catch (err) {
+    reportError(err);
+    return;
+  }
+  // Every change of the inputs runs again, superseding the run before it in the namespace. The
+  // first inputs belong to the autostart run, which waits for them.
+  if (config.autostart && !initial && seq === inputsSeq) {
+    if (conn.open) run(false); else runWhenOpen = false;
+  }
+}
+
+/** Outputs of a finished job as the reference's page sends them: URLs (or the contents, with
+ * `resolverefs`), plus `job/result.json` with `allowsetjob`. */
+async function sendMetaframeOutputs(view) {
+  if (!metaframe.ready || outputsSentFor === view.id) return;
+  if (!['succeeded', 'failed', 'timedOut'].includes(view.reason)) return;
+  outputsSentFor = view.id;
+  const outputs = {};
+  for (const o of view.outputs || []) {
+    const url = new URL(outputUrl(o.path), location.href).href;
+    outputs[o.path] = config.resolveRefs && o.size <= RESOLVE_MAX ? await fetchOutput(url, o.path)
+      : { type: 'url', value: url, hash: o.sha256 };
+  }
+  if (config.allowSetJob) {
+    const lines = (stream) => job.lines.filter((l) => l.stream === stream).map((l) => l.text);
+    outputs['job/result.json'] = {
+      stdout: lines('stdout'), stderr: lines('stderr'), statusCode: view.exitCode ?? null,
+      error: view.reason === 'succeeded' ? null : (view.message || view.reason), isTimedOut: view.reason === 'timedOut',
+      duration: view.startedAt && view.finishedAt ? view.finishedAt - view.startedAt : null,
+      url: new URL(`${apiBase}/j/${view.id}`, location.href).href,
+    };
+  }
+  if (job.id === view.id) metaframe.setOutputs(outputs);
+}
+
+/** Largest output whose contents `resolverefs` sends; bigger ones go as URLs. */
+const RESOLVE_MAX = 8 << 20;
+
+async function fetchOutput(url, path) {
+  const res = await fetch(url);
+  const bytes = new Uint8Array(await res.arrayBuffer());
+  try {
+    const text = new TextDecoder('utf-8', { fatal: true }).decode(bytes);
+    return path.endsWith('.json') ? JSON.parse(text) : text;
+  } catch {
+    return { binary: bytes, mime: res.headers.get('content-type') || 'application/octet-stream' };
+  }
+}
+
+// The user edited the job: keep it in the hash (as cq's format) so the metapage saves it.
+$('#job-form').addEventListener('change', () => {
+  if (!metaframe.ready) return;
+  const definition = definitionFromForm();
+  if (definition.inputs) {
+    for (const name of metaframeInputNames) delete definition.inputs[name];
+    if (!Object.keys(definition.inputs).length) delete definition.inputs;
+  }
+  const updates = { job: definition, jobformat: hashConfig.format === 'reference' ? 'cq' : undefined };
+  history.replaceState(null, '', writeHash(location.hash, updates));
+  metaframe.hashChanged();
+});
+
+/** A reference-format `job` in the hash is translated before anything runs. */
+const definitionReady = hashConfig.jobFormat === 'reference' && (hashConfig.job || hashConfig.inputs)
+  ? translateReference(referenceDefinition(hashConfig)).then((t) => {
+    baseDefinition = t.definition;
+    if (t.namespace && !config.namespace) config.namespace = t.namespace;
+    fillForm();
+  }, reportError)
+  : Promise.resolve();
+if (hashError) showError(hashError);
+metaframe.start();
+window.cq.metaframe = metaframe;
 
 fillForm();
 showView(config.view);

@@ -6,8 +6,10 @@ const BACKOFF_MIN = 250;
 const BACKOFF_MAX = 10000;
 
 export class Connection {
-  constructor({ token, onMessage, onState, onOpen }) {
+  constructor({ token, base, onMessage, onState, onOpen }) {
     this.token = token;
+    /** Another broker's origin (`http(s)://host`), or empty for this page's. */
+    this.base = base || '';
     this.onMessage = onMessage;
     this.onState = onState;
     this.onOpen = onOpen;
@@ -20,6 +22,7 @@ export class Connection {
   }
 
   url() {
+    if (this.base) return `${this.base.replace(/^http/, 'ws')}/ws/client`;
     const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
     return `${proto}//${location.host}/ws/client`;
   }

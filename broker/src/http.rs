@@ -138,6 +138,19 @@ pub fn routes(
             },
         );
 
+    // The reference system's submit endpoint, for its clients: `{definition, control?}` in its
+    // format, translated by `protocol::reference`.
+    let submit_reference = warp::path!("q" / String)
+        .and(warp::post())
+        .and(client.clone())
+        .and(body_limited(max_body))
+        .and_then(submit_reference);
+    let translate_reference = warp::path!("reference" / "translate")
+        .and(warp::post())
+        .and(client.clone())
+        .and(body_limited(max_body))
+        .and_then(translate_reference);
+
     let list =
         warp::path!("q" / String / "j").and(warp::get()).and(client.clone()).and(warp::query::<ListQuery>()).and_then(
             |queue: String, ctx: Arc<Context>, q: ListQuery| async move {
@@ -288,7 +301,20 @@ pub fn routes(
 
     // Boxing the groups keeps the filter types shallow enough to compile quickly.
     let ops = healthz.or(readyz).unify().or(metrics).unify().boxed();
-    let queue_routes = submit.or(list).unify().or(scale).unify().or(summary).unify().or(queues).unify().boxed();
+    let queue_routes = submit
+        .or(submit_reference)
+        .unify()
+        .or(translate_reference)
+        .unify()
+        .or(list)
+        .unify()
+        .or(scale)
+        .unify()
+        .or(summary)
+        .unify()
+        .or(queues)
+        .unify()
+        .boxed();
     let job_routes = logs
         .or(events)
         .unify()
@@ -308,6 +334,46 @@ pub fn routes(
         .unify()
         .with(warp::reply::with::header("x-content-type-options", "nosniff"))
         .map(Reply::into_response)
+}
+
+/// Parses and translates a reference-system submission.
+fn parse_reference(body: &[u8]) -> Result<protocol::reference::Translated, Rejection> {
+    parse_json::<protocol::reference::Submission>(body).and_then(protocol::reference::translate_submission).map_err(
+        |e| reject(if e.malformed { ErrorCode::BadMessage } else { ErrorCode::InvalidDefinition }, e.to_string()),
+    )
+}
+
+/// `POST /q/{queue}`: submits a reference-format job; answers in the reference's shape
+/// (`success`, `jobId`) plus cq's `outcome` and job view.
+async fn submit_reference(queue: String, ctx: Arc<Context>, body: Bytes) -> Result<warp::reply::Response, Rejection> {
+    let translated = parse_reference(&body)?;
+    let submit =
+        submission::prepare(&queue, translated.definition, translated.namespace, None, false, None, &ctx.blobs)
+            .await
+            .map_err(|e| warp::reject::custom(ApiError(e)))?;
+    let reply = ctx.handle.call(Command::Submit(submit)).await;
+    Ok(respond(reply, |r| match r {
+        CoreReply::Submitted { outcome, job } => {
+            let status = if matches!(outcome, SubmitOutcome::Created | SubmitOutcome::Rerun) {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            json_reply(status, &json!({ "success": true, "jobId": job.id, "outcome": outcome, "job": job }))
+        }
+        other => unexpected(other),
+    }))
+}
+
+/// `POST /reference/translate`: the cq definition, namespace and job id a reference-format
+/// submission becomes, without submitting it. The page uses it for definitions from its URL
+/// hash and from metaframe inputs.
+async fn translate_reference(_ctx: Arc<Context>, body: Bytes) -> Result<warp::reply::Response, Rejection> {
+    let t = parse_reference(&body)?;
+    Ok(json_reply(
+        StatusCode::OK,
+        &json!({ "definition": t.definition, "namespace": t.namespace, "jobId": t.definition.job_id() }),
+    ))
 }
 
 #[derive(Debug, Deserialize)]

@@ -20,7 +20,15 @@ pub const MAX_ARGS: usize = 4096;
 /// Longest `maxDuration` a job may ask for: 30 days.
 pub const MAX_DURATION_SECS: u64 = 30 * 24 * 3600;
 /// Environment variables the worker sets itself; a job may not set them.
-pub const RESERVED_ENV: [&str; 4] = ["JOB_ID", "JOB_INPUTS", "JOB_OUTPUTS", "JOB_CACHE"];
+pub const RESERVED_ENV: [&str; 7] = [
+    "JOB_ID",
+    "JOB_INPUTS",
+    "JOB_OUTPUTS",
+    "JOB_CACHE",
+    "JOB_URL_PREFIX",
+    "JOB_INPUTS_URL_PREFIX",
+    "JOB_OUTPUTS_URL_PREFIX",
+];
 
 /// What to run: an image (or a build recipe), a command, its inputs and its limits.
 /// Field names are camelCase on the wire; unknown fields are rejected.

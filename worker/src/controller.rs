@@ -103,6 +103,7 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
         max_duration: config.max_duration,
         stop_grace: config.stop_grace,
         pids_limit: config.pids_limit,
+        broker_url: config.broker_url.clone(),
     });
     let (tx, mut rx) = mpsc::channel::<Out>(4096);
     let mut jobs: HashMap<JobId, Running> = HashMap::new();

@@ -284,12 +284,15 @@ pub struct ContainerSpec {
     pub worker: String,
     pub job: JobId,
     pub attempt: u32,
-    /// Host directories mounted at `/inputs` (read-only), `/outputs` and `/cache`.
+    /// Host directories mounted at `/inputs` (read-only), `/outputs` and `/cache` (also at
+    /// `/job-cache`).
     pub inputs_dir: String,
     pub outputs_dir: String,
     pub cache_dir: String,
     pub gpu_devices: Vec<String>,
     pub pids_limit: i64,
+    /// `<broker>/j/<job id>`: the job's URL, without a trailing slash.
+    pub url_prefix: String,
 }
 
 /// Creates and starts a job's container; returns its id.
@@ -299,6 +302,10 @@ pub async fn start_container(docker: &Docker, def: &JobDefinition, spec: &Contai
     env.push("JOB_INPUTS=/inputs".into());
     env.push("JOB_OUTPUTS=/outputs".into());
     env.push("JOB_CACHE=/cache".into());
+    // What containers written for the reference system expect.
+    env.push(format!("JOB_URL_PREFIX={}", spec.url_prefix));
+    env.push(format!("JOB_INPUTS_URL_PREFIX={}/inputs/", spec.url_prefix));
+    env.push(format!("JOB_OUTPUTS_URL_PREFIX={}/outputs/", spec.url_prefix));
     let resources = def.resources.clone().unwrap_or_default();
     let bytes = |b: &Option<protocol::definition::ByteSize>| match b {
         Some(protocol::definition::ByteSize::Bytes(n)) => Some(*n as i64),
@@ -310,6 +317,8 @@ pub async fn start_container(docker: &Docker, def: &JobDefinition, spec: &Contai
             format!("{}:/inputs:ro", spec.inputs_dir),
             format!("{}:/outputs", spec.outputs_dir),
             format!("{}:/cache", spec.cache_dir),
+            // The reference mounts its shared cache at /job-cache; the same directory serves both.
+            format!("{}:/job-cache", spec.cache_dir),
         ]),
         network_mode: Some(NETWORK.into()),
         privileged: Some(false),

@@ -69,6 +69,9 @@ pub struct JobEnv {
     /// Between SIGTERM and SIGKILL when a job runs out of time.
     pub stop_grace: Duration,
     pub pids_limit: i64,
+    /// The broker's base URL, for the `JOB_*_URL_PREFIX` variables jobs written for the
+    /// reference system read.
+    pub broker_url: String,
 }
 
 /// An assignment as the task runs it.
@@ -237,6 +240,7 @@ async fn prepare_and_start(ctx: &Ctx, a: &Assignment) -> Result<Option<(String, 
         cache_dir: path_str(&ctx.env.shared_cache()),
         gpu_devices: a.gpus.clone(),
         pids_limit: ctx.env.pids_limit,
+        url_prefix: format!("{}/j/{}", ctx.env.broker_url.trim_end_matches('/'), a.job),
     };
     if ctx.stop_requested() != Stop::No {
         return Ok(None);
