@@ -530,3 +530,23 @@ fn split_like_shell_quote(s: &str, env: &BTreeMap<String, String>) -> Result<Spl
     }
     Ok(Split::Words(words))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splitting_odd_command_strings_never_panics() {
+        let env = BTreeMap::from([("A".to_string(), "x y".to_string())]);
+        for s in ["", "'", "\"", "\\", "$", "${", "${A", "a\\", "\"$A\"", "$A", "'$A'", "\"\\", "é ü", "a\"b'c"] {
+            let _ = translate_command("command", CommandLine::Shell(s.into()), &env);
+        }
+        let words = |s: &str| match split_like_shell_quote(s, &env) {
+            Ok(Split::Words(w)) => w,
+            _ => panic!("{s}"),
+        };
+        assert_eq!(words("echo \"$A\" $A"), ["echo", "x y", "x y"]);
+        assert_eq!(words("a\\ b 'c d'"), ["a b", "c d"]);
+        assert!(split_like_shell_quote("echo 'open", &env).is_err());
+    }
+}
