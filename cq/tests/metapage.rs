@@ -418,7 +418,7 @@ async fn page_in_a_metapage(version: &str) {
 
     let first = until("the first job running", || async {
         let received = script(&c, "return window.received").await;
-        received.as_array()?.iter().find(|m| m["type"] == "cq:state" && m["state"] == "running").map(|m| m.clone())
+        received.as_array()?.iter().find(|m| m["type"] == "cq:state" && m["state"] == "running").cloned()
     })
     .await;
     assert_eq!(script(&c, "return window.frameAsked").await, json!("2"), "the frame asks with its newest version");
