@@ -13,7 +13,9 @@ use fantoccini::{Client, ClientBuilder};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const WAIT: Duration = Duration::from_secs(60);
+/// Longest wait for anything. Generous: two Chromiums, two brokers and their containers share
+/// the machine with whatever else runs, and a bound that is hit only proves the machine slow.
+const WAIT: Duration = Duration::from_secs(120);
 
 struct Killed(Child);
 
@@ -72,8 +74,9 @@ async fn browser() -> (Killed, Client) {
 }
 
 /// Polls `f` until it returns `Some`, up to [`WAIT`]. WebDriver cannot push a change of the page
-/// to the test, so asking again is the only way to wait for one.
-async fn until<T, F, Fut>(what: &str, mut f: F) -> T
+/// to the test, so asking again is the only way to wait for one. On a timeout the host page's
+/// record of messages is part of the failure.
+async fn until<T, F, Fut>(c: &Client, what: &str, mut f: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -83,7 +86,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(started.elapsed() < WAIT, "timed out waiting for {what}");
+        if started.elapsed() > WAIT {
+            let seen = script(c, "return [window.received, window.outputs, window.errors]").await;
+            panic!("timed out waiting for {what}; the host page saw {seen}");
+        }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -107,7 +113,7 @@ const bin = btoa('bin\n');
 const binary = VERSION === '1'
   ? { _s: true, _c: 'Blob', value: bin, size: 4, fileType: 'application/octet-stream' }
   : `data:application/octet-stream;blob=true;base64,${bin}`;
-let inputs = { 'in.txt': 'first\n', 'bin.dat': binary };
+let inputs = { 'in.txt': 'first\n', 'bin.dat': binary, 'delay.txt': '300' };
 const iframe = document.createElement('iframe');
 iframe.name = ID;
 iframe.style = 'width: 100%; height: 600px';
@@ -402,7 +408,7 @@ async fn page_in_a_metapage(version: &str) {
     let host = host_server().await;
     let (_driver, c) = browser().await;
     let job = json!({"image": "cq-test/busybox",
-        "command": "sh -c 'sleep 2; cat /inputs/in.txt /inputs/bin.dat | tr a-z A-Z > /outputs/out.txt'"});
+        "command": "sh -c 'sleep $(cat /inputs/delay.txt); cat /inputs/in.txt /inputs/bin.dat | tr a-z A-Z > /outputs/out.txt'"});
     // Version "2" sends URLs and asks for job/result.json; version "1" asks for the contents.
     let flag = if version == "1" { ("resolverefs", "true".to_string()) } else { ("allowsetjob", "true".to_string()) };
     let frame = format!(
@@ -416,7 +422,7 @@ async fn page_in_a_metapage(version: &str) {
     );
     c.goto(&format!("{host}/?v={version}&frame={}", uri_component(&frame))).await.unwrap();
 
-    let first = until("the first job running", || async {
+    let first = until(&c, "the first job running", || async {
         let received = script(&c, "return window.received").await;
         received.as_array()?.iter().find(|m| m["type"] == "cq:state" && m["state"] == "running").cloned()
     })
@@ -424,9 +430,10 @@ async fn page_in_a_metapage(version: &str) {
     assert_eq!(script(&c, "return window.frameAsked").await, json!("2"), "the frame asks with its newest version");
     assert_eq!(script(&c, "return window.frameVersion").await, json!(version), "and speaks the parent's");
     assert_eq!(script(&c, "return window.definition.version").await, json!("2"), "metaframe.json is readable");
-    script(&c, "window.setInputs({'in.txt': 'second\\n'})").await;
+    // The first job sleeps for minutes: only the new inputs can end it, by superseding it.
+    script(&c, "window.setInputs({'in.txt': 'second\\n', 'delay.txt': '0'})").await;
 
-    let outputs = until("the outputs", || async {
+    let outputs = until(&c, "the outputs", || async {
         let outputs = script(&c, "return window.outputs").await;
         outputs.as_array()?.iter().find(|o| o.get("out.txt").is_some()).cloned()
     })
@@ -453,7 +460,7 @@ async fn page_in_a_metapage(version: &str) {
         c.enter_frame(0).await.unwrap();
         script(&c, "const e = document.querySelector('#command'); e.value = 'echo edited'; e.dispatchEvent(new Event('change', {bubbles: true}));").await;
         c.enter_parent_frame().await.unwrap();
-        let hash = until("the hash update", || async {
+        let hash = until(&c, "the hash update", || async {
             let hashes = script(&c, "return window.hashes").await;
             hashes.as_array()?.first().map(|h| h["hash"].as_str().unwrap().to_string())
         })
