@@ -655,11 +655,25 @@ let metaframeInputNames = new Set();
 let inputsSeq = 0;
 let outputsSentFor = null;
 
-/** Reference-format definitions become cq's through the broker (protocol::reference). */
+/** Tries of a translation that met a network error. */
+const TRANSLATE_TRIES = 5;
+
+/** Reference-format definitions become cq's through the broker (protocol::reference). A
+ * network error is retried with backoff: a browser does not retry a POST whose reused
+ * connection the server closed, and translating has no side effects. */
 async function translateReference(definition) {
-  const res = await fetch(`${apiBase}/reference/translate`, {
-    method: 'POST', headers: { 'content-type': 'application/json', ...authHeaders() }, body: JSON.stringify({ definition }),
-  });
+  let res;
+  for (let attempt = 1; ; attempt++) {
+    try {
+      res = await fetch(`${apiBase}/reference/translate`, {
+        method: 'POST', headers: { 'content-type': 'application/json', ...authHeaders() }, body: JSON.stringify({ definition }),
+      });
+      break;
+    } catch (err) {
+      if (attempt >= TRANSLATE_TRIES) throw new Error(`cannot reach the broker to read the job (${err.message})`);
+      await new Promise((resolve) => { setTimeout(resolve, 250 * 2 ** attempt); });
+    }
+  }
   const body = await res.json();
   if (!res.ok) throw new Error(body.error ? body.error.message : `HTTP ${res.status}`);
   return body;
