@@ -130,6 +130,7 @@ fn worker_config(
         stop_grace: std::time::Duration::from_secs(10),
         drain_timeout: std::time::Duration::from_secs(300),
         pids_limit: worker::docker::DEFAULT_PIDS_LIMIT,
+        output_limits: Default::default(),
     })
 }
 
@@ -164,6 +165,7 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
         stop_grace: args.stop_grace,
         drain_timeout: args.drain_timeout,
         pids_limit: args.pids_limit,
+        output_limits: Default::default(),
         ..worker_config(args.url, data_dir, args.worker_id, args.slots)?
     };
     tracing::info!(worker = %config.worker_id, queues = ?config.queues, slots = config.slots, broker = %config.broker_url, "worker starting");

@@ -151,6 +151,13 @@ pub struct JobView {
     pub progress: Option<Progress>,
     /// Log lines stored so far; the next line has this offset.
     pub log_lines: u64,
+    /// The log reached the broker's per-job cap: later output was dropped (the log says so).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub log_truncated: bool,
+    /// Why a queued job is not running: no connected worker could take it, or it waits to be
+    /// tried again after a transient error. Absent when it only waits for a free slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
     #[serde(default)]
     pub outputs: Vec<OutputFile>,
     /// Increases with every change, so a client can drop stale updates.

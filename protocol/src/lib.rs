@@ -17,6 +17,8 @@ pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Largest websocket message either side accepts, in bytes.
 pub const MAX_WS_MESSAGE: usize = 1024 * 1024;
+/// Most queues one worker hello may name; the broker refuses a hello naming more.
+pub const MAX_HELLO_QUEUES: usize = 64;
 
 /// Websocket close codes used by the broker. Codes 4000-4999 are reserved for applications.
 pub mod close {

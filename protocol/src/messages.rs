@@ -292,6 +292,10 @@ pub enum ExitStatus {
         #[serde(default)]
         retryable: bool,
     },
+    /// The worker stopped the attempt because the broker cancelled it (or it was no longer
+    /// assigned); its container is gone. This is the acknowledgement of a `cancel`: the broker
+    /// frees the attempt's slot when it reads it.
+    Cancelled,
 }
 
 /// The broker to a worker.

@@ -32,6 +32,8 @@ fn view() -> JobView {
         finished_at: Some(1_700_000_000_200),
         progress: Some(Progress { phase: Phase::Uploading, message: None, current: Some(1), total: Some(2) }),
         log_lines: 2,
+        log_truncated: false,
+        waiting: None,
         outputs: vec![OutputFile { path: "a.txt".into(), size: 3, sha256: "ab".repeat(32) }],
         version: 7,
     }
@@ -170,6 +172,7 @@ fn worker_to_broker() {
             status: ExitStatus::Error { message: "pull failed".into(), retryable: true },
             outputs: vec![],
         },
+        WorkerToBroker::Finish { job_id: id(1), attempt: 1, status: ExitStatus::Cancelled, outputs: vec![] },
         WorkerToBroker::Heartbeat,
         WorkerToBroker::Drain,
     ];

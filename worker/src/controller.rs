@@ -27,6 +27,9 @@ use crate::job::{self, Assignment, JobEnv, Out, Outcome, Stop, sleep_until};
 /// First wait before reconnecting; doubles up to [`BACKOFF_MAX`], with jitter.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A connection that lasted this long was healthy: the next reconnect starts the backoff over.
+/// Shorter ones (a broker that closes at once, say for a message it refused) keep doubling it.
+pub const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
 /// How a worker runs.
 #[derive(Debug, Clone)]
@@ -48,11 +51,13 @@ pub struct Config {
     /// How long running jobs may go on after a shutdown signal before they are handed back.
     pub drain_timeout: Duration,
     pub pids_limit: i64,
+    /// What a job may leave in its outputs.
+    pub output_limits: job::OutputLimits,
 }
 
-/// A job task the controller tracks.
+/// A job task the controller tracks (by job and attempt: a cancelled attempt may still be
+/// stopping when the next one of the same job arrives).
 struct Running {
-    attempt: u32,
     stop: watch::Sender<Stop>,
     gpus: Vec<String>,
 }
@@ -104,24 +109,26 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
         stop_grace: config.stop_grace,
         pids_limit: config.pids_limit,
         broker_url: config.broker_url.clone(),
+        output_limits: config.output_limits,
     });
     let (tx, mut rx) = mpsc::channel::<Out>(4096);
-    let mut jobs: HashMap<JobId, Running> = HashMap::new();
+    let mut jobs: HashMap<(JobId, u32), Running> = HashMap::new();
     let mut free_gpus: BTreeSet<String> = config.gpus.iter().cloned().collect();
 
     // Containers of a previous run of this worker: pick up those we have a record of.
     for owned in docker::owned(&docker, &env.worker_id).await.map_err(|e| anyhow::anyhow!(e.message))? {
         let record = job::read_record(&env, owned.job, owned.attempt).await;
         match record {
-            Some(record) if !jobs.contains_key(&owned.job) => {
+            Some(record) if !jobs.keys().any(|(j, _)| *j == owned.job) => {
                 tracing::info!(job = %owned.job, attempt = owned.attempt, container = %owned.id, "re-attaching to a container of a previous run");
                 for g in &record.gpus {
                     free_gpus.remove(g);
                 }
                 let (stop_tx, stop_rx) = watch::channel(Stop::No);
-                jobs.insert(owned.job, Running { attempt: owned.attempt, stop: stop_tx, gpus: record.gpus.clone() });
+                jobs.insert((owned.job, owned.attempt), Running { stop: stop_tx, gpus: record.gpus.clone() });
                 let span = tracing::info_span!("job", job = %owned.job, attempt = owned.attempt);
-                tokio::spawn(job::resume(env.clone(), record, owned.id, stop_rx, tx.clone()).instrument(span));
+                let task = job::resume(env.clone(), record, owned.id, stop_rx, tx.clone());
+                spawn_job(env.clone(), owned.job, owned.attempt, tx.clone(), task.instrument(span));
             }
             _ => {
                 tracing::info!(job = %owned.job, container = %owned.id, "removing a container of a previous run that cannot be resumed");
@@ -137,14 +144,54 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
     let mut pending: Option<WorkerToBroker> = None;
     let mut backoff = Backoff::new();
     let mut failures = 0u32;
+    // When the last connection was made; `None` before the first attempt.
+    let mut connected_at: Option<Option<Instant>> = None;
 
     'connection: loop {
         if draining && jobs.is_empty() && unacked.is_empty() {
             return Ok(());
         }
+        // Every path back here waits with the jittered backoff first, so a broker that closes
+        // each connection at once is not hammered.
+        if let Some(last) = connected_at {
+            if last.is_some_and(|t| t.elapsed() >= HEALTHY_SESSION) {
+                backoff.reset();
+            }
+            let wait = backoff.wait();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = &mut shutdown, if !draining => {
+                    draining = true;
+                    drain_deadline = Some(Instant::now() + config.drain_timeout);
+                }
+                _ = sleep_until(drain_deadline), if draining => {
+                    // No broker to hand jobs back to: stop them; the broker requeues them
+                    // when the lease runs out.
+                    for r in jobs.values() {
+                        let _ = r.stop.send(Stop::HandBack);
+                    }
+                    if jobs.is_empty() {
+                        return Ok(());
+                    }
+                    drain_deadline = None;
+                }
+                Some(out) = rx.recv(), if draining && drain_deadline.is_none() => {
+                    if let Out::Done { job, attempt, .. } = out {
+                        jobs.remove(&(job, attempt));
+                    }
+                    if jobs.is_empty() {
+                        return Ok(());
+                    }
+                }
+            }
+            if draining && jobs.is_empty() && unacked.is_empty() {
+                return Ok(());
+            }
+        }
+        connected_at = Some(None);
         let held: Vec<HeldJob> = jobs
-            .iter()
-            .map(|(j, r)| HeldJob { job_id: *j, attempt: r.attempt })
+            .keys()
+            .map(|(j, a)| HeldJob { job_id: *j, attempt: *a })
             .chain(unacked.values().filter_map(|m| match m {
                 WorkerToBroker::Finish { job_id, attempt, .. } => Some(HeldJob { job_id: *job_id, attempt: *attempt }),
                 _ => None,
@@ -156,39 +203,12 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                     tracing::info!("connected to the broker again");
                 }
                 failures = 0;
-                backoff.reset();
+                connected_at = Some(Some(Instant::now()));
                 (socket, heartbeat)
             }
             Err(e) => {
                 failures += 1;
-                let wait = backoff.wait();
-                tracing::warn!(error = %format!("{e:#}"), retry_in = ?wait, failures, "cannot reach the broker");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = &mut shutdown, if !draining => {
-                        draining = true;
-                        drain_deadline = Some(Instant::now() + config.drain_timeout);
-                    }
-                    _ = sleep_until(drain_deadline), if draining => {
-                        // No broker to hand jobs back to: stop them; the broker requeues them
-                        // when the lease runs out.
-                        for r in jobs.values() {
-                            let _ = r.stop.send(Stop::HandBack);
-                        }
-                        if jobs.is_empty() {
-                            return Ok(());
-                        }
-                        drain_deadline = None;
-                    }
-                    Some(out) = rx.recv(), if draining && drain_deadline.is_none() => {
-                        if let Out::Done { job, .. } = out {
-                            jobs.remove(&job);
-                        }
-                        if jobs.is_empty() {
-                            return Ok(());
-                        }
-                    }
-                }
+                tracing::warn!(error = %format!("{e:#}"), failures, "cannot reach the broker");
                 continue;
             }
         };
@@ -251,7 +271,7 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                     let msg = match out {
                         Out::Msg(m) => Some(m),
                         Out::Done { job, attempt, outcome } => {
-                            if let Some(r) = jobs.remove(&job) {
+                            if let Some(r) = jobs.remove(&(job, attempt)) {
                                 free_gpus.extend(r.gpus);
                             }
                             match outcome {
@@ -260,7 +280,6 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                                     unacked.insert(job, m.clone());
                                     Some(m)
                                 }
-                                Outcome::Cancelled => None,
                                 Outcome::HandedBack => Some(WorkerToBroker::Release {
                                     job_id: job,
                                     attempt,
@@ -314,9 +333,75 @@ fn log_finish(m: &WorkerToBroker) {
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn send(ws: &mut Socket, msg: &WorkerToBroker) -> Result<()> {
-    let text = serde_json::to_string(msg)?;
+    let text = fit(msg)?;
     ws.send(Message::text(text)).await?;
     Ok(())
+}
+
+/// The message as JSON, within the broker's limit. Job tasks build their messages to fit
+/// (logs in bounded batches, outputs capped); should one still be too large, a finish is sent
+/// as an error without its outputs rather than resent unchanged to a broker that will close
+/// the socket again.
+fn fit(msg: &WorkerToBroker) -> Result<String> {
+    let text = serde_json::to_string(msg)?;
+    if text.len() <= protocol::MAX_WS_MESSAGE {
+        return Ok(text);
+    }
+    match msg {
+        WorkerToBroker::Finish { job_id, attempt, outputs, .. } => {
+            tracing::error!(job = %job_id, bytes = text.len(), "a finish is too large for the broker; reporting an error instead");
+            let status = ExitStatus::Error {
+                message: format!(
+                    "the result ({} outputs, {} bytes) is too large to report; no outputs were kept",
+                    outputs.len(),
+                    text.len()
+                ),
+                retryable: false,
+            };
+            Ok(serde_json::to_string(&WorkerToBroker::Finish {
+                job_id: *job_id,
+                attempt: *attempt,
+                status,
+                outputs: Vec::new(),
+            })?)
+        }
+        other => {
+            tracing::error!(bytes = text.len(), "a message is too large for the broker; sending a heartbeat instead");
+            let _ = other;
+            Ok(serde_json::to_string(&WorkerToBroker::Heartbeat)?)
+        }
+    }
+}
+
+/// Runs a job task and makes sure it ends with [`Out::Done`] even if it panics: the panic
+/// becomes an `error` finish with its message, and the attempt's container and directory are
+/// removed, so the slot is freed on both sides.
+fn spawn_job(
+    env: Arc<JobEnv>,
+    job: JobId,
+    attempt: u32,
+    tx: mpsc::Sender<Out>,
+    task: impl Future<Output = ()> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        let Err(e) = tokio::spawn(task).await else { return };
+        let message = match e.try_into_panic() {
+            Ok(p) => p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into()),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(%job, attempt, error = %message, "a job task failed");
+        job::clean_up_attempt(&env, job, attempt).await;
+        let status = ExitStatus::Error {
+            message: format!("the worker failed while running the job: {message}"),
+            retryable: false,
+        };
+        let finish = WorkerToBroker::Finish { job_id: job, attempt, status, outputs: Vec::new() };
+        let _ = tx.send(Out::Done { job, attempt, outcome: Outcome::Finished(finish) }).await;
+    });
 }
 
 /// Opens the socket, says hello and waits for the welcome; returns the heartbeat interval.
@@ -366,17 +451,19 @@ fn handle(
     config: &Config,
     env: &Arc<JobEnv>,
     tx: &mpsc::Sender<Out>,
-    jobs: &mut HashMap<JobId, Running>,
+    jobs: &mut HashMap<(JobId, u32), Running>,
     free_gpus: &mut BTreeSet<String>,
     unacked: &mut HashMap<JobId, WorkerToBroker>,
     draining: bool,
 ) -> Vec<WorkerToBroker> {
     match msg {
         BrokerToWorker::Assign { job_id, attempt, queue, definition } => {
-            if let Some(r) = jobs.get(&job_id) {
-                if r.attempt == attempt {
-                    return vec![WorkerToBroker::Accept { job_id, attempt }];
-                }
+            if jobs.contains_key(&(job_id, attempt)) {
+                return vec![WorkerToBroker::Accept { job_id, attempt }];
+            }
+            // An older attempt of the same job is no longer assigned here: stop it. It keeps its
+            // slot until its container is gone.
+            for ((_, _), r) in jobs.iter().filter(|((j, _), _)| *j == job_id) {
                 let _ = r.stop.send(Stop::Cancel);
             }
             let release =
@@ -406,22 +493,19 @@ fn handle(
             }
             tracing::info!(job = %job_id, attempt, queue, "running job");
             let (stop_tx, stop_rx) = watch::channel(Stop::No);
-            jobs.insert(job_id, Running { attempt, stop: stop_tx, gpus: gpus.clone() });
+            jobs.insert((job_id, attempt), Running { stop: stop_tx, gpus: gpus.clone() });
             let assignment = Assignment { job: job_id, attempt, definition, gpus };
             let span = tracing::info_span!("job", job = %job_id, attempt);
-            tokio::spawn(job::run(env.clone(), assignment, stop_rx, tx.clone()).instrument(span));
+            let task = job::run(env.clone(), assignment, stop_rx, tx.clone()).instrument(span);
+            spawn_job(env.clone(), job_id, attempt, tx.clone(), task);
             vec![WorkerToBroker::Accept { job_id, attempt }]
         }
         BrokerToWorker::Cancel { job_id, attempt, reason } => {
-            if let Some(r) = jobs.get(&job_id).filter(|r| r.attempt == attempt) {
+            // The task answers with a `cancelled` finish once its container is gone; a finish
+            // already waiting for its ack is kept, and the broker acknowledges it all the same.
+            if let Some(r) = jobs.get(&(job_id, attempt)) {
                 tracing::info!(job = %job_id, attempt, reason, "cancelling job");
                 let _ = r.stop.send(Stop::Cancel);
-            }
-            if unacked
-                .get(&job_id)
-                .is_some_and(|m| matches!(m, WorkerToBroker::Finish { attempt: a, .. } if *a == attempt))
-            {
-                unacked.remove(&job_id);
             }
             Vec::new()
         }

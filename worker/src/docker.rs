@@ -28,6 +28,8 @@ pub const LABEL_ATTEMPT: &str = "cq.attempt";
 pub const NETWORK: &str = "cq-jobs";
 /// Processes a job may start unless the worker says otherwise.
 pub const DEFAULT_PIDS_LIMIT: i64 = 4096;
+/// Largest build context (`build.tarball`) the worker downloads.
+pub const MAX_BUILD_CONTEXT: u64 = 512 << 20;
 
 /// A failure to run a job, as the user should read it; `retryable` when another attempt (on
 /// this or another worker) could succeed.
@@ -92,6 +94,7 @@ pub struct ImageProgress {
 /// go to `log`.
 pub async fn ensure_image(
     docker: &Docker,
+    http: &reqwest::Client,
     definition: &JobDefinition,
     progress: &(dyn Fn(ImageProgress) + Send + Sync),
     log: &(dyn Fn(String) + Send + Sync),
@@ -108,7 +111,7 @@ pub async fn ensure_image(
     if docker.inspect_image(&tag).await.is_ok() {
         return Ok(tag);
     }
-    build_image(docker, build, &tag, progress, log).await?;
+    build_image(docker, http, build, &tag, progress, log).await?;
     Ok(tag)
 }
 
@@ -187,34 +190,47 @@ pub fn redact(url: &str) -> String {
     }
 }
 
+/// Builds the image. A tarball context is downloaded by the worker and sent as the build's
+/// body, so it works wherever the worker can reach the URL (the engine may live in another
+/// network namespace) and counts against the job's time like any other step. A git context is
+/// fetched by the engine itself (`remote`), which needs git on the engine's host.
 async fn build_image(
     docker: &Docker,
+    http: &reqwest::Client,
     build: &BuildSpec,
     tag: &str,
     progress: &(dyn Fn(ImageProgress) + Send + Sync),
     log: &(dyn Fn(String) + Send + Sync),
 ) -> Result<(), JobError> {
-    let remote = match (&build.git, &build.tarball) {
-        // Docker's git context syntax: `url#ref:dir`, either part optional.
-        (Some(git), _) => Some(match (&git.git_ref, &git.dir) {
-            (Some(r), Some(d)) => format!("{}#{r}:{d}", git.url),
-            (None, Some(d)) => format!("{}#:{d}", git.url),
-            (Some(r), None) => format!("{}#{r}", git.url),
-            (None, None) => git.url.clone(),
-        }),
-        (None, Some(url)) => Some(url.clone()),
-        (None, None) => None,
-    };
-    let body = match (&remote, &build.dockerfile) {
-        (Some(_), Some(_)) => {
-            return Err(JobError::user(
-                "an inline `dockerfile` with a git or tarball context is not supported; put the Dockerfile in the context and name it with `filename`",
-            ));
+    if build.dockerfile.is_some() && (build.git.is_some() || build.tarball.is_some()) {
+        return Err(JobError::user(
+            "an inline `dockerfile` with a git or tarball context is not supported; put the Dockerfile in the context and name it with `filename`",
+        ));
+    }
+    let (source, remote, context) = match (&build.git, &build.tarball, &build.dockerfile) {
+        (Some(git), _, _) => {
+            // Docker's git context syntax: `url#ref:dir`, either part optional.
+            let url = match (&git.git_ref, &git.dir) {
+                (Some(r), Some(d)) => format!("{}#{r}:{d}", git.url),
+                (None, Some(d)) => format!("{}#:{d}", git.url),
+                (Some(r), None) => format!("{}#{r}", git.url),
+                (None, None) => git.url.clone(),
+            };
+            (redact(&url), Some(url), Vec::new())
         }
-        (None, Some(text)) => Some(bollard::body_full(dockerfile_tar(text)?.into())),
-        _ => None,
+        (None, Some(url), _) => {
+            progress(ImageProgress {
+                message: format!("downloading the build context from {}", redact(url)),
+                current: None,
+                total: None,
+            });
+            (redact(url), None, download_context(http, url).await?)
+        }
+        (None, None, Some(text)) => ("inline Dockerfile".to_string(), None, dockerfile_tar(text)?),
+        (None, None, None) => return Err(JobError::user("the build names no context and no Dockerfile")),
     };
-    let source = remote.as_deref().map(redact).unwrap_or_else(|| "inline Dockerfile".into());
+    // The engine API always wants a body: an empty one when the engine fetches the context.
+    let body = Some(bollard::body_full(context.into()));
     progress(ImageProgress { message: format!("building from {source}"), current: None, total: None });
     let options = BuildImageOptions {
         dockerfile: build.filename.clone().unwrap_or_else(|| "Dockerfile".into()),
@@ -254,6 +270,36 @@ async fn build_image(
         return Err(build_failed(&source, "the build produced no image", &tail));
     }
     Ok(())
+}
+
+/// Downloads a build context, at most [`MAX_BUILD_CONTEXT`] bytes. A refusal by the server
+/// (4xx) is the job's error; a network failure or a server error may pass.
+async fn download_context(http: &reqwest::Client, url: &str) -> Result<Vec<u8>, JobError> {
+    let shown = redact(url);
+    let resp = http
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| JobError::infra(format!("downloading the build context from {shown} failed: {e}")))?;
+    let status = resp.status();
+    if !status.is_success() {
+        let message = format!("downloading the build context from {shown} failed: {status}");
+        return Err(if status.is_client_error() { JobError::user(message) } else { JobError::infra(message) });
+    }
+    let mut body = Vec::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| JobError::infra(format!("downloading the build context from {shown} failed: {e}")))?;
+        if body.len() as u64 + chunk.len() as u64 > MAX_BUILD_CONTEXT {
+            return Err(JobError::user(format!(
+                "the build context at {shown} is larger than {} MiB",
+                MAX_BUILD_CONTEXT >> 20
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 fn build_failed(source: &str, error: &str, tail: &[String]) -> JobError {

@@ -25,10 +25,33 @@ use crate::docker::{self, ContainerSpec, ImageProgress, JobError};
 pub const LOG_FLUSH: Duration = Duration::from_millis(100);
 /// Most lines in one logs message.
 const LOG_BATCH_LINES: usize = 500;
-/// Most bytes in one logs message (the broker refuses websocket messages over 1 MiB).
+/// Most bytes in one logs message, counted as encoded JSON (a control character takes six):
+/// the broker refuses websocket messages over 1 MiB.
 const LOG_BATCH_BYTES: usize = 256 << 10;
-/// Longest single log line kept; longer ones are cut.
+/// Longest piece of a log line in one log entry; longer lines are split into pieces this long
+/// (nothing is dropped), so one line cannot outgrow a batch.
 const MAX_LINE: usize = 64 << 10;
+/// Most output files a job keeps unless the worker says otherwise.
+pub const DEFAULT_MAX_OUTPUT_FILES: usize = 1000;
+/// Most output bytes (all files together) a job keeps unless the worker says otherwise.
+pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 10 << 30;
+/// Most bytes the list of outputs may take in a finish message, whatever the limits: the
+/// finish must fit the broker's message limit with room to spare.
+const MAX_OUTPUT_LIST_BYTES: usize = 512 << 10;
+
+/// Per-job limits on what a worker keeps of a job's outputs. Outputs beyond them are not
+/// uploaded; the job's log says so, and the outputs up to the limit are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputLimits {
+    pub max_files: usize,
+    pub max_bytes: u64,
+}
+
+impl Default for OutputLimits {
+    fn default() -> OutputLimits {
+        OutputLimits { max_files: DEFAULT_MAX_OUTPUT_FILES, max_bytes: DEFAULT_MAX_OUTPUT_BYTES }
+    }
+}
 
 /// What a job task tells the controller.
 #[derive(Debug)]
@@ -40,10 +63,9 @@ pub enum Out {
 /// How a job task ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// Report this finish (kept until the broker acknowledges it).
+    /// Report this finish (kept until the broker acknowledges it). A cancelled attempt ends
+    /// with a `cancelled` finish too: that is how the broker learns its slot is free.
     Finished(WorkerToBroker),
-    /// The broker cancelled it; nothing to report.
-    Cancelled,
     /// The worker is stopping: hand the job back unfinished.
     HandedBack,
 }
@@ -72,6 +94,7 @@ pub struct JobEnv {
     /// The broker's base URL, for the `JOB_*_URL_PREFIX` variables jobs written for the
     /// reference system read.
     pub broker_url: String,
+    pub output_limits: OutputLimits,
 }
 
 /// An assignment as the task runs it.
@@ -147,8 +170,20 @@ impl Ctx {
 pub async fn run(env: Arc<JobEnv>, a: Assignment, stop: watch::Receiver<Stop>, tx: mpsc::Sender<Out>) {
     let ctx = Ctx { env, job: a.job, attempt: a.attempt, tx, stop };
     let outcome = match prepare_and_start(&ctx, &a).await {
-        Ok(Some((container, record))) => supervise(&ctx, &container, &record, 0).await,
-        Ok(None) => stopped_outcome(&ctx),
+        Ok(Prepared::Started(container, record)) => supervise(&ctx, &container, &record, 0).await,
+        Ok(Prepared::Stopped) => {
+            cleanup_dir(&ctx).await;
+            stopped_outcome(&ctx)
+        }
+        Ok(Prepared::TimedOut(limit)) => {
+            cleanup_dir(&ctx).await;
+            let text = format!(
+                "cq: the job reached its maximum duration of {}s before its container started\n",
+                limit.as_secs()
+            );
+            ctx.send(ctx.system_line(text)).await;
+            finish(&ctx, ExitStatus::TimedOut { exit_code: None }, Vec::new())
+        }
         Err(e) => {
             cleanup_dir(&ctx).await;
             finish(&ctx, ExitStatus::Error { message: e.message, retryable: e.retryable }, Vec::new())
@@ -179,16 +214,45 @@ async fn done(ctx: &Ctx, outcome: Outcome) {
 fn stopped_outcome(ctx: &Ctx) -> Outcome {
     match ctx.stop_requested() {
         Stop::HandBack => Outcome::HandedBack,
-        _ => Outcome::Cancelled,
+        _ => finish(ctx, ExitStatus::Cancelled, Vec::new()),
     }
+}
+
+/// Removes whatever an attempt left behind (its containers and its directory), for a task that
+/// could not clean up after itself.
+pub async fn clean_up_attempt(env: &JobEnv, job: JobId, attempt: u32) {
+    if let Ok(owned) = docker::owned(&env.docker, &env.worker_id).await {
+        for c in owned.into_iter().filter(|c| c.job == job && c.attempt == attempt) {
+            if let Err(e) = docker::remove(&env.docker, &c.id).await {
+                tracing::warn!(container = c.id, error = %e, "cannot remove the container of a failed job task");
+            }
+        }
+    }
+    remove_dir(&env.job_dir(job, attempt)).await;
 }
 
 fn finish(ctx: &Ctx, status: ExitStatus, outputs: Vec<OutputFile>) -> Outcome {
     Outcome::Finished(WorkerToBroker::Finish { job_id: ctx.job, attempt: ctx.attempt, status, outputs })
 }
 
-/// Inputs, image, container. `None` when told to stop on the way.
-async fn prepare_and_start(ctx: &Ctx, a: &Assignment) -> Result<Option<(String, Record)>, JobError> {
+/// How preparing an attempt ended.
+enum Prepared {
+    /// The container runs.
+    Started(String, Box<Record>),
+    /// Told to stop on the way; nothing is left running.
+    Stopped,
+    /// The job's time (which includes fetching inputs, pulling and building) ran out first.
+    TimedOut(Duration),
+}
+
+/// Inputs, image, container. The job's `maxDuration` (or the worker's) counts from here, so a
+/// slow pull or build is bounded too, and a stop request ends any step at once.
+async fn prepare_and_start(ctx: &Ctx, a: &Assignment) -> Result<Prepared, JobError> {
+    let limit =
+        [a.definition.max_duration_secs().map(Duration::from_secs), ctx.env.max_duration].into_iter().flatten().min();
+    let started_ms = (docker::now_ns() / 1_000_000) as u64;
+    let deadline = limit.map(|l| tokio::time::Instant::now() + l);
+    let timed_out = || Prepared::TimedOut(limit.unwrap_or_default());
     let dir = ctx.env.job_dir(a.job, a.attempt);
     let inputs = dir.join("inputs");
     let outputs = dir.join("outputs");
@@ -202,7 +266,8 @@ async fn prepare_and_start(ctx: &Ctx, a: &Assignment) -> Result<Option<(String, 
     let mut stop = ctx.stop.clone();
     tokio::select! {
         r = materialise_inputs(ctx, &a.definition, &inputs) => r?,
-        _ = stop_requested(&mut stop) => return Ok(None),
+        _ = stop_requested(&mut stop) => return Ok(Prepared::Stopped),
+        _ = sleep_until(deadline) => return Ok(timed_out()),
     }
     let image = {
         let progress_ctx = &ctx;
@@ -214,12 +279,11 @@ async fn prepare_and_start(ctx: &Ctx, a: &Assignment) -> Result<Option<(String, 
             let _ = ctx.tx.try_send(Out::Msg(ctx.system_line(text)));
         };
         tokio::select! {
-            r = docker::ensure_image(&ctx.env.docker, &a.definition, &on_progress, &on_log) => r?,
-            _ = stop_requested(&mut stop) => return Ok(None),
+            r = docker::ensure_image(&ctx.env.docker, &ctx.env.http, &a.definition, &on_progress, &on_log) => r?,
+            _ = stop_requested(&mut stop) => return Ok(Prepared::Stopped),
+            _ = sleep_until(deadline) => return Ok(timed_out()),
         }
     };
-    let limit =
-        [a.definition.max_duration_secs().map(Duration::from_secs), ctx.env.max_duration].into_iter().flatten().min();
     let mut record = Record {
         job: a.job,
         attempt: a.attempt,
@@ -243,16 +307,16 @@ async fn prepare_and_start(ctx: &Ctx, a: &Assignment) -> Result<Option<(String, 
         url_prefix: format!("{}/j/{}", ctx.env.broker_url.trim_end_matches('/'), a.job),
     };
     if ctx.stop_requested() != Stop::No {
-        return Ok(None);
+        return Ok(Prepared::Stopped);
     }
     let container = docker::start_container(&ctx.env.docker, &a.definition, &spec).await?;
-    // maxDuration is the container's run time: it counts from the start.
+    // maxDuration counts from the start of the attempt, preparation included.
     if let Some(limit) = limit {
-        record.deadline_ms = Some((docker::now_ns() / 1_000_000) as u64 + limit.as_millis() as u64);
+        record.deadline_ms = Some(started_ms + limit.as_millis() as u64);
         write_record(&dir, &record).await?;
     }
     ctx.progress(Phase::Running, None);
-    Ok(Some((container, record)))
+    Ok(Prepared::Started(container, Box::new(record)))
 }
 
 async fn write_record(dir: &Path, record: &Record) -> Result<(), JobError> {
@@ -461,18 +525,16 @@ async fn forward_logs(
                 continue;
             }
         };
-        let Some((ns, mut line)) = next else { break };
-        if line.text.len() > MAX_LINE {
-            let mut cut = MAX_LINE;
-            while !line.text.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            line.text.truncate(cut);
-            line.text.push_str("…[line cut]\n");
-        }
+        let Some((ns, line)) = next else { break };
         last_ns = ns;
-        bytes += line.text.len();
-        batch.push(line);
+        for piece in split_line(line) {
+            let size = json_len(&piece.text);
+            if bytes + size > LOG_BATCH_BYTES {
+                flush(&tx, job, attempt, &mut batch, &mut bytes, last_ns, &cursor_file).await;
+            }
+            bytes += size;
+            batch.push(piece);
+        }
         // A line after a quiet spell leaves at once; lines that follow within LOG_FLUSH are
         // batched with the ones after them.
         let quiet = last_flush.elapsed() >= LOG_FLUSH;
@@ -485,6 +547,39 @@ async fn forward_logs(
         }
     }
     flush(&tx, job, attempt, &mut batch, &mut bytes, last_ns, &cursor_file).await;
+}
+
+/// A line longer than [`MAX_LINE`] as several entries of at most that many bytes (split on
+/// character boundaries; only the last piece keeps the line's end).
+fn split_line(line: LogLine) -> Vec<LogLine> {
+    if line.text.len() <= MAX_LINE {
+        return vec![line];
+    }
+    let mut pieces = Vec::new();
+    let mut rest = line.text.as_str();
+    while !rest.is_empty() {
+        let mut cut = rest.len().min(MAX_LINE);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (piece, tail) = rest.split_at(cut);
+        pieces.push(LogLine { stream: line.stream, time: line.time, text: piece.to_string() });
+        rest = tail;
+    }
+    pieces
+}
+
+/// Bytes `text` takes as a JSON string: control characters, quotes and backslashes are
+/// escaped.
+fn json_len(text: &str) -> usize {
+    text.bytes()
+        .map(|b| match b {
+            b'\n' | b'\r' | b'\t' | b'\x08' | b'\x0c' | b'"' | b'\\' => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+        + 2
 }
 
 async fn flush(
@@ -519,12 +614,36 @@ async fn collect_outputs(ctx: &Ctx) -> Result<Vec<OutputFile>, JobError> {
     })
     .await
     .map_err(|e| JobError::infra(e.to_string()))?;
-    let mut outputs = Vec::new();
+    let limits = ctx.env.output_limits;
+    let total = files.len();
+    let (mut outputs, mut bytes, mut list_bytes) = (Vec::new(), 0u64, 0usize);
     for (rel, path) in files {
         if let Err(e) = validate_relative_path(&rel) {
             ctx.send(ctx.system_line(format!("cq: output `{rel}` skipped: {e}\n"))).await;
             continue;
         }
+        let size = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
+        // What this entry adds to the finish message: the path, the hash and the JSON around.
+        let entry = rel.len() + 64 + 64;
+        let over = if outputs.len() >= limits.max_files {
+            Some(format!("{} files", limits.max_files))
+        } else if bytes + size > limits.max_bytes {
+            Some(format!("{} bytes", limits.max_bytes))
+        } else if list_bytes + entry > MAX_OUTPUT_LIST_BYTES {
+            Some(format!("{MAX_OUTPUT_LIST_BYTES} bytes of file names"))
+        } else {
+            None
+        };
+        if let Some(limit) = over {
+            let text = format!(
+                "cq: output limit of {limit} reached: kept {} of {total} output files ({bytes} bytes); the rest were not uploaded\n",
+                outputs.len()
+            );
+            ctx.send(ctx.system_line(text)).await;
+            break;
+        }
+        bytes += size;
+        list_bytes += entry;
         let d = ctx
             .env
             .blobs

@@ -156,6 +156,7 @@ fn config(url: &str, id: &str, dir: &std::path::Path, slots: u32) -> worker::Con
         stop_grace: Duration::from_secs(1),
         drain_timeout: Duration::from_secs(60),
         pids_limit: 512,
+        output_limits: Default::default(),
     }
 }
 

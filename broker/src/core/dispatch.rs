@@ -29,6 +29,9 @@ impl Core {
                 let q = &self.queues[queue];
                 let job_id = q.by_seq[&seq];
                 let job = &self.jobs[&job_id];
+                if job.not_before > self.now {
+                    continue;
+                }
                 let mut best: Option<(&Worker, u32)> = None;
                 let mut any_free = false;
                 for wid in &q.workers {
@@ -64,5 +67,57 @@ impl Core {
                 });
             }
         }
+    }
+
+    /// Recomputes why queued jobs wait: for the jobs the last command changed, and for the
+    /// queued jobs (up to [`DISPATCH_SCAN_LIMIT`] per queue) of queues whose workers changed.
+    /// A changed reason is a change of the job, so watchers hear of it.
+    pub(super) fn refresh_waiting(&mut self) {
+        let mut ids: Vec<JobId> = self.dirty.clone();
+        for q in &self.dirty_workers {
+            if let Some(queue) = self.queues.get(q) {
+                ids.extend(queue.pending.iter().take(DISPATCH_SCAN_LIMIT).map(|(_, seq)| queue.by_seq[seq]));
+            }
+        }
+        for id in ids {
+            let Some(j) = self.jobs.get(&id) else { continue };
+            let waiting = if j.state == JobState::Queued { self.waiting_reason(j) } else { None };
+            let j = self.jobs.get_mut(&id).expect("looked up above");
+            if j.waiting != waiting {
+                j.waiting = waiting;
+                j.version += 1;
+                self.dirty.push(id);
+            }
+        }
+    }
+
+    /// Why a queued job does not run, if it is not only waiting for a busy worker: a retry
+    /// backoff, or no connected worker that could ever take it.
+    fn waiting_reason(&self, j: &Job) -> Option<String> {
+        if j.not_before > self.now {
+            return j.retry_reason.clone();
+        }
+        let workers: Vec<&Worker> = self
+            .queues
+            .get(&j.queue)
+            .map(|q| q.workers.iter().filter_map(|w| self.workers.get(w)).filter(|w| w.conn.is_some() && !w.draining))
+            .into_iter()
+            .flatten()
+            .collect();
+        if workers.is_empty() {
+            return Some(format!("no connected worker serves queue `{}`", j.queue));
+        }
+        let tagged: Vec<&Worker> = workers.into_iter().filter(|w| j.tags.iter().all(|t| w.tags.contains(t))).collect();
+        if tagged.is_empty() {
+            return Some(format!("no connected worker of queue `{}` has the tags {}", j.queue, j.tags.join(", ")));
+        }
+        let most = tagged.iter().map(|w| w.gpus).max().unwrap_or(0);
+        if j.gpus > most {
+            return Some(format!("the job needs {} GPUs; the connected workers that fit have at most {most}", j.gpus));
+        }
+        if tagged.iter().all(|w| w.slots == 0) {
+            return Some("the connected workers that fit have no slots".into());
+        }
+        None
     }
 }

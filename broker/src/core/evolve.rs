@@ -48,6 +48,9 @@ impl Core {
                     assigned_at: None,
                     queued_at: *at,
                     progress: None,
+                    waiting: None,
+                    not_before: 0,
+                    retry_reason: None,
                     version: version + 1,
                 };
                 let q = self.queues.entry(queue.clone()).or_default();
@@ -165,9 +168,13 @@ impl Core {
             }
             Event::Forgotten { job } => {
                 let id = JobId(*job);
+                let queue = self.jobs.get(&id).map(|j| j.queue.clone());
                 self.unindex(id);
                 self.jobs.remove(&id);
                 self.dirty.push(id);
+                if let Some(q) = queue {
+                    self.drop_queue_if_unused(&q);
+                }
             }
         }
     }

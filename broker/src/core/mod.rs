@@ -23,7 +23,7 @@ use protocol::job::{FinishReason, JobState, JobView, LogLine, OutputFile, Progre
 use protocol::messages::{
     BrokerToClient, BrokerToWorker, ErrorBody, ErrorCode, ExitStatus, SubmitOutcome, WorkerHello, WorkerToBroker,
 };
-use protocol::{JobId, PROTOCOL_VERSION, WorkerId, close};
+use protocol::{JobId, MAX_HELLO_QUEUES, PROTOCOL_VERSION, WorkerId, close};
 use serde_json::value::RawValue;
 
 use crate::event::{Event, JobRecordV1, LogLineV1, OutputV1, ReasonV1, SnapshotV1, StateV1};
@@ -42,6 +42,11 @@ pub const SNAPSHOT_FINISHED_LIMIT: usize = 200;
 pub const LOG_CHUNK_LINES: usize = 1000;
 /// Most jobs one list request returns.
 pub const LIST_LIMIT: usize = 1000;
+/// Wait before the first retry of an attempt that failed with a transient error; doubles with
+/// each further failure up to [`RETRY_BACKOFF_MAX_MS`], so a broken engine is not hammered.
+pub const RETRY_BACKOFF_MS: u64 = 1_000;
+/// Longest wait between retries.
+pub const RETRY_BACKOFF_MAX_MS: u64 = 60_000;
 
 /// The queue state: jobs, queues, namespaces (durable) and workers, connections and watchers
 /// (volatile: rebuilt as peers reconnect).
@@ -57,6 +62,8 @@ pub struct Core {
     retained: BTreeSet<(u64, JobId)>,
     /// Assignments not yet accepted, by the time they were made.
     unaccepted: BTreeSet<(u64, JobId)>,
+    /// Queued jobs waiting out a retry backoff, by the time they may run again.
+    retries_due: BTreeSet<(u64, JobId)>,
     workers: BTreeMap<WorkerId, Worker>,
     conns: HashMap<ConnId, Conn>,
     job_watchers: HashMap<JobId, Vec<ConnId>>,
@@ -80,6 +87,7 @@ impl Core {
             namespaces: HashMap::new(),
             retained: BTreeSet::new(),
             unaccepted: BTreeSet::new(),
+            retries_due: BTreeSet::new(),
             workers: BTreeMap::new(),
             conns: HashMap::new(),
             job_watchers: HashMap::new(),
@@ -94,6 +102,14 @@ impl Core {
 
     pub fn config(&self) -> &CoreConfig {
         &self.config
+    }
+
+    /// Forgets a queue that has no jobs, no workers and no watchers: queues are made on
+    /// demand (by a submission, a worker hello, a watcher) and must not outlive their use.
+    fn drop_queue_if_unused(&mut self, name: &Arc<str>) {
+        if self.queues.get(name).is_some_and(|q| q.by_seq.is_empty() && q.workers.is_empty() && q.watchers.is_empty()) {
+            self.queues.remove(name);
+        }
     }
 
     /// Applies one command at time `now`. Events and effects accumulate until
@@ -159,6 +175,7 @@ impl Core {
                 outputs: self.jobs.values().flat_map(|j| j.outputs.iter().map(|o| o.sha256.clone())).collect(),
             },
         };
+        self.refresh_waiting();
         self.flush_notifications();
         reply
     }
@@ -185,7 +202,8 @@ impl Core {
             self.workers.values().filter_map(|w| w.disconnected_at).min().map(|t| t + self.config.lease_grace_ms);
         let retention = self.retained.first().map(|(t, _)| t + self.config.retention_ms);
         let accept = self.unaccepted.first().map(|(t, _)| t + self.config.accept_timeout_ms);
-        [grace, retention, accept].into_iter().flatten().min()
+        let retry = self.retries_due.first().map(|(t, _)| *t);
+        [grace, retention, accept, retry].into_iter().flatten().min()
     }
 }
 
@@ -235,6 +253,8 @@ impl Job {
             finished_at: self.finished_at,
             progress: self.progress.clone(),
             log_lines: self.logs.len() as u64,
+            log_truncated: self.log_full,
+            waiting: self.waiting.clone(),
             outputs: self.outputs.clone(),
             version: self.version,
         }

@@ -46,9 +46,10 @@ impl Core {
         };
         for w in q.workers.iter().filter_map(|w| self.workers.get(w)).filter(|w| w.conn.is_some()) {
             s.workers += 1;
-            s.slots += w.slots;
+            // Sums saturate: a worker may claim any number of slots.
+            s.slots = s.slots.saturating_add(w.slots);
             if !w.draining {
-                s.free_slots += w.free_slots();
+                s.free_slots = s.free_slots.saturating_add(w.free_slots());
             }
         }
         s

@@ -142,6 +142,9 @@ impl Job {
             assigned_at: None,
             queued_at: r.submitted_at,
             progress: None,
+            waiting: None,
+            not_before: 0,
+            retry_reason: None,
             version: r.version,
         }
     }

@@ -196,7 +196,8 @@ impl Script {
                         format!("queueWorkers seq={seq} n={}", workers.len())
                     }
                     BrokerToClient::Job { job } => {
-                        format!("job {} {:?} v{}", self.name(&job.id), job.state, job.version)
+                        let waiting = job.waiting.as_ref().map(|w| format!(" waiting: {w}")).unwrap_or_default();
+                        format!("job {} {:?} v{}{waiting}", self.name(&job.id), job.state, job.version)
                     }
                     BrokerToClient::Logs { job_id, offset, lines } => {
                         format!("logs {} @{offset} n={}", self.name(job_id), lines.len())
@@ -214,7 +215,8 @@ impl Script {
         match r {
             Reply::Submitted { outcome, job } => format!("{outcome:?} {} {:?}", self.name(&job.id), job.state),
             Reply::Cancelled(job) | Reply::Job(job) => {
-                format!("{} {:?} {:?} attempt={}", self.name(&job.id), job.state, job.reason, job.attempt)
+                let waiting = job.waiting.as_ref().map(|w| format!(" waiting: {w}")).unwrap_or_default();
+                format!("{} {:?} {:?} attempt={}{waiting}", self.name(&job.id), job.state, job.reason, job.attempt)
             }
             Reply::Error(e) => format!("error {:?}: {}", e.code, e.message),
             other => format!("{other:?}"),
@@ -660,12 +662,12 @@ fn progress_reaches_watchers_and_a_draining_worker_hands_work_back() {
           reply Created b Queued
         t=0 c1 release a#1
           event requeued a lost=false
-          send c9: job a Queued v5
+          send c9: job a Queued v6 waiting: no connected worker serves queue `q`
         t=0 hello w2 on c2 slots=1 gpus=0 tags=[]
           event assigned a#2 to w2
           send c2: welcome
           send c2: assign a#2
-          send c9: job a Assigned v6
+          send c9: job a Assigned v8
     "#]]);
 }
 
@@ -692,5 +694,158 @@ fn an_assignment_not_accepted_in_time_is_taken_back() {
         t=100 c1 accept a#2
           event started a#2
         t=200 tick after acceptance
+    "#]]);
+}
+
+/// Reproduction 1 of the lifecycle issue: a cancelled (or superseded) running attempt keeps its
+/// slot until the worker acknowledges the cancel with a `cancelled` finish, and frees it then.
+#[test]
+fn a_cancel_frees_the_slot_when_the_worker_acknowledges_it() {
+    let mut s = script();
+    s.worker(1, "w1", 1, 0, &[], &[]).submit("q", "a").accept(1, "a", 1);
+    let a = s.id("a");
+    s.out.clear();
+    s.run("cancel a", Command::Cancel { job: a, namespace: None });
+    s.submit_with("q", "b", "", Some("doc"), false);
+    s.finish(1, "a", 1, ExitStatus::Cancelled).accept(1, "b", 1);
+    s.submit_with("q", "c", "", Some("doc"), false);
+    s.finish(1, "b", 1, ExitStatus::Cancelled);
+    s.run("summary", Command::Summary { queue: Some("q".into()) });
+    s.check(expect![[r#"
+        t=0 cancel a
+          event finished a Cancelled exit=None cancelled by a client
+          send c1: cancel a#1 (cancelled by a client)
+          reply a Finished Some(Cancelled) attempt=1
+        t=0 submit b to q ns=doc
+          event submitted b queue=q ns=Some("doc") prio=0
+          reply Created b Queued
+        t=0 c1 finish a#1 Cancelled
+          event assigned b#1 to w1
+          send c1: finishAck a#1
+          send c1: assign b#1
+        t=0 c1 accept b#1
+          event started b#1
+        t=0 submit c to q ns=doc
+          event left b ns=doc
+          event finished b Superseded exit=None superseded by job c in namespace `doc`
+          event submitted c queue=q ns=Some("doc") prio=0
+          send c1: cancel b#1 (superseded by job c in namespace `doc`)
+          reply Created c Queued
+        t=0 c1 finish b#1 Cancelled
+          event assigned c#1 to w1
+          send c1: finishAck b#1
+          send c1: assign c#1
+        t=0 summary
+          reply Summary([QueueSummary { queue: "q", queued: 0, assigned: 1, running: 0, finished: 2, oldest_queued_ms: None, workers: 1, slots: 1, free_slots: 0 }])
+    "#]]);
+}
+
+/// Reproduction 5: a transient error is retried after a backoff, and the job says why it waits;
+/// a permanent one ends the job at once.
+#[test]
+fn a_transient_error_is_retried_after_a_backoff_and_a_permanent_one_ends_the_job() {
+    let mut s = script();
+    s.worker(1, "w1", 1, 0, &[], &[]).submit("q", "a").accept(1, "a", 1);
+    let a = s.id("a");
+    s.run("watch a", Command::WatchJob { conn: 9, job: a, since: 0, follow: false });
+    s.out.clear();
+    s.finish(1, "a", 1, ExitStatus::Error { message: "Docker does not answer".into(), retryable: true });
+    s.at(500).run("tick", Command::Tick);
+    s.at(1000).run("tick", Command::Tick);
+    s.accept(1, "a", 2).finish(1, "a", 2, ExitStatus::Error { message: "image not found".into(), retryable: false });
+    s.check(expect![[r#"
+        t=0 c1 finish a#1 Error { message: "Docker does not answer", retryable: true }
+          event requeued a lost=true
+          send c1: finishAck a#1
+          send c9: job a Queued v5 waiting: attempt 1 failed: Docker does not answer; retry 1 of 1 in 1 s
+        t=500 tick
+        t=1000 tick
+          event assigned a#2 to w1
+          send c1: assign a#2
+          send c9: job a Assigned v7
+        t=1000 c1 accept a#2
+          event started a#2
+          send c9: job a Running v8
+        t=1000 c1 finish a#2 Error { message: "image not found", retryable: false }
+          event finished a Error exit=None image not found
+          send c1: finishAck a#2
+          send c9: job a Finished v9
+    "#]]);
+}
+
+/// Reproduction 6: a job no connected worker could ever take says why it waits, and the reason
+/// goes away when a worker that fits connects.
+#[test]
+fn unservable_jobs_say_why_they_wait() {
+    let mut s = script();
+    s.submit("q", "plain");
+    s.submit_with("q", "g", r#","resources":{"gpus":2},"tags":["gpu"]"#, None, false);
+    let (plain, gpu) = (s.id("plain"), s.id("g"));
+    s.out.clear();
+    s.run("get plain", Command::GetJob { job: plain });
+    s.run("watch g", Command::WatchJob { conn: 8, job: gpu, since: 0, follow: false });
+    s.worker(1, "w1", 1, 0, &["gpu"], &[]);
+    s.worker(2, "w2", 1, 4, &[], &[]);
+    s.worker(3, "w3", 1, 4, &["gpu"], &[]);
+    s.check(expect![[r#"
+        t=0 get plain
+          reply plain Queued None attempt=0 waiting: no connected worker serves queue `q`
+        t=0 watch g
+          send c8: job g Queued v2 waiting: no connected worker serves queue `q`
+        t=0 hello w1 on c1 slots=1 gpus=0 tags=["gpu"]
+          event assigned plain#1 to w1
+          send c1: welcome
+          send c1: assign plain#1
+          send c8: job g Queued v3 waiting: the job needs 2 GPUs; the connected workers that fit have at most 0
+        t=0 hello w2 on c2 slots=1 gpus=4 tags=[]
+          send c2: welcome
+        t=0 hello w3 on c3 slots=1 gpus=4 tags=["gpu"]
+          event assigned g#1 to w3
+          send c3: welcome
+          send c3: assign g#1
+          send c8: job g Assigned v5
+    "#]]);
+}
+
+/// Reproduction 7: a hello names a bounded number of queues, queues nobody uses are dropped,
+/// and slot sums saturate instead of wrapping.
+#[test]
+fn worker_input_is_bounded_and_unused_queues_go_away() {
+    let mut s = script();
+    let many: Vec<String> = (0..=MAX_HELLO_QUEUES).map(|i| format!("q{i}")).collect();
+    let mut hello = WorkerHello {
+        protocol: 1,
+        token: None,
+        worker_id: WorkerId("w0".into()),
+        queues: many,
+        slots: 1,
+        gpus: 0,
+        tags: Vec::new(),
+        held: Vec::new(),
+        agent: None,
+    };
+    s.run("hello naming 65 queues", Command::WorkerHello { conn: 5, hello: hello.clone() });
+    hello.queues = vec!["a".into(), "b".into()];
+    hello.slots = u32::MAX;
+    s.run("hello w0 on a, b", Command::WorkerHello { conn: 5, hello: hello.clone() });
+    hello.worker_id = WorkerId("w1".into());
+    s.run("hello w1 on a, b", Command::WorkerHello { conn: 6, hello });
+    s.run("summary a", Command::Summary { queue: Some("a".into()) });
+    s.run("w0 leaves", Command::Disconnected { conn: 5 });
+    s.run("w1 leaves", Command::Disconnected { conn: 6 });
+    s.run("overview", Command::Overview);
+    s.check(expect![[r#"
+        t=0 hello naming 65 queues
+          reply error BadMessage: a worker serves at most 64 queues; this one named 65
+        t=0 hello w0 on a, b
+          send c5: welcome
+        t=0 hello w1 on a, b
+          send c6: welcome
+        t=0 summary a
+          reply Summary([QueueSummary { queue: "a", queued: 0, assigned: 0, running: 0, finished: 0, oldest_queued_ms: None, workers: 2, slots: 4294967295, free_slots: 4294967295 }])
+        t=0 w0 leaves
+        t=0 w1 leaves
+        t=0 overview
+          reply Overview(Overview { queues: [], finished: [], dispatched: 0, jobs: 0, workers: 0, connections: 0 })
     "#]]);
 }

@@ -239,6 +239,12 @@ pub(crate) struct Job {
     pub queued_at: u64,
     /// Volatile: the worker's latest progress report.
     pub progress: Option<Progress>,
+    /// Volatile: why a queued job does not run (see `JobView::waiting`).
+    pub waiting: Option<String>,
+    /// Volatile: a queued job is not dispatched before this time (a retry's backoff).
+    pub not_before: u64,
+    /// Volatile: the error that made the last attempt fail, while a retry waits.
+    pub retry_reason: Option<String>,
     pub version: u64,
 }
 

@@ -44,8 +44,11 @@ impl Core {
         if let Some(c) = self.conns.get_mut(&conn) {
             c.queues.retain(|q| &**q != queue);
         }
-        if let Some(q) = self.queues.get_mut(queue) {
-            q.watchers.retain(|w| *w != conn);
+        if let Some(name) = self.queues.get_key_value(queue).map(|(k, _)| k.clone()) {
+            if let Some(q) = self.queues.get_mut(&name) {
+                q.watchers.retain(|w| *w != conn);
+            }
+            self.drop_queue_if_unused(&name);
         }
     }
 

@@ -22,6 +22,13 @@ impl Core {
         if hello.queues.is_empty() {
             return Reply::Error(ErrorBody::new(ErrorCode::BadMessage, "a worker must serve at least one queue"));
         }
+        // Each queue costs memory and a line per metric: a worker names a bounded number.
+        if hello.queues.len() > MAX_HELLO_QUEUES {
+            return Reply::Error(ErrorBody::new(
+                ErrorCode::BadMessage,
+                format!("a worker serves at most {MAX_HELLO_QUEUES} queues; this one named {}", hello.queues.len()),
+            ));
+        }
         let id = hello.worker_id.clone();
         if let Some(old) = self.workers.get(&id).and_then(|w| w.conn).filter(|c| *c != conn) {
             self.effects.push(Effect::Close {
@@ -47,6 +54,7 @@ impl Core {
                 queue.workers.remove(&id);
             }
             self.dirty_workers.insert(q.clone());
+            self.drop_queue_if_unused(q);
         }
         for q in &queues {
             self.queues.entry(q.clone()).or_default().workers.insert(id.clone());
@@ -210,6 +218,11 @@ impl Core {
                 return;
             }
             ExitStatus::Error { message, retryable: false } => (FinishReason::Error, None, Some(message)),
+            // The broker did not cancel this attempt, yet the worker stopped it: run it again.
+            ExitStatus::Cancelled => {
+                self.requeue(job, Loss::Error, "the worker stopped the attempt");
+                return;
+            }
         };
         let outputs = outputs.iter().map(OutputV1::from).collect();
         self.emit(Event::Finished { job: job.0, reason: reason.into(), exit_code, message, outputs, at: self.now });
@@ -237,6 +250,23 @@ impl Core {
             return;
         }
         self.emit(Event::Requeued { job: job.0, lost: reason.is_some() });
+        if loss == Loss::Error {
+            // A transient error: try again after a backoff, and say why the job waits.
+            let now = self.now;
+            let j = self.jobs.get_mut(&job).expect("requeued jobs exist");
+            let wait =
+                RETRY_BACKOFF_MS.saturating_mul(1 << j.losses.saturating_sub(1).min(16)).min(RETRY_BACKOFF_MAX_MS);
+            j.not_before = now + wait;
+            j.retry_reason = Some(format!(
+                "attempt {} failed: {why}; retry {} of {} in {} s",
+                j.attempt,
+                j.losses,
+                j.retries,
+                wait.div_ceil(1000)
+            ));
+            self.retries_due.insert((now + wait, job));
+            return;
+        }
         let queue = self.jobs[&job].queue.clone();
         self.dispatch(&queue);
     }
@@ -318,6 +348,7 @@ impl Core {
             if let Some(queue) = self.queues.get_mut(&q) {
                 queue.watchers.retain(|w| *w != conn);
             }
+            self.drop_queue_if_unused(&q);
         }
         for job in c.jobs {
             self.remove_job_watcher(conn, job);
@@ -346,6 +377,7 @@ impl Core {
                     queue.workers.remove(id);
                 }
                 self.dirty_workers.insert(q.clone());
+                self.drop_queue_if_unused(q);
             }
         }
     }
@@ -394,6 +426,21 @@ impl Core {
                 self.requeue(job, Loss::None, &reason);
             }
         }
+        let mut due = BTreeSet::new();
+        while let Some(&(at, job)) = self.retries_due.first() {
+            if at > self.now {
+                break;
+            }
+            self.retries_due.remove(&(at, job));
+            if let Some(j) = self.jobs.get_mut(&job).filter(|j| j.state == JobState::Queued && j.not_before == at) {
+                j.retry_reason = None;
+                self.dirty.push(job);
+                due.insert(j.queue.clone());
+            }
+        }
+        for q in &due {
+            self.dispatch(q);
+        }
         let retention = self.config.retention_ms;
         while let Some(&(at, job)) = self.retained.first() {
             if at + retention > self.now {
@@ -427,7 +474,7 @@ impl Worker {
         if self.gpus == 0 {
             return 0;
         }
-        self.gpus.saturating_sub(self.held.values().map(|h| h.gpus).sum())
+        self.gpus.saturating_sub(self.held.values().fold(0u32, |sum, h| sum.saturating_add(h.gpus)))
     }
 
     pub(super) fn can_take_any(&self) -> bool {
