@@ -455,3 +455,201 @@ async fn a_worker_stopped_mid_queue_loses_and_duplicates_nothing() {
     assert_eq!(summary["finished"], 4, "{summary}");
     assert!(containers_of(&a.id).await.is_empty(), "the stopped worker left nothing behind");
 }
+
+// ---- regressions: every way an attempt ends frees its slot and says what happened ----
+
+impl Broker {
+    async fn submit_body(&self, body: Value) -> String {
+        let r = reqwest::Client::new().post(format!("{}/q/local/j", self.url)).json(&body).send().await.unwrap();
+        let status = r.status();
+        let body: Value = r.json().await.unwrap();
+        assert!(status.is_success(), "{body}");
+        body["jobId"].as_str().unwrap().to_string()
+    }
+
+    async fn cancel(&self, id: &str) {
+        let r = reqwest::Client::new().post(format!("{}/j/{id}/cancel", self.url)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+
+    async fn summary(&self) -> Value {
+        reqwest::get(format!("{}/q/local", self.url)).await.unwrap().json().await.unwrap()
+    }
+
+    /// The job's log lines from the container (not the worker's own notes).
+    async fn job_lines(&self, id: &str) -> Vec<Value> {
+        let v: Value =
+            reqwest::get(format!("{}/j/{id}/logs?limit=100000", self.url)).await.unwrap().json().await.unwrap();
+        v["lines"].as_array().unwrap().iter().filter(|l| l["stream"] != "system").cloned().collect()
+    }
+}
+
+/// Reproduction 1: a cancelled job, and a job superseded through its namespace, give their slot
+/// back at once, so a one-slot worker runs the next job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repro_1_cancel_and_supersede_free_the_slot() {
+    docker().await;
+    let b = Broker::start(30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let w = start_worker(config(&b.url, &unique("cancel"), dir.path(), 1));
+    let long = b.submit(json!({ "image": IMAGE, "command": sh("echo started; sleep 30") })).await;
+    b.follow_until(&long, |v| logged(v, "started")).await;
+    b.cancel(&long).await;
+    let next = b.submit(json!({ "image": IMAGE, "command": sh("echo next") })).await;
+    assert_eq!(b.finished(&next).await["reason"], "succeeded");
+    assert_eq!(b.job(&long).await["reason"], "cancelled");
+
+    let first = b
+        .submit_body(
+            json!({ "definition": { "image": IMAGE, "command": sh("echo one; sleep 30") }, "namespace": "edit" }),
+        )
+        .await;
+    b.follow_until(&first, |v| logged(v, "one")).await;
+    let second = b
+        .submit_body(json!({ "definition": { "image": IMAGE, "command": sh("echo two") }, "namespace": "edit" }))
+        .await;
+    assert_eq!(b.finished(&second).await["reason"], "succeeded");
+    assert_eq!(b.job(&first).await["reason"], "superseded");
+
+    let s = b.summary().await;
+    assert_eq!(
+        (s["slots"].as_u64(), s["freeSlots"].as_u64(), s["running"].as_u64()),
+        (Some(1), Some(1), Some(0)),
+        "{s}"
+    );
+    tokio::time::timeout(WAIT, all_removed(&w.id)).await.expect("containers removed");
+}
+
+/// Serves `body` to every request on 127.0.0.1 (with `status`); returns the URL.
+async fn serve_once_per_request(body: Vec<u8>, status: &'static str) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/context.tar", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut s, _)) = listener.accept().await {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(&body).await;
+            });
+        }
+    });
+    url
+}
+
+/// Reproduction 2: a build from a tarball URL works (the worker fetches the context), and a
+/// context that cannot be fetched ends the job with a clear error instead of a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repro_2_remote_build_from_a_tarball() {
+    docker().await;
+    let b = Broker::start(30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let w = start_worker(config(&b.url, &unique("remote"), dir.path(), 1));
+    let marker = unique("built");
+    let dockerfile = format!("FROM {IMAGE}\nCOPY marker /marker\n");
+    let mut tar = tar::Builder::new(Vec::new());
+    for (name, text) in [("Dockerfile", dockerfile.as_str()), ("marker", marker.as_str())] {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(text.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, name, text.as_bytes()).unwrap();
+    }
+    let url = serve_once_per_request(tar.into_inner().unwrap(), "200 OK").await;
+    let build = json!({ "tarball": url });
+    let id = b.submit(json!({ "build": build, "command": ["cat", "/marker"] })).await;
+    let job = b.finished(&id).await;
+    assert_eq!(job["reason"], "succeeded", "{job} {}", b.log_text(&id).await);
+    assert!(b.log_text(&id).await.contains(&marker));
+    let tag = worker::docker::build_tag(&serde_json::from_value(build).unwrap());
+    let _ = docker().await.remove_image(&tag, None::<bollard::query_parameters::RemoveImageOptions>, None).await;
+
+    let missing = serve_once_per_request(Vec::new(), "404 Not Found").await;
+    let id = b.submit(json!({ "build": { "tarball": missing }, "command": ["true"] })).await;
+    let job = b.finished(&id).await;
+    assert_eq!(job["reason"], "error", "{job}");
+    assert!(job["message"].as_str().unwrap().contains("404"), "{job}");
+    let s = b.summary().await;
+    assert_eq!(s["freeSlots"], s["slots"], "{s}");
+    tokio::time::timeout(WAIT, all_removed(&w.id)).await.expect("containers removed");
+}
+
+/// Reproduction 3: 20,000 output files with long names no longer make a finish the broker
+/// refuses: the first 1000 are kept, the log says so, and the worker goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repro_3_twenty_thousand_outputs_are_capped() {
+    docker().await;
+    let b = Broker::start(30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let _w = start_worker(config(&b.url, &unique("outputs"), dir.path(), 1));
+    let many = b
+        .submit(json!({ "image": IMAGE,
+            "command": sh("cd /outputs && awk 'BEGIN{for(i=1;i<=20000;i++) printf \"%0100d\\n\", i}' | xargs touch") }))
+        .await;
+    let job = b.finished(&many).await;
+    assert_eq!(job["reason"], "succeeded", "{job}");
+    assert_eq!(job["outputs"].as_array().unwrap().len(), 1000);
+    let logs = b.log_text(&many).await;
+    assert!(logs.contains("output limit of 1000 files reached: kept 1000 of 20000"), "{logs}");
+    let next = b.submit(json!({ "image": IMAGE, "command": sh("echo after") })).await;
+    assert_eq!(b.finished(&next).await["reason"], "succeeded");
+}
+
+/// Reproduction 4: the last line without a newline, 2 MiB of control characters and a 1 MiB
+/// line all reach the log whole, without disconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repro_4_logs_keep_partial_lines_and_control_characters() {
+    docker().await;
+    let b = Broker::start(30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let _w = start_worker(config(&b.url, &unique("logs"), dir.path(), 1));
+    let tail = b.submit(json!({ "image": IMAGE, "command": sh("printf no-newline-at-end") })).await;
+    assert_eq!(b.finished(&tail).await["reason"], "succeeded");
+    assert_eq!(b.log_text(&tail).await, "no-newline-at-end");
+
+    let control = b
+        .submit(json!({ "image": IMAGE,
+            "command": sh("head -c 2097152 /dev/zero | tr '\\0' '\\1'; head -c 1048576 /dev/zero | tr '\\0' x") }))
+        .await;
+    let job = b.finished(&control).await;
+    assert_eq!(job["reason"], "succeeded", "{job}");
+    assert!(job.get("logTruncated").is_none(), "{job}");
+    let lines = b.job_lines(&control).await;
+    let text: String = lines.iter().map(|l| l["text"].as_str().unwrap()).collect();
+    assert_eq!(text.len(), 3 << 20);
+    assert_eq!(text.bytes().filter(|c| *c == 1).count(), 2 << 20);
+    assert_eq!(text.bytes().filter(|c| *c == b'x').count(), 1 << 20);
+}
+
+/// Reproduction 5: an image that cannot be pulled is retried with a backoff (the job says why it
+/// waits), then ends as an error with the reason; a missing command ends the job at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repro_5_errors_are_classified_and_retries_are_visible() {
+    docker().await;
+    let b = Broker::start(30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let _w = start_worker(config(&b.url, &unique("errors"), dir.path(), 1));
+    let missing = b
+        .submit_body(json!({ "definition": { "image": "cq-test/no-such-image:2", "command": ["true"] }, "retries": 1 }))
+        .await;
+    let seen = b.follow_until(&missing, is_finished).await;
+    let waits: Vec<&str> = seen.iter().filter_map(|v| v["data"]["job"]["waiting"].as_str()).collect();
+    assert!(waits.iter().any(|w| w.contains("retry 1 of 1") && w.contains("cq-test/no-such-image")), "{seen:?}");
+    let job = b.job(&missing).await;
+    assert_eq!(job["reason"], "error", "{job}");
+    assert_eq!(job["attempt"], 2, "{job}");
+
+    let nocmd = b.submit(json!({ "image": IMAGE, "command": ["/no/such/command"] })).await;
+    let job = b.finished(&nocmd).await;
+    assert_eq!(job["reason"], "error", "{job}");
+    assert_eq!(job["attempt"], 1, "a permanent error is not retried: {job}");
+}
