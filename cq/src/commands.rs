@@ -364,15 +364,18 @@ async fn follow(client: &Client, id: JobId, since: u64, logs_to_stderr: bool) ->
     };
     let view = client
         .follow(id, since, on_log, |job| {
-            let state = (job.state, job.progress.as_ref().map(|p| p.phase));
-            if last_state != Some(state) && job.state != JobState::Finished {
+            // A change of the waiting reason (no worker could take the job, a retry's backoff)
+            // is news too: without it a job nobody can run would wait in silence.
+            let state = (job.state, job.progress.as_ref().map(|p| p.phase), job.waiting.clone());
+            if last_state.as_ref() != Some(&state) && job.state != JobState::Finished {
                 let worker = job.worker.as_ref().map(|w| format!(" on {w}")).unwrap_or_default();
                 let phase = job
                     .progress
                     .as_ref()
                     .map(|p| format!(" ({})", serde_json::to_value(p.phase).unwrap_or_default().as_str().unwrap_or("")))
                     .unwrap_or_default();
-                eprintln!("cq: {}{worker}{phase}", state_word(job.state));
+                let waiting = job.waiting.as_ref().map(|w| format!(": {w}")).unwrap_or_default();
+                eprintln!("cq: {}{worker}{phase}{waiting}", state_word(job.state));
                 last_state = Some(state);
             }
         })

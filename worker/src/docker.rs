@@ -442,8 +442,22 @@ fn start_error(e: bollard::errors::Error) -> JobError {
 /// The container's output from `since_ns` (nanoseconds since the epoch, exclusive) on, live
 /// until it exits, as log lines with their Docker timestamps.
 pub fn logs(docker: &Docker, id: &str, since_ns: u128) -> impl Stream<Item = (u128, LogLine)> + Send + 'static {
+    logs_with(docker, id, since_ns, true)
+}
+
+/// What the engine has stored of the container's output after `since_ns`, without following.
+pub fn logs_stored(docker: &Docker, id: &str, since_ns: u128) -> impl Stream<Item = (u128, LogLine)> + Send + 'static {
+    logs_with(docker, id, since_ns, false)
+}
+
+fn logs_with(
+    docker: &Docker,
+    id: &str,
+    since_ns: u128,
+    follow: bool,
+) -> impl Stream<Item = (u128, LogLine)> + Send + 'static {
     let options = LogsOptions {
-        follow: true,
+        follow,
         stdout: true,
         stderr: true,
         timestamps: true,

@@ -441,7 +441,18 @@ async fn supervise(ctx: &Ctx, container: &str, record: &Record, since_ns: u128) 
         }
     };
     // The log stream ends with the container; give it a moment to deliver the last lines.
-    let _ = tokio::time::timeout(Duration::from_secs(5), log_task).await;
+    let sent_until = tokio::time::timeout(Duration::from_secs(5), log_task).await.ok().and_then(Result::ok);
+    // A follow stream can end before the engine has stored a last line without a newline: read
+    // what the engine holds after the last line sent, once, now that the container is done.
+    if let Some(since) = sent_until {
+        let cursor = ctx.env.job_dir(ctx.job, ctx.attempt).join("log-cursor");
+        let rest = docker::logs_stored(&docker, container, since);
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            forward_logs(rest, ctx.tx.clone(), ctx.job, ctx.attempt, cursor),
+        )
+        .await;
+    }
     let exit = match exit {
         Ok(exit) => exit,
         Err(e) => {
@@ -508,7 +519,7 @@ async fn forward_logs(
     job: JobId,
     attempt: u32,
     cursor_file: PathBuf,
-) {
+) -> u128 {
     let mut lines = std::pin::pin!(lines);
     let mut batch: Vec<LogLine> = Vec::new();
     let mut bytes = 0usize;
@@ -547,6 +558,7 @@ async fn forward_logs(
         }
     }
     flush(&tx, job, attempt, &mut batch, &mut bytes, last_ns, &cursor_file).await;
+    last_ns
 }
 
 /// A line longer than [`MAX_LINE`] as several entries of at most that many bytes (split on

