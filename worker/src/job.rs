@@ -23,6 +23,8 @@ use crate::docker::{self, ContainerSpec, ImageProgress, JobError};
 
 /// Logs are sent at least this often while a container prints.
 pub const LOG_FLUSH: Duration = Duration::from_millis(100);
+/// How long the log stream of an exited container may take to deliver what it still holds.
+const LOG_DRAIN: Duration = Duration::from_secs(60);
 /// Most lines in one logs message.
 const LOG_BATCH_LINES: usize = 500;
 /// Most bytes in one logs message, counted as encoded JSON (a control character takes six):
@@ -440,8 +442,17 @@ async fn supervise(ctx: &Ctx, container: &str, record: &Record, since_ns: u128) 
             return stopped_outcome(ctx);
         }
     };
-    // The log stream ends with the container; give it a moment to deliver the last lines.
-    let sent_until = tokio::time::timeout(Duration::from_secs(5), log_task).await.ok().and_then(Result::ok);
+    // The log stream ends with the container; let it deliver the last lines (megabytes may
+    // still be in flight on a busy host). A stream that does not end is stopped, so no line
+    // can follow the finish.
+    let mut log_task = log_task;
+    let sent_until = match tokio::time::timeout(LOG_DRAIN, &mut log_task).await {
+        Ok(Ok(ns)) => Some(ns),
+        _ => {
+            log_task.abort();
+            None
+        }
+    };
     // A follow stream can end before the engine has stored a last line without a newline: read
     // what the engine holds after the last line sent, once, now that the container is done.
     if let Some(since) = sent_until {
