@@ -53,20 +53,53 @@ const job = {
 const queue = { name: config.queue, jobs: new Map(), workers: [], seq: 0 };
 /** Uploaded files: name → {sha256, size}. */
 const uploaded = new Map();
-const test = { lineDelays: [], dropConnection: () => conn.drop(), job, queue };
+const test = { lineDelays: [], dropConnection: () => conn.drop(), job, queue, ignoredOrigins: [] };
 window.cq = test;
 
 // ---- the host page -------------------------------------------------------------------------
 
+// Only pages whose origin the broker allows (its own and its --allow-origin list) may drive the
+// page or hear about its jobs: otherwise any site could frame it and run containers through it.
+const allowedOrigins = fetch('/ui/config.json')
+  .then((r) => r.json())
+  .then((c) => new Set([location.origin, ...(c.allowOrigins || [])]))
+  .catch(() => new Set([location.origin]));
+/** The host's origin once known: from `origin=`, or from its first accepted message. */
+let hostOrigin = null;
+allowedOrigins.then((allowed) => {
+  if (config.hostOrigin !== '*') {
+    if (allowed.has(config.hostOrigin)) hostOrigin = config.hostOrigin;
+    else console.warn(`cq: the host origin ${config.hostOrigin} is not allowed by this broker (--allow-origin)`);
+  } else if (location.ancestorOrigins && allowed.has(location.ancestorOrigins[0])) {
+    [hostOrigin] = location.ancestorOrigins;
+  }
+});
+
 function tellHost(type, data) {
   if (window.parent === window) return;
-  window.parent.postMessage({ type, ...data }, config.hostOrigin);
+  // `cq:ready` says nothing about any job, so it may go to whoever frames the page.
+  if (type === 'cq:ready' && !hostOrigin) {
+    window.parent.postMessage({ type, ...data }, '*');
+    return;
+  }
+  if (hostOrigin) window.parent.postMessage({ type, ...data }, hostOrigin);
 }
 
 window.addEventListener('message', (ev) => {
   if (ev.source !== window.parent || window.parent === window) return;
   if (config.hostOrigin !== '*' && ev.origin !== config.hostOrigin) return;
-  const msg = ev.data || {};
+  allowedOrigins.then((allowed) => {
+    if (!allowed.has(ev.origin)) {
+      console.warn(`cq: ignoring messages from ${ev.origin}: not an origin this broker allows (--allow-origin)`);
+      test.ignoredOrigins.push(ev.origin);
+      return;
+    }
+    hostOrigin = hostOrigin || ev.origin;
+    fromHost(ev.data || {});
+  });
+});
+
+function fromHost(msg) {
   switch (msg.type) {
     case 'cq:setJob':
       baseDefinition = msg.definition || {};
@@ -87,7 +120,7 @@ window.addEventListener('message', (ev) => {
     default:
       break;
   }
-});
+}
 
 /** Host inputs may be plain strings (text) or data refs. */
 function normaliseInputs(inputs) {
@@ -410,9 +443,28 @@ function formatDuration(ms) {
   return m < 60 ? `${m} min ${Math.round(s % 60)} s` : `${Math.floor(m / 60)} h ${m % 60} min`;
 }
 
-function outputUrl(path) {
+/** Read links by job id (`{query, expires}` promises): with a token, output URLs carry a
+ * signed, expiring link to the one job instead of the token (see docs/http-api.md). */
+const readLinks = new Map();
+
+async function readLink(id) {
+  if (!token) return null;
+  const cached = readLinks.get(id);
+  if (cached) {
+    const link = await cached;
+    if (link && link.expires - Date.now() / 1000 > 60) return link.query;
+  }
+  const made = fetch(`${apiBase}/j/${id}/link`, { method: 'POST', headers: authHeaders() })
+    .then((r) => (r.ok ? r.json() : Promise.reject(new Error(`HTTP ${r.status}`))))
+    .catch((e) => { showError(`cannot make a link to the outputs: ${e.message}`); return null; });
+  readLinks.set(id, made);
+  const link = await made;
+  return link && link.query;
+}
+
+function outputUrl(id, path, query) {
   const encoded = path.split('/').map(encodeURIComponent).join('/');
-  return `${apiBase}/j/${job.id}/outputs/${encoded}${token ? `?token=${encodeURIComponent(token)}` : ''}`;
+  return `${apiBase}/j/${id}/outputs/${encoded}${query ? `?${query}` : ''}`;
 }
 
 function updateJob(view) {
@@ -450,22 +502,24 @@ function updateJob(view) {
   renderOutputs(view);
   if (!live && job.reportedFinish !== view.version) {
     job.reportedFinish = view.version;
-    tellHost('cq:finished', {
+    readLink(view.id).then((query) => tellHost('cq:finished', {
       jobId: view.id, reason: view.reason, exitCode: view.exitCode ?? null, message: view.message || null,
-      outputs: (view.outputs || []).map((o) => ({ ...o, url: new URL(outputUrl(o.path), location.href).href })),
-    });
+      outputs: (view.outputs || []).map((o) => ({ ...o, url: new URL(outputUrl(view.id, o.path, query), location.href).href })),
+    }));
     sendMetaframeOutputs(view);
   }
 }
 
-function renderOutputs(view) {
+async function renderOutputs(view) {
   const outputs = view.outputs || [];
+  const query = outputs.length ? await readLink(view.id) : null;
+  if (job.view !== view) return;
   $('#outputs-box').hidden = outputs.length === 0;
   const list = $('#outputs');
   list.replaceChildren(...outputs.map((o) => {
     const li = document.createElement('li');
     const a = document.createElement('a');
-    a.href = outputUrl(o.path);
+    a.href = outputUrl(view.id, o.path, query);
     a.textContent = o.path;
     a.download = o.path.split('/').pop();
     a.className = 'output-link';
@@ -489,11 +543,11 @@ async function preview(o) {
   box.replaceChildren();
   if (IMAGE.test(o.path)) {
     const img = document.createElement('img');
-    img.src = outputUrl(o.path);
+    img.src = outputUrl(job.id, o.path, await readLink(job.id));
     img.alt = o.path;
     box.append(img);
   } else if (TEXT.test(o.path) || o.size < 64 * 1024) {
-    const res = await fetch(outputUrl(o.path), { headers: { range: 'bytes=0-65535' } });
+    const res = await fetch(outputUrl(job.id, o.path, await readLink(job.id)), { headers: { range: 'bytes=0-65535' } });
     const pre = document.createElement('pre');
     pre.textContent = await res.text();
     box.append(pre);
@@ -724,7 +778,7 @@ async function sendMetaframeOutputs(view) {
   outputsSentFor = view.id;
   const outputs = {};
   for (const o of view.outputs || []) {
-    const url = new URL(outputUrl(o.path), location.href).href;
+    const url = new URL(outputUrl(view.id, o.path, await readLink(view.id)), location.href).href;
     outputs[o.path] = config.resolveRefs && o.size <= RESOLVE_MAX ? await fetchOutput(url, o.path)
       : { type: 'url', value: url, hash: o.sha256 };
   }

@@ -1,10 +1,12 @@
 //! Tokens: when configured, clients and workers must present theirs. Tokens are compared in
-//! constant time.
+//! constant time. A broker with no token at all is open to every role (fit for loopback, or
+//! started with `--insecure-no-auth`); once any token is set, a role without one is closed.
 
 use protocol::messages::ErrorCode;
 use subtle::ConstantTimeEq;
 
-/// The tokens the broker requires, per role. `None` means that role is open.
+/// The tokens the broker requires, per role. `None` for both means every role is open; `None`
+/// for one role while the other has a token means that role is closed.
 #[derive(Clone, Default)]
 pub struct Tokens {
     pub client: Option<String>,
@@ -35,9 +37,39 @@ impl Tokens {
             Role::Client => &self.client,
             Role::Worker => &self.worker,
         };
-        let Some(expected) = expected else { return Ok(()) };
+        let Some(expected) = expected else {
+            return if self.is_open() { Ok(()) } else { Err(ErrorCode::Forbidden) };
+        };
         let Some(given) = given else { return Err(ErrorCode::Unauthorized) };
         if bool::from(expected.as_bytes().ct_eq(given.as_bytes())) { Ok(()) } else { Err(ErrorCode::Forbidden) }
+    }
+}
+
+impl Tokens {
+    /// No role needs a token.
+    pub fn is_open(&self) -> bool {
+        self.client.is_none() && self.worker.is_none()
+    }
+
+    /// The role is closed: other roles have tokens and this one has none.
+    pub fn is_closed(&self, role: Role) -> bool {
+        let token = match role {
+            Role::Client => &self.client,
+            Role::Worker => &self.worker,
+        };
+        token.is_none() && !self.is_open()
+    }
+
+    /// What to tell a peer of `role` refused with `code` by [`Tokens::check`].
+    pub fn refusal(&self, role: Role, code: ErrorCode) -> String {
+        let which = if role == Role::Client { "client" } else { "worker" };
+        if self.is_closed(role) {
+            format!("this broker has no {which} token configured, so {which}s are not accepted")
+        } else if code == ErrorCode::Unauthorized {
+            format!("this broker requires a {which} token: send it as `Authorization: Bearer <token>`")
+        } else {
+            format!("wrong {which} token")
+        }
     }
 }
 
@@ -58,7 +90,12 @@ mod tests {
         assert_eq!(t.check(Role::Client, None), Err(ErrorCode::Unauthorized));
         assert_eq!(t.check(Role::Client, Some("x")), Err(ErrorCode::Forbidden));
         assert_eq!(t.check(Role::Client, Some("c")), Ok(()));
-        assert_eq!(t.check(Role::Worker, None), Ok(()));
+        assert_eq!(t.check(Role::Worker, None), Err(ErrorCode::Forbidden), "an unset role is closed");
+        assert_eq!(t.check(Role::Worker, Some("c")), Err(ErrorCode::Forbidden));
+        assert!(t.is_closed(Role::Worker) && !t.is_closed(Role::Client));
+        let open = Tokens::default();
+        assert_eq!(open.check(Role::Worker, None), Ok(()));
+        assert!(open.is_open() && !open.is_closed(Role::Client));
         assert_eq!(bearer(Some("Bearer abc")), Some("abc"));
         assert_eq!(bearer(Some("Basic abc")), None);
     }

@@ -12,7 +12,7 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, BodyStream, Full, StreamBody};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Frame;
 use object_store::GetRange;
 use protocol::JobId;
 use protocol::messages::{ErrorBody, ErrorCode};
@@ -29,6 +29,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of every response the server writes.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
 
+/// The body of a request, with its read timeout.
+pub type ReqBody = crate::access::TimedBody;
+
 /// Largest body of `POST /f/{sha256}/upload`.
 const PLAN_BODY_MAX: usize = 4 << 10;
 
@@ -38,7 +41,7 @@ pub fn claims(path: &str) -> bool {
 }
 
 /// Serves one request on a file endpoint.
-pub async fn handle(ctx: Arc<Context>, req: Request<Incoming>) -> Response<Body> {
+pub async fn handle(ctx: Arc<Context>, req: Request<ReqBody>) -> Response<Body> {
     let mut resp = match route(&ctx, req).await {
         Ok(resp) => resp,
         Err(e) => error(e),
@@ -67,7 +70,8 @@ pub fn plain(status: StatusCode, message: &'static str) -> Response<Body> {
     resp
 }
 
-fn error(body: ErrorBody) -> Response<Body> {
+/// The JSON error response of `body`.
+pub fn error(body: ErrorBody) -> Response<Body> {
     let status = status_of(body.code);
     let mut resp = json_response(status, &json!({ "error": body }));
     if body.code == ErrorCode::Unauthorized {
@@ -92,7 +96,7 @@ fn redirect(url: &str) -> Result<Response<Body>, ErrorBody> {
     Ok(resp)
 }
 
-async fn route(ctx: &Context, req: Request<Incoming>) -> Result<Response<Body>, ErrorBody> {
+async fn route(ctx: &Context, req: Request<ReqBody>) -> Result<Response<Body>, ErrorBody> {
     authorize(ctx, &req)?;
     let path = req.uri().path().to_string();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
@@ -132,7 +136,23 @@ async fn route(ctx: &Context, req: Request<Incoming>) -> Result<Response<Body>, 
 
 /// Either role's token opens the file endpoints: clients upload inputs and fetch outputs,
 /// workers do the reverse.
-fn authorize(ctx: &Context, req: &Request<Incoming>) -> Result<(), ErrorBody> {
+fn authorize(ctx: &Context, req: &Request<ReqBody>) -> Result<(), ErrorBody> {
+    // A read link opens the outputs of its one job, and nothing else.
+    let link = crate::link::LinkParams::from_query(req.uri().query());
+    if link.present() {
+        let mut parts = req.uri().path().trim_start_matches('/').split('/');
+        let readable = (req.method() == Method::GET || req.method() == Method::HEAD)
+            && parts.next() == Some("j")
+            && parts.nth(1) == Some("outputs");
+        let job = req.uri().path().split('/').nth(2).and_then(|id| id.parse::<JobId>().ok());
+        return match job {
+            Some(job) if readable => ctx
+                .links
+                .verify(&job, &link, crate::link::unix_now())
+                .map_err(|why| ErrorBody::new(ErrorCode::Forbidden, why)),
+            _ => Err(ErrorBody::new(ErrorCode::Forbidden, "a read link opens only its job's outputs, logs and view")),
+        };
+    }
     let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let query_token = req.uri().query().and_then(|q| {
         url::form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "token").map(|(_, v)| v.into_owned())
@@ -142,7 +162,7 @@ fn authorize(ctx: &Context, req: &Request<Incoming>) -> Result<(), ErrorBody> {
     let worker = ctx.tokens.check(Role::Worker, given.as_deref());
     match (client, worker) {
         (Ok(()), _) | (_, Ok(())) => Ok(()),
-        (Err(ErrorCode::Unauthorized), _) => Err(ErrorBody::new(
+        (Err(ErrorCode::Unauthorized), _) | (_, Err(ErrorCode::Unauthorized)) => Err(ErrorBody::new(
             ErrorCode::Unauthorized,
             "this broker requires a token: send `Authorization: Bearer <token>`",
         )),
@@ -150,7 +170,7 @@ fn authorize(ctx: &Context, req: &Request<Incoming>) -> Result<(), ErrorBody> {
     }
 }
 
-fn content_length(req: &Request<Incoming>) -> Result<Option<u64>, ErrorBody> {
+fn content_length(req: &Request<ReqBody>) -> Result<Option<u64>, ErrorBody> {
     match req.headers().get(header::CONTENT_LENGTH) {
         None => Ok(None),
         Some(v) => v
@@ -164,7 +184,7 @@ fn content_length(req: &Request<Incoming>) -> Result<Option<u64>, ErrorBody> {
 
 /// `PUT /f/{sha256}`: stores the body if it hashes to the name; with S3, redirects to a
 /// presigned upload URL instead (the broker checks such blobs before a job may use them).
-async fn put_blob(ctx: &Context, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ErrorBody> {
+async fn put_blob(ctx: &Context, name: &str, req: Request<ReqBody>) -> Result<Response<Body>, ErrorBody> {
     let sha = blob::parse_name(name).map_err(|e| e.body())?;
     let length = content_length(&req)?;
     if length.is_some_and(|l| l > ctx.blobs.max_blob()) {
@@ -181,7 +201,7 @@ async fn put_blob(ctx: &Context, name: &str, req: Request<Incoming>) -> Result<R
 
 /// `POST /f/{sha256}/upload` with `{"size": N}`: says whether the blob is already stored, and
 /// if not, where and how to upload it.
-async fn upload_plan(ctx: &Context, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ErrorBody> {
+async fn upload_plan(ctx: &Context, name: &str, req: Request<ReqBody>) -> Result<Response<Body>, ErrorBody> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Plan {
@@ -212,7 +232,7 @@ async fn upload_plan(ctx: &Context, name: &str, req: Request<Incoming>) -> Resul
 }
 
 /// `GET /j/{id}/outputs/{path}`: one output file of a job.
-async fn output(ctx: &Context, job: JobId, path: &str, req: &Request<Incoming>) -> Result<Response<Body>, ErrorBody> {
+async fn output(ctx: &Context, job: JobId, path: &str, req: &Request<ReqBody>) -> Result<Response<Body>, ErrorBody> {
     let view = match ctx.handle.call(Command::GetJob { job }).await {
         Reply::Job(view) => view,
         Reply::Error(e) => return Err(e),
@@ -231,7 +251,7 @@ async fn output(ctx: &Context, job: JobId, path: &str, req: &Request<Incoming>) 
 async fn serve_blob(
     ctx: &Context,
     sha: &str,
-    req: &Request<Incoming>,
+    req: &Request<ReqBody>,
     filename: Option<&str>,
 ) -> Result<Response<Body>, ErrorBody> {
     let head = req.method() == Method::HEAD;

@@ -85,6 +85,8 @@ pub fn routes(
         warp::any().map(move || ctx.clone())
     };
     let client = with_ctx.clone().and(client_auth(ctx.clone()));
+    // The job's read endpoints also open to a read link for that job (`crate::link`).
+    let reader = with_ctx.clone().and(read_auth(ctx.clone()));
     let ready = with_ctx.clone().and_then(|ctx: Arc<Context>| async move {
         if ctx.handle.is_ready() {
             Ok(ctx)
@@ -93,9 +95,15 @@ pub fn routes(
         }
     });
 
-    let healthz = warp::path!("healthz")
-        .and(warp::get())
-        .map(|| warp::reply::with_status("ok\n", StatusCode::OK).into_response());
+    let healthz = warp::path!("healthz").and(warp::get()).and(with_ctx.clone()).map(|ctx: Arc<Context>| {
+        // A broker opened to everyone on purpose says so wherever its health is looked at.
+        let text = if ctx.tokens.is_open() && ctx.access.insecure_no_auth {
+            "ok\ninsecure: no tokens, anyone who can reach this broker can run jobs (--insecure-no-auth)\n"
+        } else {
+            "ok\n"
+        };
+        warp::reply::with_status(text, StatusCode::OK).into_response()
+    });
     let readyz = warp::path!("readyz").and(warp::get()).and(with_ctx.clone()).map(|ctx: Arc<Context>| {
         if ctx.handle.is_ready() {
             warp::reply::with_status("ready\n", StatusCode::OK).into_response()
@@ -207,7 +215,7 @@ pub fn routes(
         })
     });
 
-    let job = warp::path!("j" / String).and(warp::get()).and(client.clone()).and_then(
+    let job = warp::path!("j" / String).and(warp::get()).and(reader.clone()).and_then(
         |id: String, ctx: Arc<Context>| async move {
             let job = parse_id(&id)?;
             Ok::<_, Rejection>(respond(ctx.handle.call(Command::GetJob { job }).await, |r| match r {
@@ -247,7 +255,7 @@ pub fn routes(
 
     let logs = warp::path!("j" / String / "logs")
         .and(warp::get())
-        .and(client.clone())
+        .and(reader.clone())
         .and(warp::query::<LogsQuery>())
         .and_then(|id: String, ctx: Arc<Context>, q: LogsQuery| async move {
             let job = parse_id(&id)?;
@@ -263,7 +271,7 @@ pub fn routes(
 
     let events = warp::path!("j" / String / "events")
         .and(warp::get())
-        .and(client.clone())
+        .and(reader.clone())
         .and(warp::query::<LogsQuery>())
         .and_then(|id: String, ctx: Arc<Context>, q: LogsQuery| async move {
             let job = parse_id(&id)?;
@@ -299,8 +307,50 @@ pub fn routes(
         },
     );
 
+    let link = warp::path!("j" / String / "link")
+        .and(warp::post())
+        .and(client.clone())
+        .and(warp::query::<LinkQuery>())
+        .and_then(|id: String, ctx: Arc<Context>, q: LinkQuery| async move {
+            let job = parse_id(&id)?;
+            let ttl = q.ttl.map_or(crate::link::DEFAULT_LINK_TTL, std::time::Duration::from_secs);
+            if ttl.is_zero() || ttl > crate::link::MAX_LINK_TTL {
+                let max = crate::link::MAX_LINK_TTL.as_secs();
+                return Err(reject(ErrorCode::BadMessage, format!("`ttl` must be between 1 and {max} seconds")));
+            }
+            Ok::<_, Rejection>(respond(ctx.handle.call(Command::GetJob { job }).await, |r| match r {
+                CoreReply::Job(view) => {
+                    let expires = crate::link::unix_now() + ttl.as_secs();
+                    let query = ctx.links.sign(&job, expires);
+                    let outputs: serde_json::Map<String, serde_json::Value> = view
+                        .outputs
+                        .iter()
+                        .map(|o| (o.path.clone(), json!(format!("/j/{job}/outputs/{}?{query}", encode_path(&o.path)))))
+                        .collect();
+                    json_reply(
+                        StatusCode::OK,
+                        &json!({
+                            "jobId": job,
+                            "expires": expires,
+                            "query": query,
+                            "job": format!("/j/{job}?{query}"),
+                            "logs": format!("/j/{job}/logs?{query}"),
+                            "events": format!("/j/{job}/events?{query}"),
+                            "outputs": outputs,
+                        }),
+                    )
+                }
+                other => unexpected(other),
+            }))
+        });
+
     // Boxing the groups keeps the filter types shallow enough to compile quickly.
-    let ops = healthz.or(readyz).unify().or(metrics).unify().boxed();
+    // What the page needs to know of the broker's settings: whose messages it may take.
+    let ui_config = warp::path!("ui" / "config.json")
+        .and(warp::get())
+        .and(with_ctx.clone())
+        .map(|ctx: Arc<Context>| json_reply(StatusCode::OK, &json!({ "allowOrigins": ctx.policy.allowed_origins() })));
+    let ops = healthz.or(readyz).unify().or(metrics).unify().or(ui_config).unify().boxed();
     let queue_routes = submit
         .or(submit_reference)
         .unify()
@@ -327,6 +377,8 @@ pub fn routes(
         .or(definition)
         .unify()
         .or(find)
+        .unify()
+        .or(link)
         .unify()
         .boxed();
     let api = ops.or(queue_routes).unify().or(job_routes).unify().or(ui::routes()).unify();
@@ -440,6 +492,27 @@ struct LogsQuery {
     limit: Option<usize>,
     #[allow(dead_code)]
     token: Option<String>,
+    #[allow(dead_code)]
+    expires: Option<String>,
+    #[allow(dead_code)]
+    sig: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LinkQuery {
+    /// Seconds the link lives.
+    ttl: Option<u64>,
+    #[allow(dead_code)]
+    token: Option<String>,
+}
+
+/// An output path as URL path segments, each percent-encoded.
+fn encode_path(path: &str) -> String {
+    path.split('/')
+        .map(|p| percent_encoding::utf8_percent_encode(p, percent_encoding::NON_ALPHANUMERIC).to_string())
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 #[derive(Debug, Deserialize)]
@@ -474,14 +547,36 @@ fn client_auth(ctx: Arc<Context>) -> impl Filter<Extract = (), Error = Rejection
             let ctx = ctx.clone();
             async move {
                 let given = bearer(header.as_deref()).or(query.get("token").map(String::as_str));
-                match ctx.tokens.check(Role::Client, given) {
-                    Ok(()) => Ok(()),
-                    Err(ErrorCode::Unauthorized) => Err(reject(
-                        ErrorCode::Unauthorized,
-                        "this broker requires a client token: send `Authorization: Bearer <token>`",
-                    )),
-                    Err(code) => Err(reject(code, "wrong client token")),
+                ctx.tokens
+                    .check(Role::Client, given)
+                    .map_err(|code| reject(code, ctx.tokens.refusal(Role::Client, code)))
+            }
+        })
+        .untuple_one()
+}
+
+/// Requires the client token, or a read link (`expires` and `sig`) for the job the path names.
+fn read_auth(ctx: Arc<Context>) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and(warp::path::full())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and_then(move |header: Option<String>, path: warp::path::FullPath, query: String| {
+            let ctx = ctx.clone();
+            async move {
+                let link = crate::link::LinkParams::from_query(Some(&query));
+                if link.present() {
+                    let job = path.as_str().split('/').nth(2).unwrap_or("");
+                    let job = parse_id(job)?;
+                    return ctx
+                        .links
+                        .verify(&job, &link, crate::link::unix_now())
+                        .map_err(|why| reject(ErrorCode::Forbidden, why));
                 }
+                let token = url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "token").map(|(_, v)| v);
+                let given = bearer(header.as_deref()).or(token.as_deref());
+                ctx.tokens
+                    .check(Role::Client, given)
+                    .map_err(|code| reject(code, ctx.tokens.refusal(Role::Client, code)))
             }
         })
         .untuple_one()

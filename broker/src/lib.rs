@@ -6,12 +6,14 @@
 //! [`core`] (the state machine) → [`event`] records written by [`log`] → [`outbox`] (delivery
 //! to connections). File bytes go through [`files`] to the [`blob`] store.
 
+pub mod access;
 pub mod auth;
 pub mod blob;
 pub mod core;
 pub mod event;
 pub mod files;
 pub mod http;
+pub mod link;
 pub mod log;
 pub mod metrics;
 pub mod outbox;

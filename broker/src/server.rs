@@ -3,7 +3,9 @@
 //! brokers on `127.0.0.1:0` side by side.
 //!
 //! Connections are served by hyper: the file endpoints ([`crate::files`]) stream their bodies
-//! directly, every other request goes to the warp routes ([`crate::http`]).
+//! directly, every other request goes to the warp routes ([`crate::http`]). Before either, every
+//! request passes the origin policy of [`crate::access`], and every connection its per-address
+//! cap and timeouts.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,13 +13,14 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use protocol::close;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::access::{self, AccessConfig, ConnectionCounter, Policy, TimedBody, Verdict};
 use crate::auth::Role;
 use crate::auth::Tokens;
 use crate::blob::{BlobConfig, BlobStore};
@@ -35,6 +38,8 @@ pub struct Config {
     /// Largest HTTP request body, in bytes (file uploads have their own limit, `blobs.max_blob`).
     pub max_body: u64,
     pub blobs: BlobConfig,
+    /// Origins, framing, timeouts and connection caps.
+    pub access: AccessConfig,
 }
 
 /// Why the broker stopped with an error.
@@ -44,6 +49,10 @@ pub enum ServeError {
     Log(#[from] LogError),
     #[error(transparent)]
     Blobs(#[from] crate::blob::BlobError),
+    #[error("{0}")]
+    Access(String),
+    #[error("cannot read or create the link-signing key: {0}")]
+    LinkKey(std::io::Error),
 }
 
 /// Serves on `listener` until `shutdown` resolves, then closes every socket with "going away",
@@ -53,11 +62,37 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    let policy = Arc::new(Policy::new(&config.access, config.tokens.is_open()).map_err(ServeError::Access)?);
+    let links = Arc::new(crate::link::LinkKey::load_or_create(&config.store.data_dir).map_err(ServeError::LinkKey)?);
+    if config.tokens.is_open() {
+        tracing::warn!(
+            "no tokens: anyone who can reach this broker can run jobs and read every job (browsers only from allowed origins)"
+        );
+    } else {
+        for role in [Role::Client, Role::Worker] {
+            if config.tokens.is_closed(role) {
+                tracing::info!(
+                    "no {} token is set, so that role is closed",
+                    if role == Role::Client { "client" } else { "worker" }
+                );
+            }
+        }
+    }
     let blobs = Arc::new(BlobStore::open(&config.blobs, &config.store.data_dir)?);
     let (stop_tx, stop_rx) = watch::channel(false);
     let (handle, core) = runtime::start(config.store, stop_rx.clone());
     let outbox = handle.outbox.clone();
-    let ctx = Arc::new(Context { handle, tokens: config.tokens, blobs, shutdown: stop_rx.clone() });
+    let ctx = Arc::new(Context {
+        handle,
+        tokens: config.tokens,
+        blobs,
+        shutdown: stop_rx.clone(),
+        policy,
+        links,
+        access: config.access.clone(),
+    });
+    let counter = ConnectionCounter::new(config.access.max_connections_per_address);
+    let header_read_timeout = config.access.header_read_timeout;
     let routes = http::routes(ctx.clone(), config.max_body);
     let gc = config.blobs.gc_interval.map(|every| tokio::spawn(collect_blobs(ctx.clone(), every)));
 
@@ -69,7 +104,13 @@ pub async fn run(
         loop {
             let stream = tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => stream,
+                    Ok((stream, peer)) => match counter.admit(peer.ip()) {
+                        Some(counted) => (stream, counted),
+                        None => {
+                            tracing::debug!(%peer, "refusing a connection: this address holds too many");
+                            continue;
+                        }
+                    },
                     Err(e) => {
                         // Out of file descriptors and the like: wait instead of spinning.
                         tracing::warn!(error = %e, "cannot accept a connection");
@@ -79,6 +120,7 @@ pub async fn run(
                 },
                 _ = runtime::stopped(&mut stopping) => break,
             };
+            let (stream, counted) = stream;
             // Small messages (an assignment, an acknowledgement) must leave at once: without
             // TCP_NODELAY, Nagle's algorithm holds them until the peer's delayed ACK.
             if let Err(e) = stream.set_nodelay(true) {
@@ -86,35 +128,64 @@ pub async fn run(
             }
             let ctx = accept_ctx.clone();
             let warp = warp.clone();
+            // Shared with the request handlers, so a websocket keeps its connection counted
+            // after the HTTP connection has handed it over.
+            let counted = Arc::new(counted);
             let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
                 let ctx = ctx.clone();
                 let warp = warp.clone();
+                let counted = counted.clone();
                 async move {
-                    if files::claims(req.uri().path()) {
-                        return Ok::<_, std::convert::Infallible>(files::handle(ctx, req).await);
-                    }
-                    let role = match req.uri().path() {
-                        "/ws/client" => Some(Role::Client),
-                        "/ws/worker" => Some(Role::Worker),
-                        _ => None,
+                    let cors = match ctx.policy.check(req.method(), req.headers()) {
+                        Verdict::SameOrigin => None,
+                        Verdict::Cors(origin) => Some(origin),
+                        Verdict::Preflight(origin) => {
+                            let mut resp = hyper::Response::new(files::empty());
+                            *resp.status_mut() = ::http::StatusCode::NO_CONTENT;
+                            access::preflight_headers(resp.headers_mut(), origin);
+                            return Ok(resp);
+                        }
+                        Verdict::Refused(r) => {
+                            tracing::debug!(origin = ?req.headers().get(::http::header::ORIGIN), path = req.uri().path(), "refused by the origin policy");
+                            let body =
+                                protocol::messages::ErrorBody::new(protocol::messages::ErrorCode::Forbidden, r.message);
+                            return Ok(files::error(body));
+                        }
                     };
-                    if let Some(role) = role {
-                        let resp = match ws::upgrade(req, role, ctx) {
-                            Ok(resp) => resp.map(|()| files::empty()),
-                            Err((status, message)) => files::plain(status, message),
-                        };
-                        return Ok(resp);
-                    }
-                    let resp = match hyper::service::Service::call(&warp, req).await {
+                    let ui = req.uri().path() == "/" || req.uri().path().starts_with("/ui/");
+                    let timeout = ctx.access.body_read_timeout;
+                    let mut req = req.map(|body| TimedBody::new(body, timeout));
+                    req.extensions_mut().insert(counted.clone());
+                    let mut resp = match route(req, ctx.clone()).await {
                         Ok(resp) => resp,
-                        Err(never) => match never {},
+                        Err(req) => {
+                            let resp = match hyper::service::Service::call(&warp, req).await {
+                                Ok(resp) => resp,
+                                Err(never) => match never {},
+                            };
+                            resp.map(|body| body.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
+                        }
                     };
-                    Ok(resp.map(|body| body.map_err(|e| Box::new(e) as BoxError).boxed_unsync()))
+                    if let Some(origin) = cors {
+                        access::add_cors(resp.headers_mut(), origin);
+                    }
+                    if ui {
+                        resp.headers_mut()
+                            .insert(::http::header::CONTENT_SECURITY_POLICY, ctx.policy.frame_ancestors().clone());
+                    }
+                    Ok::<_, std::convert::Infallible>(resp)
                 }
             });
             let watcher = graceful.watcher();
             tokio::spawn(async move {
-                let builder = auto::Builder::new(TokioExecutor::new());
+                // hyper-util sniffs the HTTP version from the first bytes with no timeout of its
+                // own, so a silent peer is dropped here; hyper's header timeout covers the rest.
+                let mut first = [0u8; 1];
+                if !matches!(tokio::time::timeout(header_read_timeout, stream.peek(&mut first)).await, Ok(Ok(1..))) {
+                    return;
+                }
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder.http1().timer(TokioTimer::new()).header_read_timeout(header_read_timeout);
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                 if let Err(e) = watcher.watch(conn.into_owned()).await {
                     tracing::debug!(error = %e, "connection ended with an error");
@@ -144,6 +215,29 @@ pub async fn run(
         gc.abort();
     }
     Ok(result?)
+}
+
+/// Serves a request that passed the origin policy if it is for the file streams or a websocket;
+/// gives it back for the warp routes otherwise.
+async fn route(
+    req: hyper::Request<TimedBody>,
+    ctx: Arc<Context>,
+) -> Result<hyper::Response<files::Body>, hyper::Request<TimedBody>> {
+    if files::claims(req.uri().path()) {
+        return Ok(files::handle(ctx, req).await);
+    }
+    let role = match req.uri().path() {
+        "/ws/client" => Some(Role::Client),
+        "/ws/worker" => Some(Role::Worker),
+        _ => None,
+    };
+    match role {
+        Some(role) => Ok(match ws::upgrade(req, role, ctx) {
+            Ok(resp) => resp.map(|()| files::empty()),
+            Err((status, message)) => files::plain(status, message),
+        }),
+        None => Err(req),
+    }
 }
 
 /// Collects unreferenced blobs every `every`, starting one period after start.

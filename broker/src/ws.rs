@@ -48,6 +48,9 @@ pub struct Context {
     pub tokens: Tokens,
     pub blobs: Arc<BlobStore>,
     pub shutdown: watch::Receiver<bool>,
+    pub policy: Arc<crate::access::Policy>,
+    pub links: Arc<crate::link::LinkKey>,
+    pub access: crate::access::AccessConfig,
 }
 
 /// A server-side websocket over an upgraded HTTP connection.
@@ -71,7 +74,7 @@ pub fn config() -> WebSocketConfig {
 /// Answers a websocket upgrade request on `/ws/client` or `/ws/worker` (RFC 6455 handshake) and
 /// serves the socket once hyper hands over the connection.
 pub fn upgrade(
-    req: hyper::Request<hyper::body::Incoming>,
+    req: hyper::Request<crate::access::TimedBody>,
     role: Role,
     ctx: Arc<Context>,
 ) -> Result<hyper::Response<()>, (http::StatusCode, &'static str)> {
@@ -95,7 +98,10 @@ pub fn upgrade(
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let token =
         crate::auth::bearer(req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())).map(str::to_string);
+    // The socket stays counted against its peer's address for as long as it lives.
+    let counted = req.extensions().get::<Arc<crate::access::Counted>>().cloned();
     tokio::spawn(async move {
+        let _counted = counted;
         match hyper::upgrade::on(req).await {
             Ok(upgraded) => {
                 let io = TokioIo::new(upgraded);
@@ -191,18 +197,9 @@ async fn admit(sink: &mut Sink, ctx: &Context, role: Role, protocol: u32, token:
         return refuse(sink, role, ErrorCode::VersionMismatch, close::VERSION_MISMATCH, m).await;
     }
     if let Err(code) = ctx.tokens.check(role, token) {
-        return refuse(sink, role, code, close::UNAUTHORIZED, token_message(code, role)).await;
+        return refuse(sink, role, code, close::UNAUTHORIZED, ctx.tokens.refusal(role, code)).await;
     }
     true
-}
-
-fn token_message(code: ErrorCode, role: Role) -> String {
-    let which = if role == Role::Client { "client" } else { "worker" };
-    if code == ErrorCode::Unauthorized {
-        format!("this broker requires a {which} token: send it as `Authorization: Bearer <token>` or in the hello")
-    } else {
-        format!("wrong {which} token")
-    }
 }
 
 /// Answers with an error message, then closes. Returns false, for `admit`.

@@ -37,6 +37,8 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
                 tokens: Tokens::default(),
                 max_body: broker::http::DEFAULT_MAX_BODY,
                 blobs: broker::blob::BlobConfig::default(),
+                // Thousands of simulated peers share one address: no per-address cap.
+                access: broker::access::AccessConfig { max_connections_per_address: 0, ..Default::default() },
             };
             let (url, server) = start_broker(config).await?;
             (url, Some(server))

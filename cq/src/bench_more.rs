@@ -51,6 +51,8 @@ pub async fn fanout(args: BenchArgs) -> Result<std::process::ExitCode> {
         tokens: Tokens::default(),
         max_body: broker::http::DEFAULT_MAX_BODY,
         blobs: broker::blob::BlobConfig { gc_interval: None, ..Default::default() },
+        // Thousands of simulated peers share one address: no per-address cap.
+        access: broker::access::AccessConfig { max_connections_per_address: 0, ..Default::default() },
     };
     let (url, (stop, server)) = start_broker(config).await?;
     let ws = format!("ws{}", url.strip_prefix("http").unwrap_or(&url));

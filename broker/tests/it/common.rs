@@ -36,6 +36,7 @@ pub fn config(dir: &Path) -> broker::Config {
         tokens: Tokens::default(),
         max_body: 64 << 10,
         blobs: broker::blob::BlobConfig { gc_interval: None, ..Default::default() },
+        access: broker::access::AccessConfig::default(),
     }
 }
 
@@ -77,6 +78,11 @@ impl TestBroker {
             rt.shutdown_timeout(std::time::Duration::from_secs(30));
         });
         TestBroker { addr, _tmp: None, stop: Some(stop_tx), kill: Some(kill_tx), thread: Some(thread) }
+    }
+
+    /// Removes `dir` when the broker is dropped.
+    pub fn keep(&mut self, dir: tempfile::TempDir) {
+        self._tmp = Some(dir);
     }
 
     pub fn url(&self, path: &str) -> String {

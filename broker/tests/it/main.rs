@@ -9,3 +9,4 @@ mod jobs;
 mod k8s;
 mod ops;
 mod recovery;
+mod security;
