@@ -271,8 +271,9 @@ impl JobDefinition {
         }
         if let Some(r) = &mut self.resources {
             if let Some(cpus) = r.cpus {
-                if !(cpus.is_finite() && cpus > 0.0 && cpus <= 1024.0) {
-                    return Err(DefinitionError::new("resources.cpus", "must be a number above 0 and at most 1024"));
+                // Below a hundredth of a CPU, Docker sets no quota at all.
+                if !(cpus.is_finite() && (MIN_CPUS..=1024.0).contains(&cpus)) {
+                    return Err(DefinitionError::new("resources.cpus", "must be a number from 0.01 to 1024"));
                 }
             }
             r.memory = r.memory.take().map(|m| normalize_size("resources.memory", m, 4 << 20)).transpose()?;
@@ -463,6 +464,12 @@ fn normalize_command(field: &str, c: CommandLine) -> Result<CommandLine, Definit
     Ok(CommandLine::Args(args))
 }
 
+/// The smallest CPU share a job may ask for.
+const MIN_CPUS: f64 = 0.01;
+/// The largest memory or shared-memory size a job may ask for: more than any machine has, and
+/// far below the 2^63 where Docker's signed sizes overflow.
+const MAX_SIZE: u64 = 1 << 50;
+
 fn normalize_size(field: &str, size: ByteSize, min: u64) -> Result<ByteSize, DefinitionError> {
     let bytes = match size {
         ByteSize::Bytes(b) => b,
@@ -471,6 +478,9 @@ fn normalize_size(field: &str, size: ByteSize, min: u64) -> Result<ByteSize, Def
     };
     if bytes < min {
         return Err(DefinitionError::new(field, format!("must be at least {min} bytes")));
+    }
+    if bytes > MAX_SIZE {
+        return Err(DefinitionError::new(field, format!("must be at most {MAX_SIZE} bytes (1 PiB)")));
     }
     Ok(ByteSize::Bytes(bytes))
 }
@@ -691,7 +701,10 @@ mod tests {
             (r#"{"image":"busybox","maxDuration":"soon"}"#, "maxDuration", "not a duration"),
             (r#"{"image":"busybox","maxDuration":0}"#, "maxDuration", "between"),
             (r#"{"image":"busybox","resources":{"memory":"lots"}}"#, "resources.memory", "not a size"),
-            (r#"{"image":"busybox","resources":{"cpus":-1}}"#, "resources.cpus", "above 0"),
+            (r#"{"image":"busybox","resources":{"cpus":-1}}"#, "resources.cpus", "from 0.01"),
+            (r#"{"image":"busybox","resources":{"cpus":1e-300}}"#, "resources.cpus", "from 0.01"),
+            (r#"{"image":"busybox","resources":{"memory":9223372036854775808}}"#, "resources.memory", "at most"),
+            (r#"{"image":"busybox","resources":{"shmSize":"9000000t"}}"#, "resources.shmSize", "at most"),
             (r#"{"image":"busybox","env":{"JOB_ID":"x"}}"#, "env.JOB_ID", "set by the worker"),
             (r#"{"image":"busybox","env":{"1A":"x"}}"#, "env.1A", "names must match"),
             (

@@ -53,6 +53,8 @@ pub struct Config {
     pub pids_limit: i64,
     /// What a job may leave in its outputs.
     pub output_limits: job::OutputLimits,
+    /// Ceilings, network and input policy for jobs.
+    pub limits: crate::limits::Limits,
 }
 
 /// A job task the controller tracks (by job and attempt: a cancelled attempt may still be
@@ -95,7 +97,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
 
 async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
     let docker = docker::connect().await.map_err(|e| anyhow::anyhow!(e.message))?;
-    docker::ensure_network(&docker).await.map_err(|e| anyhow::anyhow!(e.message))?;
+    let network =
+        docker::prepare_network(&docker, &config.limits.network).await.map_err(|e| anyhow::anyhow!(e.message))?;
     tokio::fs::create_dir_all(&config.data_dir)
         .await
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
@@ -110,6 +113,8 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
         pids_limit: config.pids_limit,
         broker_url: config.broker_url.clone(),
         output_limits: config.output_limits,
+        limits: config.limits.clone(),
+        network,
     });
     let (tx, mut rx) = mpsc::channel::<Out>(4096);
     let mut jobs: HashMap<(JobId, u32), Running> = HashMap::new();
@@ -494,7 +499,7 @@ fn handle(
             tracing::info!(job = %job_id, attempt, queue, "running job");
             let (stop_tx, stop_rx) = watch::channel(Stop::No);
             jobs.insert((job_id, attempt), Running { stop: stop_tx, gpus: gpus.clone() });
-            let assignment = Assignment { job: job_id, attempt, definition, gpus };
+            let assignment = Assignment { job: job_id, attempt, definition, gpus, queue: queue.clone() };
             let span = tracing::info_span!("job", job = %job_id, attempt);
             let task = job::run(env.clone(), assignment, stop_rx, tx.clone()).instrument(span);
             spawn_job(env.clone(), job_id, attempt, tx.clone(), task);

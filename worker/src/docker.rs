@@ -26,6 +26,8 @@ pub const LABEL_ATTEMPT: &str = "cq.attempt";
 /// The bridge network job containers join: outbound traffic allowed, no traffic between
 /// containers.
 pub const NETWORK: &str = "cq-jobs";
+/// The host interface of [`NETWORK`].
+pub const BRIDGE: &str = "cq-jobs0";
 /// Processes a job may start unless the worker says otherwise.
 pub const DEFAULT_PIDS_LIMIT: i64 = 4096;
 /// Largest build context (`build.tarball`) the worker downloads.
@@ -64,7 +66,7 @@ pub async fn ensure_network(docker: &Docker) -> Result<(), JobError> {
     }
     let options = HashMap::from([
         ("com.docker.network.bridge.enable_icc".to_string(), "false".to_string()),
-        ("com.docker.network.bridge.name".to_string(), "cq-jobs0".to_string()),
+        ("com.docker.network.bridge.name".to_string(), BRIDGE.to_string()),
     ]);
     let request = NetworkCreateRequest {
         name: NETWORK.into(),
@@ -79,6 +81,53 @@ pub async fn ensure_network(docker: &Docker) -> Result<(), JobError> {
         Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
         Err(e) => Err(JobError::infra(format!("cannot create the `{NETWORK}` network: {e}"))),
     }
+}
+
+/// The name of the Docker network jobs join under `choice`, made ready: the isolated bridge is
+/// created if needed and fenced off from the host where the worker may install the rule; a
+/// named network must exist. Says at start what jobs can and cannot reach.
+pub async fn prepare_network(docker: &Docker, choice: &crate::limits::JobNetwork) -> Result<String, JobError> {
+    use crate::limits::JobNetwork;
+    match choice {
+        JobNetwork::None => {
+            tracing::info!("jobs run without a network");
+            Ok("none".into())
+        }
+        JobNetwork::Named(name) => {
+            docker.inspect_network(name, None).await.map_err(|e| {
+                JobError::infra(format!("the job network `{name}` does not exist ({e}); create it or pick another"))
+            })?;
+            tracing::info!(network = %name, "jobs join the network the worker's owner chose; its rules decide what they reach");
+            Ok(name.clone())
+        }
+        JobNetwork::Isolated => {
+            ensure_network(docker).await?;
+            let isolation = tokio::task::spawn_blocking(|| crate::firewall::isolate_host(BRIDGE))
+                .await
+                .unwrap_or_else(|e| crate::firewall::HostIsolation::Missing(e.to_string()));
+            match isolation {
+                crate::firewall::HostIsolation::Enforced => {
+                    tracing::info!(network = NETWORK, "jobs reach the internet but not this host nor each other");
+                }
+                crate::firewall::HostIsolation::Missing(why) => {
+                    let gateway = gateway(docker).await.unwrap_or_else(|| "its gateway".into());
+                    tracing::warn!(
+                        network = NETWORK,
+                        "jobs CAN reach services listening on this host (at {gateway} and its other addresses): \
+                         the firewall rule that blocks them could not be installed ({why}). Run the worker with \
+                         the privilege to change iptables, or choose --job-network none or a network of your own"
+                    );
+                }
+            }
+            Ok(NETWORK.into())
+        }
+    }
+}
+
+/// The gateway address of the jobs' network: the host as jobs see it.
+pub async fn gateway(docker: &Docker) -> Option<String> {
+    let net = docker.inspect_network(NETWORK, None).await.ok()?;
+    net.ipam?.config?.into_iter().find_map(|c| c.gateway)
 }
 
 /// Progress of an image pull or build, for watchers.
@@ -339,6 +388,10 @@ pub struct ContainerSpec {
     pub pids_limit: i64,
     /// `<broker>/j/<job id>`: the job's URL, without a trailing slash.
     pub url_prefix: String,
+    /// Memory, CPUs and shm as the worker's ceilings allow them.
+    pub granted: crate::limits::Granted,
+    /// The Docker network to join (or `none`).
+    pub network: String,
 }
 
 /// Creates and starts a job's container; returns its id.
@@ -352,12 +405,7 @@ pub async fn start_container(docker: &Docker, def: &JobDefinition, spec: &Contai
     env.push(format!("JOB_URL_PREFIX={}", spec.url_prefix));
     env.push(format!("JOB_INPUTS_URL_PREFIX={}/inputs/", spec.url_prefix));
     env.push(format!("JOB_OUTPUTS_URL_PREFIX={}/outputs/", spec.url_prefix));
-    let resources = def.resources.clone().unwrap_or_default();
-    let bytes = |b: &Option<protocol::definition::ByteSize>| match b {
-        Some(protocol::definition::ByteSize::Bytes(n)) => Some(*n as i64),
-        _ => None,
-    };
-    let memory = bytes(&resources.memory);
+    let memory = spec.granted.memory.map(|m| m as i64);
     let host = HostConfig {
         binds: Some(vec![
             format!("{}:/inputs:ro", spec.inputs_dir),
@@ -366,7 +414,7 @@ pub async fn start_container(docker: &Docker, def: &JobDefinition, spec: &Contai
             // The reference mounts its shared cache at /job-cache; the same directory serves both.
             format!("{}:/job-cache", spec.cache_dir),
         ]),
-        network_mode: Some(NETWORK.into()),
+        network_mode: Some(spec.network.clone()),
         privileged: Some(false),
         security_opt: Some(vec!["no-new-privileges".into()]),
         cap_drop: Some(vec!["ALL".into()]),
@@ -374,8 +422,8 @@ pub async fn start_container(docker: &Docker, def: &JobDefinition, spec: &Contai
         memory,
         // No swap beyond the memory limit.
         memory_swap: memory,
-        nano_cpus: resources.cpus.map(|c| (c * 1e9) as i64),
-        shm_size: bytes(&resources.shm_size),
+        nano_cpus: spec.granted.cpus.map(|c| (c * 1e9) as i64),
+        shm_size: spec.granted.shm.map(|s| s as i64),
         device_requests: (!spec.gpu_devices.is_empty()).then(|| {
             vec![DeviceRequest {
                 driver: Some("nvidia".into()),

@@ -97,6 +97,9 @@ pub struct JobEnv {
     /// reference system read.
     pub broker_url: String,
     pub output_limits: OutputLimits,
+    pub limits: crate::limits::Limits,
+    /// The Docker network containers join.
+    pub network: String,
 }
 
 /// An assignment as the task runs it.
@@ -106,6 +109,8 @@ pub struct Assignment {
     pub attempt: u32,
     pub definition: JobDefinition,
     pub gpus: Vec<String>,
+    /// The queue it came from, which scopes its `/cache`.
+    pub queue: String,
 }
 
 /// What is kept on disk about a running attempt, to pick it up after a worker restart.
@@ -129,8 +134,12 @@ impl JobEnv {
         self.data_dir.join("cache").join("blobs")
     }
 
-    fn shared_cache(&self) -> PathBuf {
-        self.data_dir.join("cache").join("shared")
+    /// The `/cache` of a job from `queue`: one per queue unless the worker shares one wider.
+    fn shared_cache(&self, queue: &str) -> PathBuf {
+        match self.limits.cache {
+            crate::limits::CacheScope::Queue => self.data_dir.join("cache").join("queues").join(queue),
+            crate::limits::CacheScope::Worker => self.data_dir.join("cache").join("shared"),
+        }
     }
 }
 
@@ -259,12 +268,15 @@ async fn prepare_and_start(ctx: &Ctx, a: &Assignment) -> Result<Prepared, JobErr
     let inputs = dir.join("inputs");
     let outputs = dir.join("outputs");
     ctx.progress(Phase::Preparing, None);
-    for d in [&inputs, &outputs, &ctx.env.blob_cache(), &ctx.env.shared_cache()] {
+    // Refused before anything is fetched: the worker's ceilings, not the job, decide.
+    let granted = ctx.env.limits.grant(&a.definition)?;
+    let cache = ctx.env.shared_cache(&a.queue);
+    for d in [&inputs, &outputs, &ctx.env.blob_cache(), &cache] {
         tokio::fs::create_dir_all(d).await.map_err(|e| JobError::infra(format!("creating {}: {e}", d.display())))?;
     }
     // Containers may run as any user: let them write their outputs and cache.
     set_mode(&outputs, 0o777).await;
-    set_mode(&ctx.env.shared_cache(), 0o777).await;
+    set_mode(&cache, 0o777).await;
     let mut stop = ctx.stop.clone();
     tokio::select! {
         r = materialise_inputs(ctx, &a.definition, &inputs) => r?,
@@ -303,10 +315,12 @@ async fn prepare_and_start(ctx: &Ctx, a: &Assignment) -> Result<Prepared, JobErr
         attempt: a.attempt,
         inputs_dir: path_str(&inputs),
         outputs_dir: path_str(&outputs),
-        cache_dir: path_str(&ctx.env.shared_cache()),
+        cache_dir: path_str(&cache),
         gpu_devices: a.gpus.clone(),
         pids_limit: ctx.env.pids_limit,
         url_prefix: format!("{}/j/{}", ctx.env.broker_url.trim_end_matches('/'), a.job),
+        granted,
+        network: ctx.env.network.clone(),
     };
     if ctx.stop_requested() != Stop::No {
         return Ok(Prepared::Stopped);
@@ -369,31 +383,18 @@ async fn materialise_inputs(ctx: &Ctx, def: &JobDefinition, dir: &Path) -> Resul
                 }
             }
             DataRef::Url { url, sha256, size } => {
-                let resp = ctx.env.http.get(url).send().await.map_err(|e| {
-                    JobError::infra(format!("downloading input `{path}` from {}: {e}", docker::redact(url)))
-                })?;
-                if !resp.status().is_success() {
-                    let status = resp.status();
-                    let message = format!("downloading input `{path}` from {}: {status}", docker::redact(url));
-                    return Err(if status.is_client_error() {
-                        JobError::user(message)
-                    } else {
-                        JobError::infra(message)
-                    });
-                }
-                let bytes =
-                    resp.bytes().await.map_err(|e| JobError::infra(format!("downloading input `{path}`: {e}")))?;
+                // Fetched only from addresses the job itself could reach (see `fetch`).
+                let fetched =
+                    crate::fetch::fetch(&ctx.env.limits.fetch, url, &dest, &format!("input `{path}`")).await?;
                 if let Some(expected) = sha256 {
-                    use sha2::Digest;
-                    let actual = hex::encode(sha2::Sha256::digest(&bytes));
-                    if &actual != expected || size.is_some_and(|s| s != bytes.len() as u64) {
+                    let actual = fetched.sha256;
+                    if &actual != expected || size.is_some_and(|s| s != fetched.size) {
                         return Err(JobError::user(format!(
                             "input `{path}` from {} does not match its sha256 (got {actual})",
                             docker::redact(url)
                         )));
                     }
                 }
-                tokio::fs::write(&dest, &bytes).await.map_err(|e| JobError::infra(format!("writing {path}: {e}")))?;
             }
             inline => {
                 let bytes =

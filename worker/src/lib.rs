@@ -1,11 +1,15 @@
 //! The cq worker: keeps one websocket to the broker ([`controller`]), runs the jobs it is
 //! pushed as Docker containers ([`job`], [`docker`]), and streams their logs and outputs back
-//! through the blob store ([`blobs`]).
+//! through the blob store ([`blobs`]). What a job may use and reach is the worker owner's call
+//! ([`limits`], [`fetch`], [`firewall`]).
 
 pub mod blobs;
 pub mod controller;
 pub mod docker;
+pub mod fetch;
+pub mod firewall;
 pub mod job;
+pub mod limits;
 
 pub use controller::{Config, run};
 

@@ -35,6 +35,7 @@ impl Broker {
             tokens: Default::default(),
             max_body: broker::http::DEFAULT_MAX_BODY,
             blobs: broker::blob::BlobConfig { gc_interval: None, ..Default::default() },
+            access: broker::access::AccessConfig::default(),
         };
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -157,6 +158,7 @@ fn config(url: &str, id: &str, dir: &std::path::Path, slots: u32) -> worker::Con
         drain_timeout: Duration::from_secs(60),
         pids_limit: 512,
         output_limits: Default::default(),
+        limits: worker::limits::Limits::default(),
     }
 }
 
@@ -673,4 +675,123 @@ async fn repro_5_errors_are_classified_and_retries_are_visible() {
             || job["message"].as_str().is_some_and(|m| m.contains("/no/such/command")),
         "{job}"
     );
+}
+
+/// A one-line HTTP server on 127.0.0.1 answering every request with `response`; returns its port
+/// and a counter of the connections it accepted.
+async fn tiny_server(
+    addr: std::net::IpAddr,
+    response: String,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind((addr, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let response = response.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    (port, hits)
+}
+
+fn ok_response(body: &str) -> String {
+    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_inputs_are_fetched_only_from_where_the_job_could_reach() {
+    docker().await;
+    let b = Broker::start(30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
+    let (secret, secret_hits) = tiny_server(localhost, ok_response("secret of the host\n")).await;
+    let moved = format!(
+        "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{secret}/\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    let (redirect, _) = tiny_server(localhost, moved).await;
+    let mut cfg = config(&b.url, &unique("ssrf"), dir.path(), 2);
+    // The owner opened `localhost` on purpose; 127.0.0.1 stays closed.
+    cfg.limits.fetch.allow_hosts = vec!["localhost".into()];
+    let _w = start_worker(cfg);
+    let job = |url: String| json!({ "image": IMAGE, "command": sh("cat /inputs/x"), "inputs": { "x": { "type": "url", "url": url } } });
+
+    let direct = b.submit(job(format!("http://127.0.0.1:{secret}/"))).await;
+    let v = b.finished(&direct).await;
+    assert_eq!(v["reason"], "error", "{v}");
+    let message = v["message"].as_str().unwrap();
+    assert!(message.contains("loopback") && message.contains("--allow-input-host"), "{message}");
+
+    let hop = b.submit(job(format!("http://localhost:{redirect}/"))).await;
+    let v = b.finished(&hop).await;
+    assert_eq!(v["reason"], "error", "a redirect to a loopback address is refused too: {v}");
+    assert!(v["message"].as_str().unwrap().contains("127.0.0.1"), "{v}");
+    assert_eq!(secret_hits.load(std::sync::atomic::Ordering::SeqCst), 0, "the loopback server was never asked");
+
+    let allowed = b.submit(job(format!("http://localhost:{secret}/"))).await;
+    let v = b.finished(&allowed).await;
+    assert_eq!(v["reason"], "succeeded", "{v}");
+    assert!(b.log_text(&allowed).await.contains("secret of the host"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_cannot_reach_the_host_at_the_gateway_address() {
+    let d = docker().await;
+    let b = Broker::start(30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let w = start_worker(config(&b.url, &unique("gateway"), dir.path(), 1));
+    // A job first, so the network exists and the worker has set it up.
+    let warm = b.submit(json!({ "image": IMAGE, "command": sh("true") })).await;
+    assert_eq!(b.finished(&warm).await["reason"], "succeeded");
+    let gateway = worker::docker::gateway(&d).await.expect("the jobs' network has a gateway");
+    let (port, hits) = tiny_server(gateway.parse().unwrap(), ok_response("host service\n")).await;
+    let probe = b
+        .submit(json!({ "image": IMAGE, "command": sh(&format!(
+            "if wget -q -T 5 -O - http://{gateway}:{port}/; then echo REACHED; else echo BLOCKED; fi")) }))
+        .await;
+    let v = b.finished(&probe).await;
+    assert_eq!(v["reason"], "succeeded", "{v}");
+    let log = b.log_text(&probe).await;
+    assert!(log.contains("BLOCKED") && !log.contains("host service"), "{log}");
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0, "the host's listener saw no connection");
+    drop(w);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_not_the_job_sets_the_ceilings() {
+    docker().await;
+    let b = Broker::start(30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&b.url, &unique("ceilings"), dir.path(), 2);
+    cfg.limits.max_shm = 64 << 20;
+    cfg.limits.default_memory = Some(64 << 20);
+    let _w = start_worker(cfg);
+    let greedy = b.submit(json!({ "image": IMAGE, "command": sh("true"), "resources": { "shmSize": "64g" } })).await;
+    let v = b.finished(&greedy).await;
+    assert_eq!(v["reason"], "error", "{v}");
+    let message = v["message"].as_str().unwrap();
+    assert!(message.contains("resources.shmSize") && message.contains("maximum of 64 MiB"), "{message}");
+    // A job that asks for nothing gets the worker's default memory limit.
+    let plain = b
+        .submit(
+            json!({ "image": IMAGE, "command": sh("x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo survived") }),
+        )
+        .await;
+    let v = b.finished(&plain).await;
+    assert_eq!((v["reason"].as_str(), v["exitCode"].as_i64()), (Some("failed"), Some(137)), "{v}");
+    let logs = b.log_text(&plain).await;
+    assert!(logs.contains("memory limit") && !logs.contains("survived"), "{logs}");
 }
