@@ -24,13 +24,21 @@ pub async fn dev(args: DevArgs) -> Result<ExitCode> {
         }
     };
     if !args.listen.ip().is_loopback() {
-        tracing::warn!(listen = %args.listen, "cq dev has no tokens; anyone who can reach this address can run jobs. Use `cq broker` with tokens instead");
+        if !args.access.insecure_no_auth {
+            bail!(
+                "cq dev has no tokens, so it listens on loopback only; {} is reachable from elsewhere. \
+                 Use `cq broker` with --client-token-file and --worker-token-file, or pass --insecure-no-auth",
+                args.listen
+            );
+        }
+        tracing::warn!(listen = %args.listen, "--insecure-no-auth: anyone who can reach this address can run jobs");
     }
     let config = broker::Config {
         store: StoreConfig { data_dir: data_dir.clone(), fsync: FsyncMode::Always, core: CoreConfig::default() },
         tokens: Tokens::default(),
         max_body: broker::http::DEFAULT_MAX_BODY,
         blobs: broker::blob::BlobConfig::default(),
+        access: args.access.config(),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -131,6 +139,7 @@ fn worker_config(
         drain_timeout: std::time::Duration::from_secs(300),
         pids_limit: worker::docker::DEFAULT_PIDS_LIMIT,
         output_limits: Default::default(),
+        limits: worker::limits::Limits::default(),
     })
 }
 
@@ -156,8 +165,18 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
             .map(|d| d.join("cq").join("worker"))
             .unwrap_or_else(|| PathBuf::from("cq-worker-data")),
     };
+    let token = match (args.token, args.token_file) {
+        (Some(t), _) => Some(t),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(&f)
+                .with_context(|| format!("reading the worker token file {}", f.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
     let config = worker::Config {
-        token: args.token,
+        token,
         queues: args.queues,
         gpus: parse_gpus(&args.gpus)?,
         tags: args.tags,
@@ -165,7 +184,7 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
         stop_grace: args.stop_grace,
         drain_timeout: args.drain_timeout,
         pids_limit: args.pids_limit,
-        output_limits: Default::default(),
+        limits: args.limits.config()?,
         ..worker_config(args.url, data_dir, args.worker_id, args.slots)?
     };
     tracing::info!(worker = %config.worker_id, queues = ?config.queues, slots = config.slots, broker = %config.broker_url, "worker starting");
@@ -194,8 +213,19 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
         client: read_token(args.client_token, args.client_token_file, "client")?,
         worker: read_token(args.worker_token, args.worker_token_file, "worker")?,
     };
-    if tokens.client.is_none() && !args.listen.ip().is_loopback() {
-        tracing::warn!(listen = %args.listen, "no client token: anyone who can reach this address can submit jobs");
+    // Beyond loopback, every role needs a token unless the operator opens the broker on purpose.
+    if !args.listen.ip().is_loopback() && (tokens.client.is_none() || tokens.worker.is_none()) {
+        if !args.access.insecure_no_auth {
+            bail!(
+                "{} is reachable from other machines, so the broker needs a token for every role: \
+                 set --client-token-file and --worker-token-file (or CQ_CLIENT_TOKEN and CQ_WORKER_TOKEN), \
+                 or pass --insecure-no-auth to run it open to anyone who can reach it",
+                args.listen
+            );
+        }
+        if tokens.is_open() {
+            tracing::warn!(listen = %args.listen, "--insecure-no-auth: no tokens, anyone who can reach this address can run jobs and read every job");
+        }
     }
     let core = CoreConfig {
         lease_grace_ms: args.lease_grace.as_millis() as u64,
@@ -214,6 +244,7 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
         tokens,
         max_body: args.max_body,
         blobs: args.blobs.config(),
+        access: args.access.config(),
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -168,6 +168,8 @@ struct DevArgs {
     /// Run only the broker, no local worker.
     #[arg(long)]
     no_worker: bool,
+    #[command(flatten)]
+    access: AccessArgs,
 }
 
 #[derive(Debug, Args)]
@@ -177,9 +179,13 @@ pub struct WorkerArgs {
     /// Broker URL.
     #[arg(long, env = "CQ_URL", default_value = "http://127.0.0.1:8000")]
     pub url: String,
-    /// Worker token, if the broker requires one.
-    #[arg(long, env = "CQ_WORKER_TOKEN", hide_env_values = true)]
+    /// Worker token, if the broker requires one (prefer CQ_WORKER_TOKEN or --token-file: a
+    /// flag's value shows in `ps`).
+    #[arg(long, env = "CQ_WORKER_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
     pub token: Option<String>,
+    /// File holding the worker token.
+    #[arg(long, env = "CQ_WORKER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Queue to take jobs from; repeatable (or comma-separated in CQ_QUEUES).
     #[arg(long = "queue", short, env = "CQ_QUEUES", value_delimiter = ',', default_value = "local")]
     pub queues: Vec<String>,
@@ -210,6 +216,76 @@ pub struct WorkerArgs {
     /// Most processes in one job's container.
     #[arg(long, env = "CQ_PIDS_LIMIT", default_value_t = worker::docker::DEFAULT_PIDS_LIMIT)]
     pub pids_limit: i64,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// What jobs may use and reach on this worker, whatever they ask for.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Job limits")]
+pub struct LimitArgs {
+    /// Memory of a job that does not ask for any, e.g. 2g; `none` for no limit.
+    #[arg(long, env = "CQ_DEFAULT_MEMORY", default_value = "2g")]
+    pub default_memory: String,
+    /// Most memory a job may ask for [default: this host's memory].
+    #[arg(long, env = "CQ_MAX_MEMORY")]
+    pub max_memory: Option<String>,
+    /// Most CPUs a job may ask for [default: this host's CPUs].
+    #[arg(long, env = "CQ_MAX_CPUS")]
+    pub max_cpus: Option<f64>,
+    /// Largest /dev/shm a job may ask for.
+    #[arg(long, env = "CQ_MAX_SHM", default_value = "2g")]
+    pub max_shm: String,
+    /// Network jobs join: `isolated` (the cq-jobs bridge: internet yes, this host and other
+    /// jobs no), `none`, or the name of a Docker network of yours.
+    #[arg(long, env = "CQ_JOB_NETWORK", default_value = "isolated")]
+    pub job_network: String,
+    /// Host (as written in URLs) that URL inputs may fetch from though it resolves to a
+    /// loopback, private or link-local address; repeatable (comma-separated in CQ_ALLOW_INPUT_HOSTS).
+    #[arg(long = "allow-input-host", env = "CQ_ALLOW_INPUT_HOSTS", value_delimiter = ',', value_name = "HOST")]
+    pub allow_input_hosts: Vec<String>,
+    /// Largest URL input, e.g. 10g.
+    #[arg(long, env = "CQ_MAX_INPUT_BYTES", default_value = "10g")]
+    pub max_input_bytes: String,
+    /// Who shares a /cache directory: jobs of the same `queue`, or every job of this `worker`.
+    #[arg(long, env = "CQ_CACHE_SCOPE", value_enum, default_value_t = CacheScope::Queue)]
+    pub cache_scope: CacheScope,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CacheScope {
+    Queue,
+    Worker,
+}
+
+impl LimitArgs {
+    /// The worker's limits.
+    pub fn config(&self) -> anyhow::Result<worker::limits::Limits> {
+        let size = |flag: &str, text: &str| {
+            protocol::definition::parse_size(text)
+                .ok_or_else(|| anyhow::anyhow!("--{flag} wants a size such as 512m or 2g, got `{text}`"))
+        };
+        let default_memory = match self.default_memory.as_str() {
+            "none" | "" => None,
+            text => Some(size("default-memory", text)?),
+        };
+        Ok(worker::limits::Limits {
+            default_memory,
+            max_memory: self.max_memory.as_deref().map(|m| size("max-memory", m)).transpose()?,
+            max_cpus: self.max_cpus,
+            max_shm: size("max-shm", &self.max_shm)?,
+            network: worker::limits::JobNetwork::parse(&self.job_network),
+            cache: match self.cache_scope {
+                CacheScope::Queue => worker::limits::CacheScope::Queue,
+                CacheScope::Worker => worker::limits::CacheScope::Worker,
+            },
+            fetch: worker::fetch::FetchPolicy {
+                allow_hosts: self.allow_input_hosts.clone(),
+                max_bytes: size("max-input-bytes", &self.max_input_bytes)?,
+                ..Default::default()
+            },
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -226,13 +302,14 @@ struct BrokerArgs {
     /// the OS (survives the broker being killed, not the machine crashing).
     #[arg(long, env = "CQ_FSYNC", value_enum, default_value_t = Fsync::Always)]
     fsync: Fsync,
-    /// Token clients must present.
+    /// Token clients must present (prefer CQ_CLIENT_TOKEN or --client-token-file: a flag's value
+    /// shows in `ps`).
     #[arg(long, env = "CQ_CLIENT_TOKEN", hide_env_values = true, conflicts_with = "client_token_file")]
     client_token: Option<String>,
     /// File holding the client token.
     #[arg(long, env = "CQ_CLIENT_TOKEN_FILE")]
     client_token_file: Option<PathBuf>,
-    /// Token workers must present.
+    /// Token workers must present (prefer CQ_WORKER_TOKEN or --worker-token-file).
     #[arg(long, env = "CQ_WORKER_TOKEN", hide_env_values = true, conflicts_with = "worker_token_file")]
     worker_token: Option<String>,
     /// File holding the worker token.
@@ -258,6 +335,49 @@ struct BrokerArgs {
     max_body: u64,
     #[command(flatten)]
     blobs: BlobArgs,
+    #[command(flatten)]
+    access: AccessArgs,
+}
+
+/// Who may reach the broker, and how long a peer may stall.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Access")]
+pub struct AccessArgs {
+    /// Origin (scheme://host[:port]) whose web pages may call the broker besides its own;
+    /// repeatable (comma-separated in CQ_ALLOW_ORIGINS).
+    #[arg(long = "allow-origin", env = "CQ_ALLOW_ORIGINS", value_delimiter = ',', value_name = "ORIGIN")]
+    pub allow_origins: Vec<String>,
+    /// Who may embed the page in a frame: a CSP frame-ancestors source list, e.g. `'self'` or
+    /// `https://app.example.com`.
+    #[arg(long, env = "CQ_FRAME_ANCESTORS", default_value = "*")]
+    pub frame_ancestors: String,
+    /// Run without tokens on an address beyond loopback: anyone who can reach it can run jobs.
+    #[arg(long, env = "CQ_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+    /// How long a peer may take to send a request's headers (and how long an idle keep-alive
+    /// connection stays open).
+    #[arg(long, env = "CQ_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: std::time::Duration,
+    /// How long a request body may go without a byte arriving.
+    #[arg(long, env = "CQ_BODY_READ_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub body_read_timeout: std::time::Duration,
+    /// Open connections one client address may hold; 0 means no cap.
+    #[arg(long, env = "CQ_MAX_CONNECTIONS_PER_ADDRESS", default_value_t = broker::access::MAX_CONNECTIONS_PER_ADDRESS)]
+    pub max_connections_per_address: usize,
+}
+
+impl AccessArgs {
+    /// The broker's access settings.
+    pub fn config(&self) -> broker::access::AccessConfig {
+        broker::access::AccessConfig {
+            allow_origins: self.allow_origins.clone(),
+            frame_ancestors: self.frame_ancestors.clone(),
+            insecure_no_auth: self.insecure_no_auth,
+            header_read_timeout: self.header_read_timeout,
+            body_read_timeout: self.body_read_timeout,
+            max_connections_per_address: self.max_connections_per_address,
+        }
+    }
 }
 
 /// Where job inputs and outputs are kept.

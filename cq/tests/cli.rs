@@ -627,4 +627,34 @@ async fn a_failed_pull_says_what_to_try() {
     assert!(err.contains("cq-test/never-built") && err.contains("scripts/test-image.sh"), "{err}");
     child.kill().unwrap();
     child.wait().unwrap();
+#[test]
+fn a_broker_beyond_loopback_without_tokens_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    for args in [
+        vec!["broker", "--listen", "0.0.0.0:0", "--data-dir", data],
+        vec!["broker", "--listen", "0.0.0.0:0", "--data-dir", data, "--client-token", "c"],
+        vec!["dev", "--no-worker", "--listen", "0.0.0.0:0", "--data-dir", data],
+    ] {
+        let out = cq().args(&args).env_remove("CQ_CLIENT_TOKEN").env_remove("CQ_WORKER_TOKEN").output().unwrap();
+        assert!(!out.status.success(), "{args:?} started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--insecure-no-auth"), "{args:?}: {err}");
+        if args[0] == "broker" {
+            assert!(err.contains("--client-token-file") && err.contains("--worker-token-file"), "{err}");
+        }
+        assert!(out.stdout.is_empty(), "it never listened: {}", String::from_utf8_lossy(&out.stdout));
+    }
+}
+
+#[tokio::test]
+async fn an_insecure_broker_says_so_in_healthz() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url) =
+        spawn(&["broker", "--listen", "0.0.0.0:0", "--insecure-no-auth", "--data-dir", dir.path().to_str().unwrap()]);
+    let url = url.replace("0.0.0.0", "127.0.0.1");
+    let health = reqwest::get(format!("{url}/healthz")).await.unwrap().text().await.unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(health.starts_with("ok\n") && health.contains("insecure"), "{health}");
 }

@@ -23,8 +23,14 @@ impl Drop for Killed {
 
 /// `cq dev` on a free port with its own data directory; returns its URL.
 fn cq_dev(dir: &std::path::Path) -> (Killed, String) {
+    cq_dev_with(dir, &[])
+}
+
+/// `cq dev` with extra arguments.
+fn cq_dev_with(dir: &std::path::Path, extra: &[&str]) -> (Killed, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cq"))
         .args(["dev", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()])
+        .args(extra)
         .env("CQ_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -233,4 +239,92 @@ fn urlencode(s: &str) -> String {
             }
         })
         .collect()
+}
+
+/// Serves `page` as HTML on 127.0.0.1 at a port of its own (so another origin than the
+/// broker's) from a thread; returns the port.
+fn host_page(page: String) -> u16 {
+    host_page_on(std::net::TcpListener::bind("127.0.0.1:0").unwrap(), page)
+}
+
+/// [`host_page`] on a listener bound earlier.
+fn host_page_on(listener: std::net::TcpListener, page: String) -> u16 {
+    use std::io::{Read, Write};
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut got = Vec::new();
+            let mut buf = [0u8; 2048];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+                page.len()
+            );
+        }
+    });
+    port
+}
+
+/// A host page on its own origin that frames the broker's page and runs a job in it.
+fn embedding_page(broker: &str) -> String {
+    format!(
+        r#"<!doctype html><iframe id="cq" src="{broker}/#queue=local"></iframe><script>
+window.received = [];
+const frame = document.querySelector('#cq');
+window.addEventListener('message', (ev) => {{
+  if (ev.source !== frame.contentWindow) return;
+  window.received.push(ev.data);
+  if (ev.data.type === 'cq:ready') {{
+    const send = (m) => frame.contentWindow.postMessage(m, '{broker}');
+    send({{ type: 'cq:setJob', definition: {{ image: 'cq-test/busybox', command: ['sh', '-c', 'echo embedded'] }} }});
+    send({{ type: 'cq:run' }});
+  }}
+}});
+</script>"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_allowed_origin_can_run_a_job_through_the_embedded_page() {
+    // The same host page, once on an origin the broker lists and once on one it does not.
+    // Bound first, so the broker can be told its origin before the page exists.
+    let listed_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listed = format!("http://127.0.0.1:{}", listed_listener.local_addr().unwrap().port());
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, url) = cq_dev_with(dir.path(), &["--allow-origin", &listed]);
+    let (_driver, c) = browser().await;
+
+    let other = host_page(embedding_page(&url));
+    c.goto(&format!("http://127.0.0.1:{other}/")).await.unwrap();
+    let frame = c.find(Locator::Css("#cq")).await.unwrap();
+    frame.enter_frame().await.unwrap();
+    until("the page ignoring the foreign host", || async {
+        let ignored = script(&c, "return window.cq && window.cq.ignoredOrigins").await;
+        ignored.as_array().is_some_and(|a| a.len() >= 2).then_some(())
+    })
+    .await;
+    c.enter_parent_frame().await.unwrap();
+    let jobs: Value = reqwest::get(format!("{url}/q/local/j")).await.unwrap().json().await.unwrap();
+    assert_eq!(jobs["jobs"], json!([]), "nothing was submitted for a foreign host");
+    let received = script(&c, "return window.received").await;
+    assert_eq!(received, json!([{ "type": "cq:ready" }]), "the foreign host hears nothing but ready");
+
+    // The listed origin: the host page on that port runs the job and hears it finish.
+    host_page_on(listed_listener, embedding_page(&url));
+    c.goto(&format!("{listed}/")).await.unwrap();
+    let received = until("the finish message", || async {
+        let v = script(&c, "return window.received || []").await;
+        v.as_array()?.iter().any(|m| m["type"] == "cq:finished").then_some(v)
+    })
+    .await;
+    let finished = received.as_array().unwrap().iter().find(|m| m["type"] == "cq:finished").unwrap();
+    assert_eq!(finished["reason"], "succeeded", "{finished}");
+    c.close().await.unwrap();
 }
