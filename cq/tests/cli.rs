@@ -627,6 +627,8 @@ async fn a_failed_pull_says_what_to_try() {
     assert!(err.contains("cq-test/never-built") && err.contains("scripts/test-image.sh"), "{err}");
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
 #[test]
 fn a_broker_beyond_loopback_without_tokens_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
