@@ -691,6 +691,13 @@ for (const b of document.querySelectorAll('.tab')) b.onclick = () => showView(b.
 
 const metaframe = new Metaframe({
   targetOrigin: config.hostOrigin,
+  // The same rule as for the cq:* messages: only origins the broker allows.
+  accept: (origin) => allowedOrigins.then((allowed) => {
+    if (allowed.has(origin)) return true;
+    console.warn(`cq: ignoring the metapage on ${origin}: not an origin this broker allows (--allow-origin)`);
+    test.ignoredOrigins.push(origin);
+    return false;
+  }),
   debug: hashConfig.debug,
   onConnected() {
     // Without a namespace of its own, a frame's runs supersede only each other.

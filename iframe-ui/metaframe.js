@@ -19,8 +19,9 @@ export function negotiate(parent) {
 export class Metaframe {
   /** `onInputs(changed, all, initial)` is called with the inputs that arrived (decoded), all of
    * them, and whether they came with the setup (before `onConnected`) or later. */
-  constructor({ onInputs, onConnected, targetOrigin = '*', debug = false }) {
+  constructor({ onInputs, onConnected, accept = async () => true, targetOrigin = '*', debug = false }) {
     this.onInputs = onInputs;
+    this.accept = accept;
     this.onConnected = onConnected || (() => {});
     this.targetOrigin = targetOrigin;
     this.debug = debug;
@@ -47,10 +48,14 @@ export class Metaframe {
     window.parent.postMessage(msg, this.targetOrigin);
   }
 
-  onMessage(ev) {
+  async onMessage(ev) {
     if (ev.source !== window.parent) return;
     const msg = ev.data;
     if (!msg || typeof msg !== 'object' || msg.jsonrpc !== '2.0') return;
+    // Only a metapage on an origin the broker allows may set inputs (and so run jobs); once set
+    // up, everything goes to that origin only.
+    if (!(await this.accept(ev.origin))) return;
+    if (this.ready && ev.origin !== this.targetOrigin && this.targetOrigin !== '*') return;
     if (this.debug) console.log('metaframe ←', msg);
     // Like the library: only the setup may come before we know our parent, and later messages
     // must name this frame and its parent.
@@ -60,6 +65,7 @@ export class Metaframe {
         if (this.ready) return;
         const p = msg.params || {};
         this.parentId = p.parentId;
+        this.targetOrigin = ev.origin;
         if (p.iframeId) this.id = p.iframeId;
         this.version = negotiate(p.version);
         this.ready = true;

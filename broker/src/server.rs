@@ -136,7 +136,13 @@ pub async fn run(
                 let warp = warp.clone();
                 let counted = counted.clone();
                 async move {
-                    let cors = match ctx.policy.check(req.method(), req.headers()) {
+                    // The page's description is public, for any metapage to read before it frames
+                    // the page (its route answers `access-control-allow-origin: *`).
+                    let public = matches!(req.uri().path(), "/metaframe.json" | "/ui/metaframe.json")
+                        && matches!(*req.method(), ::http::Method::GET | ::http::Method::HEAD);
+                    let verdict =
+                        if public { Verdict::SameOrigin } else { ctx.policy.check(req.method(), req.headers()) };
+                    let cors = match verdict {
                         Verdict::SameOrigin => None,
                         Verdict::Cors(origin) => Some(origin),
                         Verdict::Preflight(origin) => {

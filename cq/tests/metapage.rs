@@ -27,9 +27,13 @@ impl Drop for Killed {
 }
 
 /// `cq dev` on a free port with its own data directory; returns its URL.
-fn cq_dev(dir: &std::path::Path) -> (Killed, String) {
+fn cq_dev(dir: &std::path::Path, allow_origin: Option<&str>) -> (Killed, String) {
+    let mut args = vec!["dev", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()];
+    if let Some(origin) = allow_origin {
+        args.extend(["--allow-origin", origin]);
+    }
     let mut child = Command::new(env!("CARGO_BIN_EXE_cq"))
-        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()])
+        .args(args)
         .env("CQ_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -222,7 +226,7 @@ fn hash_query(params: &[(&str, String)]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hashes_written_by_hash_query_decode_to_the_expected_definitions() {
     let dir = tempfile::tempdir().unwrap();
-    let (_dev, url) = cq_dev(dir.path());
+    let (_dev, url) = cq_dev(dir.path(), None);
     let (_driver, c) = browser().await;
     c.goto(&format!("{url}/")).await.unwrap();
 
@@ -346,7 +350,7 @@ async fn finished(url: &str, job: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reference_definitions_run_through_post_q() {
     let dir = tempfile::tempdir().unwrap();
-    let (_dev, url) = cq_dev(dir.path());
+    let (_dev, url) = cq_dev(dir.path(), None);
     let http = reqwest::Client::new();
     // (submission in the reference's format, output file, its expected content)
     let cases = [
@@ -404,8 +408,9 @@ async fn reference_definitions_run_through_post_q() {
 /// arrives as `OutputsUpdate`; a new input supersedes the running job and its output follows.
 async fn page_in_a_metapage(version: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let (_dev, url) = cq_dev(dir.path());
     let host = host_server().await;
+    // The metapage is on another origin, which the broker must allow.
+    let (_dev, url) = cq_dev(dir.path(), Some(&host));
     let (_driver, c) = browser().await;
     let job = json!({"image": "cq-test/busybox",
         "command": "sh -c 'sleep $(cat /inputs/delay.txt); cat /inputs/in.txt /inputs/bin.dat | tr a-z A-Z > /outputs/out.txt'"});

@@ -434,8 +434,9 @@ async fn a_worker_stopped_mid_queue_loses_and_duplicates_nothing() {
     let mut a = start_worker(cfg);
     let mut ids = Vec::new();
     for i in 0..4 {
-        // Long enough that the first worker cannot finish it within its drain deadline.
-        let script = format!("echo start {i}; sleep 1; echo done {i}");
+        // Long enough that the first worker cannot finish it before it is stopped and drained,
+        // even on a loaded machine where seeing both jobs start can take seconds.
+        let script = format!("echo start {i}; sleep 5; echo done {i}");
         ids.push(b.submit(json!({ "image": IMAGE, "command": sh(&script) })).await);
     }
     for id in &ids[..2] {
