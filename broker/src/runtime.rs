@@ -210,7 +210,10 @@ async fn core_task(
             _ = stopped(&mut shutdown) => break,
             r = rx.recv() => match r {
                 Some(r) => Some(r),
-                None => break,
+                // Every handle is gone without a shutdown: the broker itself was dropped (its
+                // runtime is going away). Write nothing more, no final snapshot: what is in the
+                // log is recovered on the next start, as after a crash.
+                None => return Ok(()),
             },
             _ = sleep_until(deadline) => None,
         };
@@ -252,9 +255,14 @@ async fn core_task(
     writer.send(last).await;
     writer.tx = None;
     let thread = writer.thread.take().expect("joined once");
-    tokio::task::spawn_blocking(move || thread.join().expect("the log writer does not panic"))
-        .await
-        .expect("joining the writer")
+    // A runtime shutting down cancels this join; the writer thread then ends on its own.
+    match tokio::task::spawn_blocking(move || thread.join().expect("the log writer does not panic")).await {
+        Ok(written) => written,
+        Err(e) => {
+            tracing::warn!(error = %e, "the log writer was not joined: the runtime is shutting down");
+            Ok(())
+        }
+    }
 }
 
 /// The log writer thread and the channel to it. If the core task is dropped before it ends
