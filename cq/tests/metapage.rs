@@ -4,78 +4,19 @@
 //! reference's hash-query library writes them; and reference-format definitions submitted to
 //! `POST /q/{queue}`.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod support;
+use support::{browser, cq_dev_with};
+
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use fantoccini::{Client, ClientBuilder};
+use fantoccini::Client;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Longest wait for anything. Generous: two Chromiums, two brokers and their containers share
 /// the machine with whatever else runs, and a bound that is hit only proves the machine slow.
 const WAIT: Duration = Duration::from_secs(120);
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `cq dev` on a free port with its own data directory; returns its URL.
-fn cq_dev(dir: &std::path::Path, allow_origin: Option<&str>) -> (Killed, String) {
-    let mut args = vec!["dev", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()];
-    if let Some(origin) = allow_origin {
-        args.extend(["--allow-origin", origin]);
-    }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cq"))
-        .args(args)
-        .env("CQ_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("listening on ").unwrap().to_string();
-    (Killed(child), url)
-}
-
-/// chromedriver on a free port, and a headless Chromium session through it.
-async fn browser() -> (Killed, Client) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut driver = Command::new("chromedriver")
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromedriver is not installed (apt-get install chromium chromium-driver)");
-    let mut out = BufReader::new(driver.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("started successfully") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "chromedriver exited before it listened");
-    }
-    let driver = Killed(driver);
-    let mut caps = serde_json::Map::new();
-    let mut options = json!({ "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-        "--disable-background-networking", "--disable-dev-shm-usage", "--window-size=1200,900"] });
-    if std::path::Path::new("/usr/bin/chromium").exists() {
-        options["binary"] = json!("/usr/bin/chromium");
-    }
-    caps.insert("goog:chromeOptions".into(), options);
-    let client = ClientBuilder::rustls()
-        .unwrap()
-        .capabilities(caps)
-        .connect(&format!("http://127.0.0.1:{port}"))
-        .await
-        .expect("a Chromium session");
-    (driver, client)
-}
 
 /// Polls `f` until it returns `Some`, up to [`WAIT`]. WebDriver cannot push a change of the page
 /// to the test, so asking again is the only way to wait for one. On a timeout the host page's
@@ -226,7 +167,7 @@ fn hash_query(params: &[(&str, String)]) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hashes_written_by_hash_query_decode_to_the_expected_definitions() {
     let dir = tempfile::tempdir().unwrap();
-    let (_dev, url) = cq_dev(dir.path(), None);
+    let (_dev, url) = cq_dev_with(dir.path(), &[]);
     let (_driver, c) = browser().await;
     c.goto(&format!("{url}/")).await.unwrap();
 
@@ -350,7 +291,7 @@ async fn finished(url: &str, job: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reference_definitions_run_through_post_q() {
     let dir = tempfile::tempdir().unwrap();
-    let (_dev, url) = cq_dev(dir.path(), None);
+    let (_dev, url) = cq_dev_with(dir.path(), &[]);
     let http = reqwest::Client::new();
     // (submission in the reference's format, output file, its expected content)
     let cases = [
@@ -410,7 +351,7 @@ async fn page_in_a_metapage(version: &str) {
     let dir = tempfile::tempdir().unwrap();
     let host = host_server().await;
     // The metapage is on another origin, which the broker must allow.
-    let (_dev, url) = cq_dev(dir.path(), Some(&host));
+    let (_dev, url) = cq_dev_with(dir.path(), &["--allow-origin", &host]);
     let (_driver, c) = browser().await;
     let job = json!({"image": "cq-test/busybox",
         "command": "sh -c 'sleep $(cat /inputs/delay.txt); cat /inputs/in.txt /inputs/bin.dat | tr a-z A-Z > /outputs/out.txt'"});

@@ -3,73 +3,15 @@
 //! output, drive the page from a host page over postMessage, and survive dropped sockets
 //! without a gap or a repeated log line. Screenshots land in the test's temporary directory.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+mod support;
+use support::{browser, cq_dev_with};
+
 use std::time::{Duration, Instant};
 
-use fantoccini::{Client, ClientBuilder, Locator};
+use fantoccini::{Client, Locator};
 use serde_json::{Value, json};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `cq dev` on a free port with its own data directory; returns its URL.
-fn cq_dev(dir: &std::path::Path) -> (Killed, String) {
-    cq_dev_with(dir, &[])
-}
-
-/// `cq dev` with extra arguments.
-fn cq_dev_with(dir: &std::path::Path, extra: &[&str]) -> (Killed, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cq"))
-        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()])
-        .args(extra)
-        .env("CQ_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("listening on ").unwrap().to_string();
-    (Killed(child), url)
-}
-
-/// chromedriver on a free port, and a headless Chromium session through it.
-async fn browser() -> (Killed, Client) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut driver = Command::new("chromedriver")
-        .arg(format!("--port={port}"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromedriver is not installed (apt-get install chromium chromium-driver)");
-    // It says when it listens.
-    let mut out = BufReader::new(driver.stdout.take().unwrap());
-    let mut line = String::new();
-    while !line.contains("started successfully") {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "chromedriver exited before it listened");
-    }
-    let driver = Killed(driver);
-    let url = format!("http://127.0.0.1:{port}");
-    let mut caps = serde_json::Map::new();
-    let mut options = json!({ "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
-        "--disable-background-networking", "--disable-dev-shm-usage", "--window-size=1200,900"] });
-    if std::path::Path::new("/usr/bin/chromium").exists() {
-        options["binary"] = json!("/usr/bin/chromium");
-    }
-    caps.insert("goog:chromeOptions".into(), options);
-    let client = ClientBuilder::rustls().unwrap().capabilities(caps).connect(&url).await.expect("a Chromium session");
-    (driver, client)
-}
 
 /// Polls `f` until it returns `Some`, up to [`WAIT`]. WebDriver has no way to push a change of
 /// the page to the test, so asking again is the only way to wait for one.
@@ -112,7 +54,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_a_job_from_the_page_and_watch_it_live() {
     let dir = tempfile::tempdir().unwrap();
-    let (_dev, url) = cq_dev(dir.path());
+    let (_dev, url) = cq_dev_with(dir.path(), &[]);
     let (_driver, c) = browser().await;
     c.goto(&format!("{url}/#queue=local")).await.unwrap();
     c.find(Locator::Css("#image")).await.unwrap().send_keys("cq-test/busybox").await.unwrap();
@@ -175,7 +117,7 @@ async fn run_a_job_from_the_page_and_watch_it_live() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_host_page_drives_the_iframe_over_post_message() {
     let dir = tempfile::tempdir().unwrap();
-    let (_dev, url) = cq_dev(dir.path());
+    let (_dev, url) = cq_dev_with(dir.path(), &[]);
     let (_driver, c) = browser().await;
     c.goto(&format!("{url}/ui/demo.html#auto")).await.unwrap();
     let received = until("the finish message", || async {
@@ -202,7 +144,7 @@ async fn a_host_page_drives_the_iframe_over_post_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_resume_after_dropped_sockets_without_gap_or_repeat() {
     let dir = tempfile::tempdir().unwrap();
-    let (_dev, url) = cq_dev(dir.path());
+    let (_dev, url) = cq_dev_with(dir.path(), &[]);
     let (_driver, c) = browser().await;
     let job = json!({ "image": "cq-test/busybox",
         "command": ["sh", "-c", "for i in $(seq 1 60); do echo line $i; sleep 0.05; done"] });

@@ -1,0 +1,62 @@
+//! What the page's browser tests share: `cq dev` as a child process and a headless Chromium
+//! session through chromedriver, both stopped when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use fantoccini::{Client, ClientBuilder};
+use serde_json::json;
+
+pub struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `cq dev` on a free port with its own data directory and `extra` arguments; returns its URL.
+pub fn cq_dev_with(dir: &std::path::Path, extra: &[&str]) -> (Killed, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cq"))
+        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()])
+        .args(extra)
+        .env("CQ_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").unwrap().to_string();
+    (Killed(child), url)
+}
+
+/// chromedriver on a free port, and a headless Chromium session through it.
+pub async fn browser() -> (Killed, Client) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut driver = Command::new("chromedriver")
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver is not installed (apt-get install chromium chromium-driver)");
+    // It says when it listens.
+    let mut out = BufReader::new(driver.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("started successfully") {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "chromedriver exited before it listened");
+    }
+    let driver = Killed(driver);
+    let url = format!("http://127.0.0.1:{port}");
+    let mut caps = serde_json::Map::new();
+    let mut options = json!({ "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+        "--disable-background-networking", "--disable-dev-shm-usage", "--window-size=1200,900"] });
+    if std::path::Path::new("/usr/bin/chromium").exists() {
+        options["binary"] = json!("/usr/bin/chromium");
+    }
+    caps.insert("goog:chromeOptions".into(), options);
+    let client = ClientBuilder::rustls().unwrap().capabilities(caps).connect(&url).await.expect("a Chromium session");
+    (driver, client)
+}
