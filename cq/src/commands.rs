@@ -484,11 +484,12 @@ pub async fn status(args: StatusArgs) -> Result<ExitCode> {
     let json = args.json || args.output == Output::Json;
     if let Some(job) = args.job {
         let id = client.resolve(&job).await?;
-        let v = client.get(&format!("/j/{id}")).await?;
+        // Typed, so `status --output json` prints the job's fields in the same order as
+        // `submit --wait --output json` and `cancel --output json`.
+        let view: JobView = serde_json::from_value(client.get(&format!("/j/{id}")).await?)?;
         if json {
-            outln!("{}", serde_json::to_string_pretty(&v)?);
+            outln!("{}", serde_json::to_string_pretty(&view)?);
         } else {
-            let view: JobView = serde_json::from_value(v)?;
             print_job(&view);
         }
         return Ok(ExitCode::SUCCESS);

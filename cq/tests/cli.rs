@@ -608,6 +608,9 @@ async fn submit_says_how_to_follow_and_json_output_is_one_document() {
     let (_, out, _) = run(&url, &["status", short, "-o", "json"]);
     let view: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(view["id"], id);
+    // The job prints its fields in one order wherever it appears: `id` first, as in the
+    // submit answer's `job`, not sorted alphabetically.
+    assert!(out.trim_start().starts_with("{\n  \"id\""), "{out}");
     let (_, out, _) = run(&url, &["status", "--queue", "local", "--output", "json"]);
     let queue: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(queue["queues"][0]["queued"], 1);
