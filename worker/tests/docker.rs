@@ -260,8 +260,10 @@ async fn timeouts_cancels_and_memory_limits() {
     let b = Broker::start(30_000);
     let dir = tempfile::tempdir().unwrap();
     let w = start_worker(config(&b.url, &unique("limits"), dir.path(), 3));
+    // maxDuration counts from the start of the attempt, container creation included: 8 s leave
+    // a loaded machine time to start the container and write the output before the timeout.
     let slow =
-        b.submit(json!({ "image": IMAGE, "command": sh("echo begin > /outputs/o; sleep 60"), "maxDuration": 1 })).await;
+        b.submit(json!({ "image": IMAGE, "command": sh("echo begin > /outputs/o; sleep 60"), "maxDuration": 8 })).await;
     let cancelled = b.submit(json!({ "image": IMAGE, "command": sh("echo started; sleep 60") })).await;
     let hungry = b
         .submit(json!({ "image": IMAGE, "resources": { "memory": "8m" },
