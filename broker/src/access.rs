@@ -76,6 +76,9 @@ pub enum Verdict {
     Cors(HeaderValue),
     /// A CORS preflight from an allowed origin: answer it here.
     Preflight(HeaderValue),
+    /// A read through a read link (a bearer capability for one job): serve it to any origin
+    /// with `Access-Control-Allow-Origin: *`; the link itself is checked by the endpoint.
+    Public,
     Refused(Refusal),
 }
 
@@ -153,6 +156,19 @@ impl Policy {
         if own { Verdict::SameOrigin } else { Verdict::Cors(origin.clone()) }
     }
 
+    /// Judges a `GET`/`HEAD` that carries a read link ([`is_read_link`]): any page may read
+    /// it, as anyone holding the URL can, but a tokenless broker still checks `Host`.
+    pub fn check_read_link(&self, headers: &HeaderMap) -> Verdict {
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_ascii_lowercase);
+        if let Some(host) = host.filter(|h| self.tokenless && !self.host_is_safe(h)) {
+            return refused(format!(
+                "this broker has no tokens, so it answers only to an IP address or localhost, not `{host}`; \
+                 list the origin with --allow-origin or set tokens"
+            ));
+        }
+        Verdict::Public
+    }
+
     fn host_is_safe(&self, host: &str) -> bool {
         let name = host_name(host);
         if name == "localhost" || name.ends_with(".localhost") {
@@ -189,6 +205,34 @@ pub fn normalise_origin(text: &str) -> Option<String> {
         Some(port) => format!("{}://{host}:{port}", url.scheme()),
         None => format!("{}://{host}", url.scheme()),
     })
+}
+
+/// Whether a request reads one job through a read link: `GET` or `HEAD` of `/j/{id}`,
+/// `/j/{id}/logs`, `/j/{id}/events` or `/j/{id}/outputs/…` with a `sig` in its query. Such URLs
+/// are handed to other origins (a downstream metaframe, a person), so they are readable from any.
+pub fn is_read_link(method: &Method, uri: &http::Uri) -> bool {
+    if method != Method::GET && method != Method::HEAD {
+        return false;
+    }
+    let signed = uri.query().is_some_and(|q| url::form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "sig"));
+    let mut parts = uri.path().trim_start_matches('/').split('/');
+    let job = parts.next() == Some("j") && parts.next().is_some_and(|id| id.len() == 64);
+    let readable = match (parts.next(), parts.next()) {
+        (None, _) => true,
+        (Some("logs" | "events"), None) => true,
+        (Some("outputs"), Some(_)) => true,
+        _ => false,
+    };
+    signed && job && readable
+}
+
+/// Adds `Access-Control-Allow-Origin: *` (and the exposed headers) to a public answer.
+pub fn add_public_cors(headers: &mut HeaderMap) {
+    headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+    headers.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("content-length, content-range, content-disposition, etag"),
+    );
 }
 
 /// Adds the CORS headers of an allowed foreign origin to a response.

@@ -140,10 +140,16 @@ pub async fn run(
                     // the page (its route answers `access-control-allow-origin: *`).
                     let public = matches!(req.uri().path(), "/metaframe.json" | "/ui/metaframe.json")
                         && matches!(*req.method(), ::http::Method::GET | ::http::Method::HEAD);
-                    let verdict =
-                        if public { Verdict::SameOrigin } else { ctx.policy.check(req.method(), req.headers()) };
+                    let verdict = if public {
+                        Verdict::SameOrigin
+                    } else if access::is_read_link(req.method(), req.uri()) {
+                        ctx.policy.check_read_link(req.headers())
+                    } else {
+                        ctx.policy.check(req.method(), req.headers())
+                    };
+                    let read_link = verdict == Verdict::Public;
                     let cors = match verdict {
-                        Verdict::SameOrigin => None,
+                        Verdict::SameOrigin | Verdict::Public => None,
                         Verdict::Cors(origin) => Some(origin),
                         Verdict::Preflight(origin) => {
                             let mut resp = hyper::Response::new(files::empty());
@@ -174,6 +180,9 @@ pub async fn run(
                     };
                     if let Some(origin) = cors {
                         access::add_cors(resp.headers_mut(), origin);
+                    }
+                    if read_link {
+                        access::add_public_cors(resp.headers_mut());
                     }
                     if ui {
                         resp.headers_mut()

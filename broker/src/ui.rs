@@ -10,6 +10,7 @@ const FILES: &[(&str, &str, &str)] = &[
     ("style.css", "text/css; charset=utf-8", include_str!("../../iframe-ui/style.css")),
     ("connection.js", "text/javascript; charset=utf-8", include_str!("../../iframe-ui/connection.js")),
     ("ansi.js", "text/javascript; charset=utf-8", include_str!("../../iframe-ui/ansi.js")),
+    ("logview.js", "text/javascript; charset=utf-8", include_str!("../../iframe-ui/logview.js")),
     ("demo.html", "text/html; charset=utf-8", include_str!("../../iframe-ui/demo.html")),
     ("metaframe.js", "text/javascript; charset=utf-8", include_str!("../../iframe-ui/metaframe.js")),
     ("hashparams.js", "text/javascript; charset=utf-8", include_str!("../../iframe-ui/hashparams.js")),

@@ -226,6 +226,18 @@ async fn read_links_open_one_job_for_a_while() {
     assert_eq!(r.status(), 200);
     assert_eq!(r.bytes().await.unwrap().as_ref(), output.as_slice());
 
+    // A read link is a bearer capability handed to other origins (a downstream metaframe):
+    // any page may read through it, while the same endpoints without it stay closed to them.
+    for path in [link["job"].as_str().unwrap(), link["logs"].as_str().unwrap(), out] {
+        let r = http().get(b.url(path)).header("origin", EVIL).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.headers()["access-control-allow-origin"], "*", "{path}");
+    }
+    let r = http().get(b.url(&format!("/j/{a}/logs"))).header("origin", EVIL).bearer_auth("c").send().await.unwrap();
+    assert_eq!(r.status(), 403, "without a link the origin policy holds");
+    let r = http().get(b.url(&format!("/j/{other}/logs?{query}"))).header("origin", EVIL).send().await.unwrap();
+    assert_eq!(r.status(), 403, "a link for another job reads nothing, from any origin");
+
     // Not another job, not another endpoint, not with a changed expiry, not as a token.
     for path in [
         format!("/j/{other}?{query}"),
