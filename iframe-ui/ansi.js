@@ -3,6 +3,40 @@
 
 const BASIC = ['#484f58', '#ff7b72', '#3fb950', '#d29922', '#58a6ff', '#bc8cff', '#39c5cf', '#b1bac4'];
 const BRIGHT = ['#6e7681', '#ffa198', '#56d364', '#e3b341', '#79c0ff', '#d2a8ff', '#56d4dd', '#ffffff'];
+/** The log's background (style.css `--bg-code`); text colours are kept readable on it. */
+const BACKGROUND = [0x0d, 0x11, 0x17];
+/** The least contrast ratio of text on the log background (WCAG AA for normal text). */
+const MIN_CONTRAST = 4.5;
+
+function rgbOf(css) {
+  if (css.startsWith('#')) return [1, 3, 5].map((i) => parseInt(css.slice(i, i + 2), 16));
+  return css.match(/\d+/g).map(Number);
+}
+
+function luminance([r, g, b]) {
+  const lin = (c) => { const v = c / 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+  return 0.2126 * lin(r) + 0.7152 * lin(g) + 0.0722 * lin(b);
+}
+
+export function contrast(a, b) {
+  const [hi, lo] = [luminance(a), luminance(b)].sort((x, y) => y - x);
+  return (hi + 0.05) / (lo + 0.05);
+}
+
+const readableCache = new Map();
+/** `css` as a colour, lightened towards white until it reads on the log background. */
+export function readable(css) {
+  let out = readableCache.get(css);
+  if (out) return out;
+  let rgb = rgbOf(css);
+  const [r0, g0, b0] = rgb;
+  for (let t = 0.05; contrast(rgb, BACKGROUND) < MIN_CONTRAST && t <= 1; t += 0.05) {
+    rgb = [r0, g0, b0].map((c) => Math.round(c + (255 - c) * t));
+  }
+  out = `rgb(${rgb.join(',')})`;
+  readableCache.set(css, out);
+  return out;
+}
 
 function color256(n) {
   if (n < 8) return BASIC[n];
@@ -45,16 +79,28 @@ export class AnsiState {
       }
     }
   }
+  clone() {
+    const c = new AnsiState();
+    Object.assign(c, this);
+    return c;
+  }
+  /** Follows the SGR codes of `text` without drawing it. */
+  scan(text) {
+    for (const m of text.matchAll(ESCAPES)) if (m[2] === 'm') this.apply(m[1].split(';').filter((x) => x !== '').map(Number));
+  }
   styled() { return this.fg || this.bg || this.bold || this.italic || this.underline || this.dim; }
   span(text) {
     const s = document.createElement('span');
     s.textContent = text;
-    if (this.fg) s.style.color = this.fg;
-    if (this.bg) s.style.background = this.bg;
+    if (this.fg) s.style.color = readable(this.fg);
+    if (this.bg) {
+      s.style.background = this.bg;
+      if (!this.fg) s.style.color = contrast(rgbOf(this.bg), [0, 0, 0]) > contrast(rgbOf(this.bg), [0xe6, 0xed, 0xf3]) ? '#000' : '#e6edf3';
+    }
     if (this.bold) s.style.fontWeight = '700';
     if (this.italic) s.style.fontStyle = 'italic';
     if (this.underline) s.style.textDecoration = 'underline';
-    if (this.dim) s.style.opacity = '0.7';
+    if (this.dim) s.style.opacity = '0.85';
     return s;
   }
 }

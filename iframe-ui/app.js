@@ -1,15 +1,14 @@
 // The cq page: configure and run a job, watch it live (state, phase, logs, outputs), and watch
 // a queue. Configuration comes from the URL hash and from the embedding page (postMessage);
-// see docs/embedding.md.
+// see docs/embedding.md. One job is on screen at a time: `showJob` switches, and forgets the
+// job before; the log is drawn by logview.js.
 
 import { Connection } from './connection.js';
-import { AnsiState, appendAnsi } from './ansi.js';
+import { LogView } from './logview.js';
 import { readHash, referenceDefinition, writeHash } from './hashparams.js';
 import { Metaframe, inputToDataRef } from './metaframe.js';
 
 const $ = (sel) => document.querySelector(sel);
-/** Lines kept in the page; older ones stay downloadable. */
-const RENDERED_LINES = 2000;
 
 // ---- configuration -------------------------------------------------------------------------
 
@@ -25,6 +24,8 @@ const config = {
   view: hashConfig.view,
   allowSetJob: hashConfig.allowSetJob,
   resolveRefs: hashConfig.resolveRefs,
+  /** A line to show (`line=N`), of the job `jobId` names. */
+  line: hashConfig.line ? { jobId: hashConfig.jobId, n: hashConfig.line } : null,
 };
 /** Where the broker is: this page's origin, or another broker when `queue` is its URL. */
 let apiBase = '';
@@ -41,19 +42,32 @@ let extraInputs = (hashConfig.format === 'cq' && hashConfig.inputs) || {};
 
 // ---- state ---------------------------------------------------------------------------------
 
+/** The job on screen; everything in it belongs to that one job (see `showJob`). */
 const job = {
-  id: hashConfig.jobId,
+  id: null,
+  /** Counts showings: work started for an earlier one is dropped when it completes. */
+  gen: 0,
   view: null,
-  lines: [],
+  /** The definition of the job on screen, as submitted or fetched. */
+  definition: null,
+  definitionReady: Promise.resolve(),
+  /** How its submission was answered (`created`, `joined`, `cached`, `rerun`), if it was ours. */
+  outcome: null,
   /** Offset of the next log line expected from the broker. */
   next: 0,
-  ansi: { stdout: new AnsiState(), stderr: new AnsiState(), system: new AnsiState() },
-  reportedFinish: null,
+  /** The log so far is being fetched over HTTP; the socket takes over after. */
+  loading: false,
+  toldState: null,
+  toldFinish: null,
+  outputsFor: null,
 };
 const queue = { name: config.queue, jobs: new Map(), workers: [], seq: 0 };
 /** Uploaded files: name → {sha256, size}. */
 const uploaded = new Map();
-const test = { lineDelays: [], dropConnection: () => conn.drop(), job, queue, ignoredOrigins: [] };
+const test = {
+  lineDelays: [], dropConnection: () => conn.drop(), holdConnection: () => conn.hold(), releaseConnection: () => conn.release(),
+  job, queue, ignoredOrigins: [],
+};
 window.cq = test;
 
 // ---- the host page -------------------------------------------------------------------------
@@ -102,6 +116,8 @@ window.addEventListener('message', (ev) => {
 function fromHost(msg) {
   switch (msg.type) {
     case 'cq:setJob':
+      // A new definition: the job on screen is no longer the form's.
+      showJob(null);
       baseDefinition = msg.definition || {};
       if (msg.queue) config.queue = msg.queue;
       if (msg.namespace !== undefined) config.namespace = msg.namespace;
@@ -148,21 +164,21 @@ const conn = new Connection({
   onOpen() {
     conn.send('watchQueue', { queue: queue.name });
     // Resume where the page is: no gap, no repeat.
-    if (job.id) conn.send('watchJob', { jobId: job.id, since: job.next });
+    if (job.id && !job.loading) conn.send('watchJob', { jobId: job.id, since: job.next });
     if (config.autostart && !job.id && !autostarted) {
       autostarted = true;
       autostartGate.then(() => run(false));
     }
     if (runWhenOpen !== null) {
-      const force = runWhenOpen;
+      const { force, definition } = runWhenOpen;
       runWhenOpen = null;
-      run(force);
+      submit(definition, force);
     }
   },
   onMessage,
 });
 let autostarted = false;
-/** A run asked for before the connection was up (`force` flag), started once it is. */
+/** A run asked for before the connection was up (`{force, definition}`), started once it is. */
 let runWhenOpen = null;
 
 function askToken(reason) {
@@ -235,6 +251,13 @@ function fillForm() {
   for (const [name, v] of Object.entries(d.inputs || {})) if (v.type === 'text') texts[name] = v;
   extraInputs = { ...texts, ...extraInputs };
   renderTextInputs();
+  // Inputs that are not text (files, URLs) are listed; they stay part of the job.
+  $('#job-inputs').replaceChildren(...Object.entries(d.inputs || {}).filter(([, v]) => v.type !== 'text').map(([name, v]) => {
+    const li = document.createElement('li');
+    li.textContent = `${name} (${v.type}${v.size !== undefined ? `, ${formatBytes(v.size)}` : ''})`;
+    return li;
+  }));
+  renderSummary();
 }
 
 function renderTextInputs() {
@@ -251,7 +274,7 @@ function addTextInputRow(name = '', value = '') {
   row.className = 'row text-input';
   row.innerHTML = '<label>File name <input class="ti-name" spellcheck="false"></label>'
     + '<label class="grow">Content <textarea class="ti-value" rows="2" spellcheck="false"></textarea></label>'
-    + '<button type="button" class="ti-remove" title="Remove">✕</button>';
+    + '<button type="button" class="ti-remove" title="Remove" aria-label="remove this input">✕</button>';
   row.querySelector('.ti-name').value = name;
   row.querySelector('.ti-value').value = value;
   row.querySelector('.ti-remove').onclick = () => row.remove();
@@ -285,6 +308,7 @@ function definitionFromForm() {
   }
   if (Object.keys(env).length) d.env = env; else delete d.env;
   const inputs = {};
+  for (const [name, ref] of Object.entries(baseDefinition.inputs || {})) if (ref.type !== 'text') inputs[name] = ref;
   for (const [name, ref] of Object.entries(extraInputs)) if (ref.type !== 'text') inputs[name] = ref;
   for (const row of document.querySelectorAll('.text-input')) {
     const name = row.querySelector('.ti-name').value.trim();
@@ -359,24 +383,35 @@ async function uploadFile(file) {
 // ---- run, cancel ---------------------------------------------------------------------------
 
 $('#job-form').onsubmit = (e) => { e.preventDefault(); run(false); };
-$('#rerun').onclick = () => run(true);
+// Re-run runs the job on screen (its definition as the broker has it), not the form.
+$('#rerun').onclick = () => run(true, { onScreen: true });
 $('#cancel').onclick = () => cancel();
 
-async function run(force) {
+/** `force` runs again even if a result is cached; `onScreen` runs the definition of the job on
+ * screen instead of the form's. */
+async function run(force, { onScreen = false } = {}) {
   showError('');
   // A definition or inputs still being translated by the broker are part of this run.
   await Promise.all([definitionReady, metaframeInputsReady]);
-  const definition = definitionFromForm();
+  if (onScreen) await job.definitionReady;
+  const definition = onScreen && job.definition ? job.definition : definitionFromForm();
   if (!definition.image && !definition.build) {
     showError('give an image (or a Dockerfile to build)');
     return;
   }
   config.queue = $('#queue').value.trim() || config.queue;
   if (!conn.open) {
-    runWhenOpen = force;
+    // The job on screen is no longer the one being asked for.
+    showJob(null);
+    runWhenOpen = { force, definition };
     showError('waiting for the broker; the job starts once connected');
     return;
   }
+  await submit(definition, force);
+}
+
+async function submit(definition, force) {
+  showError('');
   const data = { queue: config.queue, definition };
   if (config.namespace) data.namespace = config.namespace;
   if (force) data.force = true;
@@ -385,7 +420,7 @@ async function run(force) {
     const answer = await conn.request('submit', data);
     const view = answer.data.job;
     tellHost('cq:submitted', { jobId: view.id, outcome: answer.data.outcome });
-    watchJob(view);
+    showJob(view.id, { view, definition, outcome: answer.data.outcome });
     if (queue.name !== config.queue) switchQueue(config.queue);
   } catch (err) {
     showError(err.message);
@@ -395,11 +430,11 @@ async function run(force) {
   }
 }
 
-async function cancel() {
-  if (!job.id) return;
+async function cancel(id = job.id) {
+  if (!id) return;
   try {
-    const data = { jobId: job.id };
-    if (config.namespace) data.namespace = config.namespace;
+    const data = { jobId: id };
+    if (config.namespace && id === job.id) data.namespace = config.namespace;
     await conn.request('cancel', data);
   } catch (err) {
     showError(err.message);
@@ -411,21 +446,96 @@ function showError(text) {
   if (el) el.textContent = text;
 }
 
-// ---- the job view --------------------------------------------------------------------------
+/** Says `text` to screen readers (a polite live region; the log itself is not one). */
+function announce(text) {
+  $('#announce').textContent = text;
+}
 
-function watchJob(view) {
-  if (job.id && job.id !== view.id) conn.send('unwatchJob', { jobId: job.id });
-  const same = job.id === view.id;
-  job.id = view.id;
-  if (!same) {
-    job.lines = [];
-    job.next = 0;
-    job.reportedFinish = null;
-    for (const s of Object.values(job.ansi)) s.reset();
-    $('#log').replaceChildren();
-    conn.send('watchJob', { jobId: job.id, since: 0 });
+// ---- the job view --------------------------------------------------------------------------
+// The job view is a function of one job id. `showJob` is the only way to change it, and it
+// forgets everything of the job before (its view, log, outputs, what the host was told);
+// whatever arrives later for another job, or for an earlier showing (`gen`), is dropped.
+
+/**
+ * Shows job `id` (or none). `view`, `definition` and `outcome` are what the page already knows
+ * (from its own submission); the rest is fetched: the definition, the log so far over HTTP,
+ * then the live rest over the socket.
+ */
+function showJob(id, { view = null, definition = null, outcome = null } = {}) {
+  if (job.id && conn.open) conn.send('unwatchJob', { jobId: job.id });
+  job.gen++;
+  job.id = id;
+  job.view = null;
+  job.next = 0;
+  job.outcome = outcome;
+  job.definition = definition;
+  job.toldState = null;
+  job.toldFinish = null;
+  job.loading = Boolean(id);
+  job.outputsFor = null;
+  log.reset();
+  if (config.line && config.line.jobId === id) log.goToLine(config.line.n);
+  for (const sel of ['#state', '#phase', '#details', '#job-link']) $(sel).textContent = '';
+  $('#state').dataset.state = '';
+  $('#state').dataset.reason = '';
+  $('#phase-progress').hidden = true;
+  $('#outputs').replaceChildren();
+  $('#preview').replaceChildren();
+  $('#outputs-box').hidden = true;
+  $('#status').hidden = !id;
+  $('#log-box').hidden = !id;
+  $('#cancel').disabled = true;
+  $('#rerun').disabled = true;
+  renderLogTools();
+  linkPrefix = null;
+  if (!id) return;
+  if (hashConfig.format === 'cq' && !metaframe.framed) {
+    history.replaceState(null, '', writeHash(location.hash, { jobId: id, line: config.line && config.line.jobId === id ? String(config.line.n) : undefined }));
   }
-  updateJob(view);
+  const gen = job.gen;
+  job.definitionReady = definition ? Promise.resolve() : fetchDefinition(id, gen);
+  if (view) updateJob(view);
+  loadLog(id, gen);
+}
+
+/** The job's definition, shown in the form (so the form is the job on screen). */
+async function fetchDefinition(id, gen) {
+  try {
+    const res = await fetch(`${apiBase}/j/${id}/definition`, { headers: authHeaders() });
+    if (!res.ok) return;
+    const definition = await res.json();
+    if (gen !== job.gen) return;
+    job.definition = definition;
+    baseDefinition = definition;
+    extraInputs = {};
+    uploaded.clear();
+    $('#file-list').replaceChildren();
+    fillForm();
+  } catch {
+    // The form keeps what it had; Re-run falls back to it.
+  }
+}
+
+/** The log so far, over HTTP in pages (a finished job's whole log), then the socket from there. */
+async function loadLog(id, gen) {
+  let since = 0;
+  try {
+    for (;;) {
+      const res = await fetch(`${apiBase}/j/${id}/logs?since=${since}&limit=10000`, { headers: authHeaders() });
+      if (gen !== job.gen) return;
+      if (!res.ok) break;
+      const page = await res.json();
+      if (gen !== job.gen) return;
+      appendLogs(page.offset, page.lines, false);
+      since = page.next;
+      if (page.next >= page.total || !page.lines.length) break;
+    }
+  } catch {
+    // The socket sends whatever HTTP did not.
+  }
+  if (gen !== job.gen) return;
+  job.loading = false;
+  if (conn.open) conn.send('watchJob', { jobId: id, since: job.next });
 }
 
 function formatBytes(n) {
@@ -436,19 +546,31 @@ function formatBytes(n) {
 }
 
 function formatDuration(ms) {
-  if (ms < 1000) return `${ms} ms`;
+  if (ms < 1000) return `${Math.max(0, Math.round(ms))} ms`;
   const s = ms / 1000;
-  if (s < 60) return `${s.toFixed(1)} s`;
+  if (s < 60) return `${s.toFixed(s < 10 ? 1 : 0)} s`;
   const m = Math.floor(s / 60);
-  return m < 60 ? `${m} min ${Math.round(s % 60)} s` : `${Math.floor(m / 60)} h ${m % 60} min`;
+  return m < 60 ? `${m} min ${Math.floor(s % 60)} s` : `${Math.floor(m / 60)} h ${m % 60} min`;
+}
+
+function plural(n, one, many = `${one}s`) {
+  return `${n.toLocaleString('en')} ${n === 1 ? one : many}`;
+}
+
+/** A state as a label: the reason for a finished job. */
+function stateLabel(view) {
+  if (view.state !== 'finished') return view.state;
+  return { timedOut: 'timed out', workerLost: 'worker lost' }[view.reason] || view.reason;
 }
 
 /** Read links by job id (`{query, expires}` promises): with a token, output URLs carry a
- * signed, expiring link to the one job instead of the token (see docs/http-api.md). */
+ * signed, expiring link to the one job instead of the token (see docs/http-api.md). URLs
+ * handed to another origin (the host, a metapage) always carry one: the broker answers them
+ * to any origin. */
 const readLinks = new Map();
 
-async function readLink(id) {
-  if (!token) return null;
+async function readLink(id, always = false) {
+  if (!token && !always) return null;
   const cached = readLinks.get(id);
   if (cached) {
     const link = await cached;
@@ -468,14 +590,49 @@ function outputUrl(id, path, query) {
 }
 
 function updateJob(view) {
+  if (view.id !== job.id) return;
+  // Views of one showing only move forward (a re-run starts a new showing).
   if (job.view && view.version < job.view.version) return;
   job.view = view;
-  $('#status').hidden = false;
-  $('#log-box').hidden = false;
+  renderStatus();
+  const live = view.state !== 'finished';
+  const progress = view.progress;
+  const told = `${view.state}|${view.reason || ''}|${progress ? progress.phase : ''}|${view.attempt}`;
+  if (told !== job.toldState) {
+    const stateChanged = !job.toldState || job.toldState.split('|').slice(0, 2).join('|') !== `${view.state}|${view.reason || ''}`;
+    job.toldState = told;
+    tellHost('cq:state', {
+      jobId: view.id, state: view.state, reason: view.reason || null, exitCode: view.exitCode ?? null,
+      phase: progress ? progress.phase : null, attempt: view.attempt, worker: view.worker || null,
+    });
+    if (stateChanged) announce(`job ${view.id.slice(0, 12)} ${stateLabel(view)}`);
+  }
+  renderOutputs(view);
+  // Exactly one `cq:finished` per finish of the job on screen (a cached result included).
+  const finish = view.finishedAt || view.version;
+  if (!live && job.toldFinish !== finish) {
+    job.toldFinish = finish;
+    const gen = job.gen;
+    readLink(view.id, true).then((query) => {
+      if (gen !== job.gen) return;
+      tellHost('cq:finished', {
+        jobId: view.id, reason: view.reason, exitCode: view.exitCode ?? null, message: view.message || null,
+        cached: job.outcome === 'cached',
+        outputs: (view.outputs || []).map((o) => ({ ...o, url: new URL(outputUrl(view.id, o.path, query), location.href).href })),
+      });
+    });
+    sendMetaframeOutputs(view);
+  }
+}
+
+/** The job's header: state, phase, details; durations tick (see the timer below). */
+function renderStatus() {
+  const view = job.view;
+  if (!view) return;
   const state = $('#state');
   state.dataset.state = view.state;
   state.dataset.reason = view.reason || '';
-  state.textContent = view.state === 'finished' ? view.reason : view.state;
+  state.textContent = stateLabel(view);
   const progress = view.progress;
   const live = view.state !== 'finished';
   $('#phase').textContent = live && progress ? `${progress.phase}${progress.message ? `: ${progress.message}` : ''}` : '';
@@ -484,6 +641,8 @@ function updateJob(view) {
     bar.hidden = false; bar.max = progress.total; bar.value = progress.current || 0;
   } else bar.hidden = true;
   const parts = [];
+  if (job.outcome === 'cached') parts.push('cached result');
+  if (view.state === 'queued' && view.waiting) parts.push(`waiting: ${view.waiting}`);
   if (view.exitCode !== undefined && view.exitCode !== null) parts.push(`exit code ${view.exitCode}`);
   if (view.attempt > 1) parts.push(`attempt ${view.attempt}`);
   if (view.worker) parts.push(`on ${view.worker}`);
@@ -492,26 +651,16 @@ function updateJob(view) {
   $('#details').textContent = parts.join(' · ');
   const link = $('#job-link');
   link.textContent = view.id.slice(0, 12);
-  link.href = `/j/${view.id}`;
+  link.href = `${apiBase}/j/${view.id}`;
   $('#cancel').disabled = !live;
   $('#rerun').disabled = live;
-  tellHost('cq:state', {
-    jobId: view.id, state: view.state, reason: view.reason || null, exitCode: view.exitCode ?? null,
-    phase: progress ? progress.phase : null, attempt: view.attempt, worker: view.worker || null,
-  });
-  renderOutputs(view);
-  if (!live && job.reportedFinish !== view.version) {
-    job.reportedFinish = view.version;
-    readLink(view.id).then((query) => tellHost('cq:finished', {
-      jobId: view.id, reason: view.reason, exitCode: view.exitCode ?? null, message: view.message || null,
-      outputs: (view.outputs || []).map((o) => ({ ...o, url: new URL(outputUrl(view.id, o.path, query), location.href).href })),
-    }));
-    sendMetaframeOutputs(view);
-  }
 }
 
 async function renderOutputs(view) {
   const outputs = view.outputs || [];
+  const key = `${view.id}|${view.version}`;
+  if (job.outputsFor === key) return;
+  job.outputsFor = key;
   const query = outputs.length ? await readLink(view.id) : null;
   if (job.view !== view) return;
   $('#outputs-box').hidden = outputs.length === 0;
@@ -529,6 +678,7 @@ async function renderOutputs(view) {
     const show = document.createElement('button');
     show.type = 'button';
     show.textContent = 'preview';
+    show.setAttribute('aria-label', `preview ${o.path}`);
     show.onclick = () => preview(o);
     li.append(a, size, ' ', show);
     return li;
@@ -537,32 +687,63 @@ async function renderOutputs(view) {
 
 const TEXT = /\.(txt|log|csv|tsv|json|md|yaml|yml|xml|html|py|r|sh|toml|ini|out|err)$/i;
 const IMAGE = /\.(png|jpe?g|gif|svg|webp)$/i;
+/** Bytes of an output shown as text. */
+const PREVIEW_BYTES = 64 * 1024;
 
 async function preview(o) {
   const box = $('#preview');
   box.replaceChildren();
+  const id = job.id;
+  const url = outputUrl(id, o.path, await readLink(id));
   if (IMAGE.test(o.path)) {
     const img = document.createElement('img');
-    img.src = outputUrl(job.id, o.path, await readLink(job.id));
+    img.src = url;
     img.alt = o.path;
     box.append(img);
-  } else if (TEXT.test(o.path) || o.size < 64 * 1024) {
-    const res = await fetch(outputUrl(job.id, o.path, await readLink(job.id)), { headers: { range: 'bytes=0-65535' } });
-    const pre = document.createElement('pre');
-    pre.textContent = await res.text();
-    box.append(pre);
-  } else {
-    box.textContent = 'no preview for this file; download it instead';
+    return;
   }
+  const res = await fetch(url, { headers: { range: `bytes=0-${PREVIEW_BYTES - 1}`, ...(token ? {} : {}) } });
+  const bytes = new Uint8Array(await res.arrayBuffer());
+  if (id !== job.id) return;
+  // Text is what decodes as UTF-8 without NULs (a cut at the end of the range may split a
+  // character: that tail is allowed).
+  let text = null;
+  try {
+    text = new TextDecoder('utf-8', { fatal: true }).decode(bytes.subarray(0, o.size > PREVIEW_BYTES ? Math.max(0, bytes.length - 3) : bytes.length));
+  } catch { text = null; }
+  if (text === null || text.includes('\0') || (!TEXT.test(o.path) && !text.length && o.size)) {
+    box.textContent = 'binary file: no preview; download it instead';
+    return;
+  }
+  const pre = document.createElement('pre');
+  pre.textContent = o.size > PREVIEW_BYTES ? `${text}\n… (the first ${formatBytes(PREVIEW_BYTES)} of ${formatBytes(o.size)})` : text;
+  box.append(pre);
 }
 
 // ---- logs ----------------------------------------------------------------------------------
 
-const logEl = $('#log');
-let pendingLines = [];
-let drawScheduled = false;
+const log = new LogView($('#log'), { onChange: () => renderLogTools() });
+/** The hash up to the line, for links to lines of the job on screen. */
+let linkPrefix = null;
+// A link to a line opens this job on this queue at that line (and runs nothing).
+log.linkFor = (n) => {
+  if (linkPrefix === null) {
+    const params = new URLSearchParams();
+    params.set('queue', hashConfig.params.get('queue') || config.queue);
+    if (job.id) params.set('jobId', job.id);
+    linkPrefix = `#${params}&line=`;
+  }
+  return `${linkPrefix}${n}`;
+};
+log.onLineLink = (n) => {
+  config.line = { jobId: job.id, n };
+  // A metapage keeps the hash for itself.
+  if (!metaframe.framed) history.replaceState(null, '', log.linkFor(n));
+};
+test.log = log;
 
-function appendLogs(offset, lines) {
+/** Lines from the broker at `offset`; `live` lines (from the socket) are timed for tests. */
+function appendLogs(offset, lines, live = true) {
   // Lines the page already has (a resend after a reconnect) are skipped; the broker never
   // leaves a gap for a watcher that asked from the right offset.
   const skip = job.next - offset;
@@ -570,62 +751,61 @@ function appendLogs(offset, lines) {
     conn.send('watchJob', { jobId: job.id, since: job.next });
     return;
   }
-  const fresh = lines.slice(skip);
+  const fresh = skip ? lines.slice(skip) : lines;
   if (!fresh.length) return;
   job.next += fresh.length;
-  const now = Date.now();
-  for (const line of fresh) {
-    job.lines.push(line);
-    if (test.lineDelays.length < 10000) test.lineDelays.push(now - line.time);
+  if (live && test.lineDelays.length < 10000) {
+    const now = Date.now();
+    for (const line of fresh) if (test.lineDelays.length < 10000) test.lineDelays.push(now - line.time);
   }
-  pendingLines.push(...fresh);
-  if (!drawScheduled) {
-    drawScheduled = true;
-    requestAnimationFrame(drawLogs);
-  }
+  log.append(fresh);
+  renderLogToolsSoon();
 }
 
-function drawLogs() {
-  drawScheduled = false;
-  const atBottom = logEl.scrollHeight - logEl.scrollTop - logEl.clientHeight < 24;
-  const lines = pendingLines.slice(-RENDERED_LINES);
-  pendingLines = [];
-  const frag = document.createDocumentFragment();
-  for (const line of lines) {
-    const span = document.createElement('span');
-    span.className = `line ${line.stream}`;
-    appendAnsi(span, line.text, job.ansi[line.stream] || job.ansi.stdout);
-    frag.append(span);
-  }
-  logEl.append(frag);
-  // Keep the page light: only the newest lines stay in the DOM.
-  let extra = logEl.childElementCount - RENDERED_LINES;
-  if (extra > 0) {
-    let cut = logEl.querySelector('.cut');
-    while (extra-- > 0) {
-      const first = cut ? cut.nextElementSibling : logEl.firstElementChild;
-      if (!first) break;
-      first.remove();
-    }
-    if (!cut) {
-      cut = document.createElement('span');
-      cut.className = 'cut';
-      logEl.prepend(cut);
-    }
-    cut.textContent = `… ${job.lines.length - RENDERED_LINES} earlier lines (download the full log)\n`;
-  }
-  $('#log-count').textContent = `${job.lines.length} lines`;
-  if (atBottom) logEl.scrollTop = logEl.scrollHeight;
+let toolsScheduled = false;
+function renderLogToolsSoon() {
+  if (toolsScheduled) return;
+  toolsScheduled = true;
+  requestAnimationFrame(() => { toolsScheduled = false; renderLogTools(); });
 }
 
-$('#log-download').onclick = (e) => {
-  const text = job.lines.map((l) => l.text).join('');
-  const a = e.currentTarget;
-  a.href = URL.createObjectURL(new Blob([text], { type: 'text/plain' }));
-  a.download = job.id ? `${job.id.slice(0, 12)}.log` : 'job.log';
-};
+function renderLogTools() {
+  $('#log-count').textContent = plural(log.length, 'line');
+  const follow = $('#log-follow');
+  follow.setAttribute('aria-pressed', String(log.follow));
+  const n = log.matches.length;
+  $('#log-matches').textContent = log.query ? `${log.current === -1 ? '–' : log.current + 1} of ${plural(n, 'match', 'matches')}` : '';
+}
+
+$('#log-search').addEventListener('input', (e) => { log.search(e.target.value); });
+$('#log-search').addEventListener('keydown', (e) => {
+  if (e.key === 'Enter') { e.preventDefault(); log.step(e.shiftKey ? -1 : 1); renderLogTools(); }
+});
+$('#log-next').onclick = () => { log.step(1); renderLogTools(); };
+$('#log-prev').onclick = () => { log.step(-1); renderLogTools(); };
+$('#log-follow').onclick = () => log.setFollow(!log.follow);
+$('#log-end').onclick = () => log.setFollow(true);
+$('#log-times').onchange = (e) => log.setTimestamps(e.target.checked);
+
+function logBlobUrl(ansi) {
+  return URL.createObjectURL(new Blob([log.text({ ansi })], { type: 'text/plain;charset=utf-8' }));
+}
+for (const [sel, ansi] of [['#log-download', false], ['#log-download-ansi', true]]) {
+  $(sel).onclick = (e) => {
+    const a = e.currentTarget;
+    a.href = logBlobUrl(ansi);
+    a.download = `${job.id ? job.id.slice(0, 12) : 'job'}${ansi ? '.ansi' : ''}.log`;
+  };
+}
+$('#log-raw').onclick = (e) => { e.currentTarget.href = logBlobUrl(false); };
 
 // ---- the queue view ------------------------------------------------------------------------
+
+/** Jobs per page of the queue table. */
+const PAGE_SIZE = 50;
+const queueView = { filter: 'all', page: 0 };
+/** Definitions of the queue's jobs (for their image and command), by id. */
+const definitions = new Map();
 
 function switchQueue(name) {
   if (queue.name === name) return;
@@ -633,6 +813,7 @@ function switchQueue(name) {
   queue.name = name;
   queue.jobs = new Map();
   queue.workers = [];
+  queueView.page = 0;
   conn.send('watchQueue', { queue: name });
   renderQueue();
 }
@@ -651,21 +832,85 @@ function cell(text, cls) {
   return td;
 }
 
+const FILTERS = {
+  all: () => true,
+  active: (j) => j.state !== 'finished',
+  succeeded: (j) => j.reason === 'succeeded',
+  failed: (j) => j.state === 'finished' && !['succeeded', 'cancelled'].includes(j.reason),
+  cancelled: (j) => j.reason === 'cancelled',
+};
+
+function badge(view) {
+  const span = document.createElement('span');
+  span.className = 'state';
+  span.dataset.state = view.state;
+  span.dataset.reason = view.reason || '';
+  span.textContent = stateLabel(view);
+  return span;
+}
+
+function describe(id) {
+  const d = definitions.get(id);
+  if (d === undefined) {
+    definitions.set(id, null);
+    fetch(`${apiBase}/j/${id}/definition`, { headers: authHeaders() })
+      .then((r) => (r.ok ? r.json() : null))
+      .then((def) => { definitions.set(id, def || {}); renderQueueSoon(); }, () => definitions.set(id, {}));
+    return '…';
+  }
+  if (!d) return '…';
+  const what = d.image || (d.build ? 'built image' : '');
+  const command = Array.isArray(d.command) ? shellQuote(d.command) : (d.command || '');
+  return command ? `${what} · ${command}` : what;
+}
+
+function openJob(id) {
+  showView('job');
+  if (id !== job.id) showJob(id);
+}
+
 function renderQueue() {
   $('#queue-name').textContent = queue.name;
   $('#hint-queue').textContent = queue.name;
   const connected = queue.workers.filter((w) => w.connected);
   $('#no-worker').hidden = connected.length > 0;
-  const jobs = [...queue.jobs.values()].sort((a, b) => b.submittedAt - a.submittedAt).slice(0, 200);
-  $('#jobs tbody').replaceChildren(...jobs.map((j) => {
+  const all = [...queue.jobs.values()];
+  const jobs = all.filter(FILTERS[queueView.filter] || FILTERS.all).sort((a, b) => b.submittedAt - a.submittedAt);
+  const pages = Math.max(1, Math.ceil(jobs.length / PAGE_SIZE));
+  queueView.page = Math.min(queueView.page, pages - 1);
+  const shown = jobs.slice(queueView.page * PAGE_SIZE, (queueView.page + 1) * PAGE_SIZE);
+  $('#jobs-empty').hidden = jobs.length > 0;
+  $('#jobs-empty').textContent = all.length ? 'No jobs in this state.' : `No jobs yet on queue ${queue.name}.`;
+  $('#jobs').hidden = jobs.length === 0;
+  $('#jobs-pages').textContent = jobs.length
+    ? `${queueView.page * PAGE_SIZE + 1}–${queueView.page * PAGE_SIZE + shown.length} of ${jobs.length.toLocaleString('en')}` : '';
+  $('#jobs-prev').disabled = queueView.page === 0;
+  $('#jobs-next').disabled = queueView.page >= pages - 1;
+  $('#jobs tbody').replaceChildren(...shown.map((j) => {
     const tr = document.createElement('tr');
-    const id = cell(j.id.slice(0, 12), 'mono');
-    id.style.cursor = 'pointer';
-    id.title = 'show this job';
-    id.onclick = () => { watchJob(j); showView('job'); };
+    if (j.id === job.id) tr.className = 'current';
+    const idCell = document.createElement('td');
+    const open = document.createElement('button');
+    open.type = 'button';
+    open.className = 'linklike mono';
+    open.textContent = j.id.slice(0, 12);
+    open.setAttribute('aria-label', `show job ${j.id.slice(0, 12)}`);
+    open.onclick = () => openJob(j.id);
+    idCell.append(open);
+    const stateCell = document.createElement('td');
+    stateCell.append(badge(j));
     const duration = j.startedAt ? formatDuration((j.finishedAt || Date.now()) - j.startedAt) : '';
-    tr.append(id, cell(j.state === 'finished' ? j.reason : j.state), cell(new Date(j.submittedAt).toLocaleTimeString()),
-      cell(duration), cell(j.worker || ''));
+    const when = new Date(j.submittedAt).toLocaleString(undefined, { dateStyle: 'short', timeStyle: 'medium' });
+    const actions = document.createElement('td');
+    if (j.state !== 'finished') {
+      const stop = document.createElement('button');
+      stop.type = 'button';
+      stop.textContent = 'Cancel';
+      stop.setAttribute('aria-label', `cancel job ${j.id.slice(0, 12)}`);
+      stop.onclick = () => cancel(j.id);
+      actions.append(stop);
+    }
+    tr.append(idCell, cell(describe(j.id), 'mono what'), stateCell, cell(when), cell(duration), cell(j.worker || ''), actions);
     return tr;
   }));
   $('#workers tbody').replaceChildren(...queue.workers.map((w) => {
@@ -676,6 +921,16 @@ function renderQueue() {
   }));
 }
 
+$('#jobs-filter').onchange = (e) => { queueView.filter = e.target.value; queueView.page = 0; renderQueue(); };
+$('#jobs-prev').onclick = () => { queueView.page = Math.max(0, queueView.page - 1); renderQueue(); };
+$('#jobs-next').onclick = () => { queueView.page += 1; renderQueue(); };
+
+// Durations tick while a job runs, in the header and in the queue table.
+setInterval(() => {
+  if (job.view && job.view.state !== 'finished') renderStatus();
+  if (!$('#view-queue').hidden && [...queue.jobs.values()].some((j) => j.state === 'running')) renderQueue();
+}, 1000);
+
 // ---- views ---------------------------------------------------------------------------------
 
 function showView(name) {
@@ -684,6 +939,28 @@ function showView(name) {
   $('#view-queue').hidden = name !== 'queue';
 }
 for (const b of document.querySelectorAll('.tab')) b.onclick = () => showView(b.dataset.view);
+
+// The form folds into a summary line where the page is small (see style.css); "edit" opens it.
+$('#edit-toggle').onclick = () => {
+  const editing = document.body.classList.toggle('editing');
+  $('#edit-toggle').setAttribute('aria-expanded', String(editing));
+};
+
+function renderSummary() {
+  const d = definitionFromForm();
+  const command = Array.isArray(d.command) ? shellQuote(d.command) : (d.command || '');
+  $('#summary-text').textContent = d.image || d.build ? `${d.image || 'built image'}${command ? ` · ${command}` : ''}` : 'no job set';
+}
+$('#job-form').addEventListener('input', renderSummary);
+
+// A link to another job or line of this page, followed in place.
+window.addEventListener('hashchange', () => {
+  let next;
+  try { next = readHash(location.hash); } catch (e) { showError(e.message); return; }
+  if (next.line) config.line = { jobId: next.jobId || job.id, n: next.line };
+  if (next.jobId && next.jobId !== job.id) showJob(next.jobId);
+  else if (next.line) log.goToLine(next.line);
+});
 
 // ---- the metapage ----------------------------------------------------------------------------
 // The page is also a metaframe (metaframe.js): inputs from the metapage become job inputs, the
@@ -772,9 +1049,7 @@ async function takeMetaframeInputs(changed, all, initial) {
   }
   // Every change of the inputs runs again, superseding the run before it in the namespace. The
   // first inputs belong to the autostart run, which waits for them.
-  if (config.autostart && !initial && seq === inputsSeq) {
-    if (conn.open) run(false); else runWhenOpen = false;
-  }
+  if (config.autostart && !initial && seq === inputsSeq) run(false);
 }
 
 /** Outputs of a finished job as the reference's page sends them: URLs (or the contents, with
@@ -785,12 +1060,13 @@ async function sendMetaframeOutputs(view) {
   outputsSentFor = view.id;
   const outputs = {};
   for (const o of view.outputs || []) {
-    const url = new URL(outputUrl(view.id, o.path, await readLink(view.id)), location.href).href;
+    // A read link: the metapage may hand the URL to a frame on another origin.
+    const url = new URL(outputUrl(view.id, o.path, await readLink(view.id, true)), location.href).href;
     outputs[o.path] = config.resolveRefs && o.size <= RESOLVE_MAX ? await fetchOutput(url, o.path)
       : { type: 'url', value: url, hash: o.sha256 };
   }
   if (config.allowSetJob) {
-    const lines = (stream) => job.lines.filter((l) => l.stream === stream).map((l) => l.text);
+    const lines = (stream) => log.linesOf(stream);
     outputs['job/result.json'] = {
       stdout: lines('stdout'), stderr: lines('stderr'), statusCode: view.exitCode ?? null,
       error: view.reason === 'succeeded' ? null : (view.message || view.reason), isTimedOut: view.reason === 'timedOut',
@@ -843,8 +1119,5 @@ window.cq.metaframe = metaframe;
 fillForm();
 showView(config.view);
 renderQueue();
-if (job.id) {
-  $('#status').hidden = false;
-  $('#log-box').hidden = false;
-}
+if (hashConfig.jobId) showJob(hashConfig.jobId);
 tellHost('cq:ready', {});

@@ -61,6 +61,10 @@ export class Connection {
       for (const { reject } of this.pending.values()) reject(new Error('the connection to the broker was lost'));
       this.pending.clear();
       if (this.stopped) return;
+      if (this.held) {
+        this.onState('reconnecting', 'held');
+        return;
+      }
       if (ev.code === 4001 || ev.code === 4003) {
         this.onState('unauthorized', ev.reason);
         return;
@@ -93,6 +97,17 @@ export class Connection {
   /** Drops the socket as a network failure would (used by tests and the reconnect demo). */
   drop() {
     if (this.ws) this.ws.close();
+  }
+
+  /** Drops the socket and stays away until `release` (tests: "the broker is down"). */
+  hold() {
+    this.held = true;
+    this.drop();
+  }
+
+  release() {
+    this.held = false;
+    this.connect();
   }
 
   setToken(token) {

@@ -10,7 +10,7 @@ export const SYSTEM_PARAMS = new Set([
   'job', 'inputs', 'queue', 'queueOverride', 'ignoreQueueOverride', 'control', 'definition', 'autostart',
   'allowsetjob', 'resolverefs', 'terminal', 'debug', 'maxJobDuration', 'config',
   // cq's
-  'namespace', 'jobId', 'view', 'token', 'origin', 'jobformat',
+  'namespace', 'jobId', 'line', 'view', 'token', 'origin', 'jobformat',
   // set by metapage hosts and editors, never meant for the job (the reference's successor
   // excludes them from the job too)
   'channel', 'CHANNEL', 'readonly', 'edit', 'parent-metapage-id', 'fs-path', 'metapage', 'metaframe',
@@ -97,6 +97,8 @@ export function readHash(hash) {
     view: params.get('view') || 'job',
     token: params.get('token') || null,
     jobId: params.get('jobId') || null,
+    /** A log line to scroll to and highlight (1-based), or 0. */
+    line: Math.max(0, parseInt(params.get('line') || '0', 10) || 0),
     // In the reference format `job` is a reference definition unless the page wrote it itself.
     jobFormat: reference && params.get('jobformat') !== 'cq' ? 'reference' : 'cq',
     job: json.job,
