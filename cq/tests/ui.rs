@@ -72,14 +72,14 @@ async fn run_a_job_from_the_page_and_watch_it_live() {
     until("success", || async { (text(&c, "#state").await == "succeeded").then_some(()) }).await;
     let red = script(
         &c,
-        "return [...document.querySelectorAll('#log span[style]')].map(s => [s.textContent, s.style.color]);",
+        "return [...document.querySelectorAll('#log .tx span[style]')].map(s => [s.textContent, s.style.color]);",
     )
     .await;
     assert_eq!(red, json!([["red", "rgb(255, 123, 114)"]]), "ANSI colours are rendered");
     let log = text(&c, "#log").await;
     assert!(log.contains("second"), "{log}");
-    let stderr = script(&c, "return document.querySelector('#log .stderr').textContent").await;
-    assert_eq!(stderr, json!("second\n"), "stderr is told apart");
+    let stderr = script(&c, "return document.querySelector('#log .stderr .tx').textContent").await;
+    assert_eq!(stderr, json!("second"), "stderr is told apart");
     let href = until("the output link", || async {
         let link = c.find(Locator::Css("a.output-link")).await.ok()?;
         link.attr("href").await.ok().flatten()
@@ -152,7 +152,7 @@ async fn logs_resume_after_dropped_sockets_without_gap_or_repeat() {
     c.goto(&format!("{url}/#{hash}")).await.unwrap();
     for n in [5, 25] {
         until("some lines", || async {
-            let count = script(&c, "return window.cq.job.lines.length").await.as_u64()?;
+            let count = script(&c, "return window.cq.log.length").await.as_u64()?;
             (count >= n).then_some(())
         })
         .await;
@@ -160,11 +160,11 @@ async fn logs_resume_after_dropped_sockets_without_gap_or_repeat() {
     }
     until("success", || async { (text(&c, "#state").await == "succeeded").then_some(()) }).await;
     until("the last line", || async {
-        let n = script(&c, "return window.cq.job.lines.length").await.as_u64()?;
+        let n = script(&c, "return window.cq.log.length").await.as_u64()?;
         (n >= 60).then_some(())
     })
     .await;
-    let lines = script(&c, "return window.cq.job.lines.map(l => l.text)").await;
+    let lines = script(&c, "return window.cq.log.texts").await;
     let expected: Vec<String> = (1..=60).map(|i| format!("line {i}\n")).collect();
     assert_eq!(lines, json!(expected), "every line once, in order");
     assert_eq!(text(&c, "#conn").await, "live");
@@ -269,5 +269,481 @@ async fn only_an_allowed_origin_can_run_a_job_through_the_embedded_page() {
     .await;
     let finished = received.as_array().unwrap().iter().find(|m| m["type"] == "cq:finished").unwrap();
     assert_eq!(finished["reason"], "succeeded", "{finished}");
+    c.close().await.unwrap();
+}
+
+/// Types `text` into the field `css`, replacing what it held.
+async fn fill(c: &Client, css: &str, text: &str) {
+    let e = c.find(Locator::Css(css)).await.unwrap();
+    e.clear().await.unwrap();
+    e.send_keys(text).await.unwrap();
+}
+
+async fn click(c: &Client, css: &str) {
+    c.find(Locator::Css(css)).await.unwrap().click().await.unwrap();
+}
+
+async fn state_is(c: &Client, want: &str) {
+    until(&format!("the state {want}"), || async { (text(c, "#state").await == want).then_some(()) }).await;
+}
+
+async fn job_view(url: &str, id: &str) -> Value {
+    reqwest::get(format!("{url}/j/{id}")).await.unwrap().json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_job_in_a_row_shows_its_own_state_and_the_form_is_the_job_on_screen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, url) = cq_dev_with(dir.path(), &[]);
+    let (_driver, c) = browser().await;
+    c.goto(&format!("{url}/#queue=local")).await.unwrap();
+    fill(&c, "#image", "cq-test/busybox").await;
+    fill(&c, "#command", "sh -c 'echo first; exit 3'").await;
+    click(&c, "#run").await;
+    state_is(&c, "failed").await;
+    let first = script(&c, "return window.cq.job.id").await.as_str().unwrap().to_string();
+    assert!(text(&c, "#details").await.contains("exit code 3"));
+    until("one line counted", || async { (text(&c, "#log-count").await == "1 line").then_some(()) }).await;
+
+    // A second job: its own state, its own log, cancellable, and its duration ticks.
+    fill(&c, "#command", "sh -c 'for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 1; done'").await;
+    click(&c, "#run").await;
+    until("the second job's first line", || async {
+        let texts = script(&c, "return window.cq.log.texts").await;
+        texts.as_array()?.iter().any(|t| t == "tick 1\n").then_some(())
+    })
+    .await;
+    assert_eq!(text(&c, "#state").await, "running", "the new job's state, not the old one's");
+    let details = text(&c, "#details").await;
+    assert!(!details.contains("exit code"), "{details}");
+    assert!(!text(&c, "#job-link").await.starts_with(&first[..12]));
+    let texts = script(&c, "return window.cq.log.texts").await;
+    assert!(!texts.as_array().unwrap().iter().any(|t| t == "first\n"), "the old job's log is gone: {texts}");
+    assert_eq!(script(&c, "return document.querySelector('#cancel').disabled").await, json!(false));
+    let before = text(&c, "#details").await;
+    until("the duration to tick", || async {
+        let now = text(&c, "#details").await;
+        (now != before && text(&c, "#state").await == "running").then_some(())
+    })
+    .await;
+    click(&c, "#cancel").await;
+    state_is(&c, "cancelled").await;
+    let second = script(&c, "return window.cq.job.id").await.as_str().unwrap().to_string();
+
+    // A link to the first job: the form shows its definition, and Re-run runs it (not the form).
+    c.goto(&format!("{url}/#queue=local&jobId={first}")).await.unwrap();
+    state_is(&c, "failed").await;
+    until("the job's definition in the form", || async {
+        let image = script(&c, "return document.querySelector('#image').value").await;
+        (image == "cq-test/busybox").then_some(())
+    })
+    .await;
+    let command = script(&c, "return document.querySelector('#command').value").await;
+    assert_eq!(command, json!("sh -c 'echo first; exit 3'"));
+    let attempts = job_view(&url, &first).await["attempt"].as_u64().unwrap();
+    click(&c, "#rerun").await;
+    until("the re-run", || async {
+        let view = job_view(&url, &first).await;
+        (view["attempt"].as_u64()? > attempts && view["state"] == "finished").then_some(())
+    })
+    .await;
+    state_is(&c, "failed").await;
+    assert_eq!(script(&c, "return window.cq.job.id").await, json!(first));
+
+    // Opened from the queue by keyboard while the form holds another job: the form follows.
+    fill(&c, "#command", "echo something else").await;
+    click(&c, ".tab[data-view=queue]").await;
+    let open = until("the second job's row", || async {
+        let buttons = c.find_all(Locator::Css("#jobs tbody button.linklike")).await.ok()?;
+        for b in buttons {
+            if b.text().await.ok()? == second[..12] {
+                return Some(b);
+            }
+        }
+        None
+    })
+    .await;
+    let described = until("the queue's image and command", || async {
+        let t = text(&c, "#jobs tbody").await;
+        (t.contains("cq-test/busybox · sh -c")).then_some(t)
+    })
+    .await;
+    assert!(described.contains("cancelled") && described.contains("failed"), "{described}");
+    open.send_keys("\u{e007}").await.unwrap(); // Enter
+    state_is(&c, "cancelled").await;
+    until("the form to show the opened job", || async {
+        let command = script(&c, "return document.querySelector('#command').value").await;
+        command.as_str()?.contains("tick").then_some(())
+    })
+    .await;
+    screenshot("ui-second-job.png", &c.screenshot().await.unwrap());
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_viewer_holds_a_long_live_log_and_finds_and_links_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, url) = cq_dev_with(dir.path(), &[]);
+    let (_driver, c) = browser().await;
+    // A section, then 20,000 lines in bursts of 1,000: `line k` is line k + 3 of the log.
+    let command = "echo ::group::setup; echo inside; echo ::endgroup::; \
+        for b in $(seq 0 19); do seq $((b*1000+1)) $((b*1000+1000)) | sed 's/^/line /'; sleep 0.25; done";
+    let job = json!({ "image": "cq-test/busybox", "command": ["sh", "-c", command] });
+    let hash = format!("queue=local&autostart=1&job={}", urlencode(&job.to_string()));
+    c.goto(&format!("{url}/#{hash}")).await.unwrap();
+    until("500 lines", || async { (script(&c, "return window.cq.log.length").await.as_u64()? >= 500).then_some(()) })
+        .await;
+    assert_eq!(text(&c, "#state").await, "running");
+
+    // The reader scrolls back to line 100 while the job streams on: line 100 stays in view.
+    script(&c, "const l = window.cq.log; l.el.scrollTop = 99 * l.rowHeight;").await;
+    until("the follow toggle to turn off", || async {
+        let pressed = script(&c, "return document.querySelector('#log-follow').getAttribute('aria-pressed')").await;
+        (pressed == "false").then_some(())
+    })
+    .await;
+    let top_then = script(&c, "return window.cq.log.topLine()").await;
+    assert_eq!(top_then, json!(100));
+    until("15,000 more lines", || async {
+        (script(&c, "return window.cq.log.length").await.as_u64()? >= 15_000).then_some(())
+    })
+    .await;
+    let (top, in_view) = until("a drawn frame", || async {
+        let v = script(
+            &c,
+            "const l = window.cq.log; const row = l.el.querySelector('[data-line=\"100\"]'); \
+             if (!row) return null; const a = row.getBoundingClientRect(), b = l.el.getBoundingClientRect(); \
+             return [l.topLine(), a.top >= b.top - 1 && a.bottom <= b.bottom + 1];",
+        )
+        .await;
+        let a = v.as_array()?.clone();
+        Some((a[0].clone(), a[1].clone()))
+    })
+    .await;
+    assert_eq!((top, in_view), (json!(100), json!(true)), "line 100 stayed where the reader left it");
+    let rows = script(&c, "return document.querySelectorAll('#log .log-row').length").await.as_u64().unwrap();
+    assert!(rows < 200, "only the rows in view are in the page: {rows}");
+    state_is(&c, "succeeded").await;
+    until("every line", || async {
+        (script(&c, "return window.cq.log.length").await.as_u64()? == 20_003).then_some(())
+    })
+    .await;
+    assert_eq!(text(&c, "#log-count").await, "20,003 lines");
+
+    // Search finds a line that is not drawn, and goes to it.
+    let drawn = script(&c, "return Boolean(document.querySelector('#log [data-line=\"12348\"]'))").await;
+    assert_eq!(drawn, json!(false));
+    fill(&c, "#log-search", "line 12345").await;
+    until("one match", || async { (text(&c, "#log-matches").await == "– of 1 match").then_some(()) }).await;
+    click(&c, "#log-next").await;
+    let current = until("the match drawn", || async {
+        let v =
+            script(&c, "const r = document.querySelector('#log .log-row.current'); return r && r.dataset.line").await;
+        v.as_str().map(str::to_string)
+    })
+    .await;
+    assert_eq!(current, "12348");
+    assert_eq!(text(&c, "#log-matches").await, "1 of 1 match");
+
+    // A link to a line scrolls to it and highlights it, on a fresh page of the finished job.
+    let id = script(&c, "return window.cq.job.id").await.as_str().unwrap().to_string();
+    c.goto(&format!("{url}/#queue=local&jobId={id}&line=5000")).await.unwrap();
+    let highlighted = until("the linked line", || async {
+        let v = script(
+            &c,
+            "const l = window.cq && window.cq.log; const r = l && l.el.querySelector('.log-row.hl'); if (!r) return null; \
+             const a = r.getBoundingClientRect(), b = l.el.getBoundingClientRect(); \
+             return [r.dataset.line, a.top >= b.top && a.bottom <= b.bottom, l.length];",
+        )
+        .await;
+        v.as_array().map(|a| a.to_vec())
+    })
+    .await;
+    assert_eq!(highlighted, vec![json!("5000"), json!(true), json!(20_003)], "the whole log, over HTTP");
+    // Clicking a line number links to that line.
+    let href = script(
+        &c,
+        "const a = document.querySelector('#log .log-row[data-line=\"5001\"] .ln'); a.click(); return location.hash",
+    )
+    .await;
+    assert!(href.as_str().unwrap().ends_with("line=5001"), "{href}");
+
+    // The section folds; timestamps show on demand.
+    script(&c, "window.cq.log.setFollow(false); window.cq.log.el.scrollTop = 0;").await;
+    let fold = until("the section's header", || async { c.find(Locator::Css("#log button.fold")).await.ok() }).await;
+    assert!(fold.text().await.unwrap().contains("setup"));
+    fold.click().await.unwrap();
+    let after = until("the folded section", || async {
+        let v =
+            script(&c, "return [...document.querySelectorAll('#log .log-row')].slice(0, 2).map(r => r.dataset.line)")
+                .await;
+        (v == json!(["1", "4"])).then_some(v)
+    })
+    .await;
+    assert_eq!(after, json!(["1", "4"]));
+    click(&c, "#log-times").await;
+    let stamp = until("timestamps", || async {
+        let v = script(&c, "const t = document.querySelector('#log .log-row .ts'); return t && t.textContent").await;
+        v.as_str().map(str::to_string)
+    })
+    .await;
+    assert!(stamp.len() == 12 && stamp.as_bytes()[2] == b':', "{stamp}");
+    screenshot("ui-log-viewer.png", &c.screenshot().await.unwrap());
+    c.close().await.unwrap();
+}
+
+/// A host page that runs job A, then B (cancelled once it runs), then A again (cached), and
+/// records every message of the page.
+fn three_jobs_page(broker: &str) -> String {
+    format!(
+        r#"<!doctype html><iframe id="cq" src="{broker}/#queue=local" style="width:800px;height:500px"></iframe><script>
+window.received = [];
+const frame = document.querySelector('#cq');
+const send = (m) => frame.contentWindow.postMessage(m, '{broker}');
+const a = {{ image: 'cq-test/busybox', command: ['sh', '-c', 'echo a'] }};
+const b = {{ image: 'cq-test/busybox', command: ['sh', '-c', 'for i in 1 2 3 4 5 6 7 8; do echo b $i; sleep 1; done'] }};
+let step = 0;
+window.addEventListener('message', (ev) => {{
+  if (ev.source !== frame.contentWindow || !ev.data.type) return;
+  const m = ev.data;
+  window.received.push(m);
+  if (m.type === 'cq:ready') {{ send({{ type: 'cq:setJob', definition: a }}); send({{ type: 'cq:run' }}); }}
+  if (m.type === 'cq:finished' && step === 0) {{ step = 1; send({{ type: 'cq:setJob', definition: b }}); send({{ type: 'cq:run' }}); }}
+  if (m.type === 'cq:state' && m.state === 'running' && step === 1) {{ step = 2; send({{ type: 'cq:cancel' }}); }}
+  if (m.type === 'cq:finished' && step === 2) {{ step = 3; send({{ type: 'cq:setJob', definition: a }}); send({{ type: 'cq:run' }}); }}
+}});
+</script>"#
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_hears_every_state_and_one_finish_per_job_cached_included() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let host = format!("http://127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, url) = cq_dev_with(dir.path(), &["--allow-origin", &host]);
+    let (_driver, c) = browser().await;
+    host_page_on(listener, three_jobs_page(&url));
+    c.goto(&format!("{host}/")).await.unwrap();
+    let received = until("three finishes", || async {
+        let v = script(&c, "return window.received || []").await;
+        (v.as_array()?.iter().filter(|m| m["type"] == "cq:finished").count() >= 3).then_some(v)
+    })
+    .await;
+    let messages = received.as_array().unwrap();
+    let submitted: Vec<&Value> = messages.iter().filter(|m| m["type"] == "cq:submitted").collect();
+    assert_eq!(submitted.len(), 3, "{received}");
+    let (a, b) = (submitted[0]["jobId"].clone(), submitted[1]["jobId"].clone());
+    assert_eq!(submitted[2]["jobId"], a);
+    assert_eq!(submitted[2]["outcome"], "cached");
+    let finished: Vec<(Value, Value, Value)> = messages
+        .iter()
+        .filter(|m| m["type"] == "cq:finished")
+        .map(|m| (m["jobId"].clone(), m["reason"].clone(), m["cached"].clone()))
+        .collect();
+    assert_eq!(
+        finished,
+        vec![
+            (a.clone(), json!("succeeded"), json!(false)),
+            (b.clone(), json!("cancelled"), json!(false)),
+            (a.clone(), json!("succeeded"), json!(true)),
+        ],
+        "{received}"
+    );
+    let b_states: Vec<&Value> =
+        messages.iter().filter(|m| m["type"] == "cq:state" && m["jobId"] == b).map(|m| &m["state"]).collect();
+    assert!(b_states.contains(&&json!("running")) && b_states.contains(&&json!("finished")), "{b_states:?}");
+    // The page says the result came from the cache. No more finishes arrive.
+    let frame = c.find(Locator::Css("#cq")).await.unwrap();
+    frame.enter_frame().await.unwrap();
+    until("the cached result said", || async { text(&c, "#details").await.contains("cached result").then_some(()) })
+        .await;
+    assert_eq!(text(&c, "#state").await, "succeeded");
+    c.enter_parent_frame().await.unwrap();
+    let again = script(&c, "return window.received.filter(m => m.type === 'cq:finished').length").await;
+    assert_eq!(again, json!(3));
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_asked_for_while_the_broker_is_away_shows_only_the_new_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, url) = cq_dev_with(dir.path(), &[]);
+    let (_driver, c) = browser().await;
+    c.goto(&format!("{url}/#queue=local")).await.unwrap();
+    fill(&c, "#image", "cq-test/busybox").await;
+    fill(&c, "#command", "sh -c 'echo a1; echo a2'").await;
+    click(&c, "#run").await;
+    state_is(&c, "succeeded").await;
+    until("two lines", || async { (text(&c, "#log-count").await == "2 lines").then_some(()) }).await;
+
+    script(&c, "window.cq.holdConnection()").await;
+    until("the page to see the broker gone", || async { (text(&c, "#conn").await != "live").then_some(()) }).await;
+    fill(&c, "#command", r#"sh -c 'echo b1; printf "\000\001\002" > /outputs/b.bin'"#).await;
+    click(&c, "#run").await;
+    until("the old job to leave the screen", || async {
+        let hidden = script(&c, "return document.querySelector('#status').hidden").await;
+        (hidden == json!(true)).then_some(())
+    })
+    .await;
+    assert_eq!(script(&c, "return window.cq.log.length").await, json!(0));
+    script(&c, "window.cq.releaseConnection()").await;
+    state_is(&c, "succeeded").await;
+    until("the new job's line", || async { (text(&c, "#log-count").await == "1 line").then_some(()) }).await;
+    let texts = script(&c, "return window.cq.log.texts").await;
+    assert_eq!(texts, json!(["b1\n"]), "only the new job's log");
+    let rows = script(&c, "return document.querySelectorAll('#log .log-row').length").await;
+    assert_eq!(rows, json!(1), "as many rows as lines counted");
+
+    // A binary output is not previewed as text.
+    let preview = until("the preview button", || async { c.find(Locator::Css("#outputs button")).await.ok() }).await;
+    preview.click().await.unwrap();
+    until("the binary notice", || async { text(&c, "#preview").await.contains("binary file").then_some(()) }).await;
+    let jobs: Value = reqwest::get(format!("{url}/q/local/j")).await.unwrap().json().await.unwrap();
+    assert_eq!(jobs["jobs"].as_array().unwrap().len(), 2, "{jobs}");
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_embed_is_mostly_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, url) = cq_dev_with(dir.path(), &[]);
+    let (_driver, c) = browser().await;
+    let job = json!({ "image": "cq-test/busybox", "command": ["sh", "-c", "seq 1 50"] });
+    let page = format!(
+        r#"<!doctype html><body style="margin:0"><iframe id="cq" style="width:400px;height:300px;border:0"
+        src="{url}/#queue=local&autostart=1&job={}"></iframe>"#,
+        urlencode(&job.to_string())
+    );
+    let port = host_page(page);
+    c.goto(&format!("http://127.0.0.1:{port}/")).await.unwrap();
+    c.find(Locator::Css("#cq")).await.unwrap().enter_frame().await.unwrap();
+    state_is(&c, "succeeded").await;
+    let visible = until("the log drawn", || async {
+        let v = script(
+            &c,
+            "window.cq.log.setFollow(false); window.cq.log.el.scrollTop = 0; \
+             const b = window.cq.log.el.getBoundingClientRect(); \
+             return [...document.querySelectorAll('#log .log-row')].filter(r => { \
+               const a = r.getBoundingClientRect(); return a.top >= b.top - 0.5 && a.bottom <= b.bottom + 0.5; }).length;",
+        )
+        .await;
+        v.as_u64().filter(|n| *n > 0)
+    })
+    .await;
+    assert!(visible >= 10, "{visible} log lines in view at 400×300");
+    let form_hidden = script(&c, "return getComputedStyle(document.querySelector('#job-form')).display").await;
+    assert_eq!(form_hidden, json!("none"), "the form is folded into its summary");
+    assert!(text(&c, "#summary-text").await.contains("cq-test/busybox"));
+    click(&c, "#edit-toggle").await;
+    let shown = script(&c, "return getComputedStyle(document.querySelector('#job-form')).display").await;
+    assert_ne!(shown, json!("none"));
+    c.enter_parent_frame().await.unwrap();
+    screenshot("ui-small-embed.png", &c.screenshot().await.unwrap());
+    c.close().await.unwrap();
+}
+
+/// The page under load, measured (not asserted): `cargo test -p cq --test ui benchmark --
+/// --ignored --nocapture`. Streams 100,000 lines at about 10,000 lines a second from a real
+/// job and prints the long tasks (the Long Tasks API), the time to the first drawn line, the
+/// latency of clicks while streaming, and the page's memory; then holds 1,000,000 lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run it with --ignored --nocapture"]
+async fn benchmark_streaming_a_large_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, url) = cq_dev_with(dir.path(), &[]);
+    let (_driver, c) = browser().await;
+    c.goto(&format!("{url}/#queue=local")).await.unwrap();
+    fill(&c, "#image", "cq-test/busybox").await;
+    let command = "for b in $(seq 0 9); do seq $((b*10000+1)) $((b*10000+10000)); sleep 1; done";
+    fill(&c, "#command", &format!("sh -c '{command}'")).await;
+    script(
+        &c,
+        "window.bench = { long: [], clicks: [] };
+         new PerformanceObserver((l) => { for (const e of l.getEntries()) window.bench.long.push([e.startTime, e.duration]); })
+           .observe({ type: 'longtask', buffered: true });
+         document.querySelector('#run').addEventListener('click', () => { window.bench.runAt = performance.now(); });
+         document.querySelector('#log-times').addEventListener('click', (e) => {
+           const t0 = e.timeStamp;
+           requestAnimationFrame(() => setTimeout(() => window.bench.clicks.push(performance.now() - t0)));
+         });",
+    )
+    .await;
+    click(&c, "#run").await;
+    until("the first line", || async { script(&c, "return window.cq.log.firstLineAt").await.as_f64() }).await;
+    let start = script(&c, "return performance.now()").await.as_f64().unwrap();
+    // A click on the timestamps toggle (which redraws the rows) every 10,000 lines.
+    for k in 1..=9u64 {
+        until("more lines", || async {
+            let n = script(&c, "return window.cq.log.length").await.as_u64()?;
+            (n >= k * 10_000).then_some(())
+        })
+        .await;
+        click(&c, "#log-times").await;
+    }
+    until("100,000 lines", || async {
+        (script(&c, "return window.cq.log.length").await.as_u64()? >= 100_000).then_some(())
+    })
+    .await;
+    let end = script(&c, "return performance.now()").await.as_f64().unwrap();
+    let report = script(
+        &c,
+        "return { long: window.bench.long, clicks: window.bench.clicks, first: window.cq.log.firstLineAt - window.bench.runAt,
+                  heap: performance.memory ? performance.memory.usedJSHeapSize : null,
+                  nodes: document.getElementsByTagName('*').length };",
+    )
+    .await;
+    let long: Vec<(f64, f64)> = report["long"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e[0].as_f64().unwrap(), e[1].as_f64().unwrap()))
+        .filter(|(t, _)| *t >= start && *t <= end)
+        .collect();
+    let longest = long.iter().map(|e| e.1).fold(0.0, f64::max);
+    let seconds = (end - start) / 1000.0;
+    let clicks: Vec<f64> = report["clicks"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let mib = |v: &Value| v.as_f64().map(|b| format!("{:.0} MiB", b / 1048576.0)).unwrap_or("n/a".into());
+    eprintln!("streaming 100,000 lines took {seconds:.1} s ({:.0} lines/s)", 100_000.0 / seconds);
+    eprintln!(
+        "long tasks while streaming: {} ({:.2}/s), longest {longest:.0} ms",
+        long.len(),
+        long.len() as f64 / seconds
+    );
+    eprintln!("time from Run to the first drawn line: {:.0} ms", report["first"].as_f64().unwrap());
+    eprintln!(
+        "click → next frame while streaming: {:?} ms (max {:.0} ms)",
+        clicks.iter().map(|c| c.round()).collect::<Vec<_>>(),
+        clicks.iter().copied().fold(0.0, f64::max)
+    );
+    eprintln!("page at 100,000 lines: JS heap {}, {} DOM elements", mib(&report["heap"]), report["nodes"]);
+
+    // 1,000,000 lines of a finished job: appended in pages of 10,000 as the HTTP log gives them.
+    let held = script(
+        &c,
+        "const l = window.cq.log; l.reset(); const t0 = performance.now(); const now = Date.now();
+         for (let p = 0; p < 100; p++) {
+           const page = [];
+           for (let i = 0; i < 10000; i++) page.push({ stream: i % 50 ? 'stdout' : 'stderr', time: now, text: `line ${p * 10000 + i + 1} of a long log\\n` });
+           l.append(page);
+         }
+         l.draw(true);
+         const took = performance.now() - t0;
+         const s0 = performance.now(); const found = l.search('line 987654 of'); const searched = performance.now() - s0;
+         l.goToLine(987654);
+         return { took, searched, found, heap: performance.memory ? performance.memory.usedJSHeapSize : null,
+                  nodes: document.getElementsByTagName('*').length, rows: document.querySelectorAll('#log .log-row').length };",
+    )
+    .await;
+    eprintln!(
+        "1,000,000 lines held: appended in {:.0} ms, searched in {:.0} ms ({} match), JS heap {}, {} DOM elements ({} rows)",
+        held["took"].as_f64().unwrap(),
+        held["searched"].as_f64().unwrap(),
+        held["found"],
+        mib(&held["heap"]),
+        held["nodes"],
+        held["rows"]
+    );
+    screenshot("ui-benchmark.png", &c.screenshot().await.unwrap());
     c.close().await.unwrap();
 }
