@@ -321,9 +321,20 @@ export class LogView {
     if (!force && d.first === first && d.last === last && d.version === this.version) return;
     this.drawn = { first, last, version: this.version };
     this.rowsEl.style.transform = `translateY(${first * h}px)`;
-    const frag = document.createDocumentFragment();
-    for (let r = first; r < last; r++) frag.append(this.row(this.lineOfRow(r)));
-    this.rowsEl.replaceChildren(frag);
+    // Row elements are reused: rotated when the range moves (so rows still in view keep their
+    // content), then refilled only where their line or the view's version changed.
+    const rowsEl = this.rowsEl;
+    const n = last - first;
+    const shift = d.first >= 0 ? first - d.first : 0;
+    if (shift > 0 && shift < rowsEl.childElementCount) {
+      for (let k = 0; k < shift; k++) rowsEl.append(rowsEl.firstElementChild);
+    } else if (shift < 0 && -shift < rowsEl.childElementCount) {
+      for (let k = 0; k < -shift; k++) rowsEl.prepend(rowsEl.lastElementChild);
+    }
+    while (rowsEl.childElementCount > n) rowsEl.lastElementChild.remove();
+    while (rowsEl.childElementCount < n) rowsEl.append(this.newRow());
+    let el = rowsEl.firstElementChild;
+    for (let r = first; r < last; r++, el = el.nextElementSibling) this.fill(el, this.lineOfRow(r));
     if (this.texts.length && this.firstLineAt === null) this.firstLineAt = performance.now();
     // The height measured first may predate the style sheet: check it once against a real row.
     if (!this.verified && this.rowsEl.firstChild) {
@@ -337,8 +348,25 @@ export class LogView {
     }
   }
 
-  row(i) {
+  newRow() {
     const div = document.createElement('div');
+    const ln = document.createElement('a');
+    ln.className = 'ln';
+    ln.tabIndex = -1;
+    const ts = document.createElement('span');
+    ts.className = 'ts';
+    const tx = document.createElement('span');
+    tx.className = 'tx';
+    div.append(ln, ts, tx);
+    div.cqLine = -1;
+    return div;
+  }
+
+  /** Shows line `i` in the row element `div`, unless it already does for this version. */
+  fill(div, i) {
+    if (div.cqLine === i && div.cqVersion === this.version) return;
+    div.cqLine = i;
+    div.cqVersion = this.version;
     const stream = STREAMS[this.streams[i]];
     let cls = `log-row ${stream}`;
     if (i === this.highlight) cls += ' hl';
@@ -347,20 +375,10 @@ export class LogView {
     if (group) cls += this.folded.has(i) ? ' section folded' : ' section';
     div.className = cls;
     div.dataset.line = i + 1;
-    const ln = document.createElement('a');
-    ln.className = 'ln';
+    const [ln, ts, tx] = div.children;
     ln.textContent = i + 1;
     ln.href = this.linkFor(i + 1);
-    ln.tabIndex = -1;
-    div.append(ln);
-    if (this.timestamps) {
-      const ts = document.createElement('span');
-      ts.className = 'ts';
-      ts.textContent = this.times[i] ? clock(this.times[i]) : '';
-      div.append(ts);
-    }
-    const tx = document.createElement('span');
-    tx.className = 'tx';
+    ts.textContent = this.timestamps && this.times[i] ? clock(this.times[i]) : '';
     if (group) {
       const toggle = document.createElement('button');
       toggle.type = 'button';
@@ -369,15 +387,17 @@ export class LogView {
       toggle.setAttribute('aria-expanded', String(!this.folded.has(i)));
       const hidden = group.end === null ? this.texts.length - 1 - i : group.end - i;
       toggle.textContent = `${this.folded.has(i) ? '▸' : '▾'} ${group.name || 'section'}${this.folded.has(i) ? ` (${hidden} lines)` : ''}`;
-      tx.append(toggle);
-    } else {
-      const text = this.texts[i].replace(/\r?\n$/, '');
-      const state = this.ansiAt.get(i);
-      if (state || text.indexOf('\x1b') !== -1) appendAnsi(tx, text, state ? state.clone() : new AnsiState());
-      else tx.textContent = text;
+      tx.replaceChildren(toggle);
+      return;
     }
-    div.append(tx);
-    return div;
+    const text = this.texts[i].replace(/\r?\n$/, '');
+    const state = this.ansiAt.get(i);
+    if (state || text.indexOf('\x1b') !== -1) {
+      tx.replaceChildren();
+      appendAnsi(tx, text, state ? state.clone() : new AnsiState());
+    } else {
+      tx.textContent = text;
+    }
   }
 
   onClick(e) {
