@@ -702,7 +702,7 @@ async function preview(o) {
     box.append(img);
     return;
   }
-  const res = await fetch(url, { headers: { range: `bytes=0-${PREVIEW_BYTES - 1}`, ...(token ? {} : {}) } });
+  const res = await fetch(url, { headers: { range: `bytes=0-${PREVIEW_BYTES - 1}` } });
   const bytes = new Uint8Array(await res.arrayBuffer());
   if (id !== job.id) return;
   // Text is what decodes as UTF-8 without NULs (a cut at the end of the range may split a

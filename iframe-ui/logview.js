@@ -68,6 +68,7 @@ export class LogView {
     this.version = 0;
     this.firstLineAt = null;
     this.rowsEl.replaceChildren();
+    this.height = 0;
     this.spacer.style.height = '0px';
     this.el.scrollTop = 0;
     this.schedule();
@@ -178,13 +179,15 @@ export class LogView {
     return this.rowHeight;
   }
 
-  setScroll(top) {
-    const max = Math.max(0, this.el.scrollHeight - this.el.clientHeight);
-    const target = Math.max(0, Math.min(top, max));
-    if (Math.abs(this.el.scrollTop - target) < 1) return;
+  /** Scrolls to `top` (clamped to the rows' height, which the spacer makes the scroll
+   * height), without reading the layout back. */
+  setScroll(top, view = this.el.clientHeight) {
+    const max = Math.max(0, this.height - view);
+    const target = Math.round(Math.max(0, Math.min(top, max)));
+    if (Math.abs(this.lastScrollTop - target) < 1) return;
     this.settingScroll = true;
     this.el.scrollTop = target;
-    this.lastScrollTop = this.el.scrollTop;
+    this.lastScrollTop = target;
   }
 
   onScroll() {
@@ -207,7 +210,7 @@ export class LogView {
 
   setFollow(on) {
     this.follow = on;
-    if (on) this.setScroll(this.el.scrollHeight);
+    if (on) this.setScroll(this.height);
     this.onChange();
     this.schedule();
   }
@@ -302,20 +305,24 @@ export class LogView {
   }
 
   draw(force = false) {
+    // Reads first (the layout of the last frame is still valid), then writes: no forced layout.
+    const view = this.el.clientHeight;
     const h = this.measure();
     if (this.folded.size) this.reindex();
     const rows = this.rowCount();
     const height = rows * h;
-    if (this.spacer.style.height !== `${height}px`) this.spacer.style.height = `${height}px`;
+    if (height !== this.height) {
+      this.height = height;
+      this.spacer.style.height = `${height}px`;
+    }
     if (this.wantLine && this.wantLine <= this.texts.length) {
       this.goToLine(this.wantLine, { highlight: this.highlight === this.wantLine - 1 });
       return;
     }
-    if (this.follow) this.setScroll(height);
-    const top = this.el.scrollTop;
-    const view = this.el.clientHeight || h * 20;
+    if (this.follow) this.setScroll(height, view);
+    const top = this.lastScrollTop;
     const first = Math.max(0, Math.floor(top / h) - OVERSCAN);
-    const last = Math.min(rows, Math.ceil((top + view) / h) + OVERSCAN);
+    const last = Math.min(rows, Math.ceil((top + (view || h * 20)) / h) + OVERSCAN);
     const d = this.drawn;
     // Lines appended below the rows in view change nothing drawn: skip the frame.
     if (!force && d.first === first && d.last === last && d.version === this.version) return;

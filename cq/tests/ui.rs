@@ -601,6 +601,19 @@ async fn a_run_asked_for_while_the_broker_is_away_shows_only_the_new_job() {
     until("the binary notice", || async { text(&c, "#preview").await.contains("binary file").then_some(()) }).await;
     let jobs: Value = reqwest::get(format!("{url}/q/local/j")).await.unwrap().json().await.unwrap();
     assert_eq!(jobs["jobs"].as_array().unwrap().len(), 2, "{jobs}");
+
+    // A job on a queue no worker serves says why it waits.
+    script(&c, "document.querySelector('#queue').value = 'nowhere'").await;
+    click(&c, "#run").await;
+    let details = until("the waiting reason", || async {
+        let d = text(&c, "#details").await;
+        d.contains("waiting: ").then_some(d)
+    })
+    .await;
+    assert!(details.contains("nowhere"), "{details}");
+    assert_eq!(text(&c, "#state").await, "queued");
+    click(&c, "#cancel").await;
+    state_is(&c, "cancelled").await;
     c.close().await.unwrap();
 }
 
