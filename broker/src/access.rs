@@ -217,12 +217,10 @@ pub fn is_read_link(method: &Method, uri: &http::Uri) -> bool {
     let signed = uri.query().is_some_and(|q| url::form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "sig"));
     let mut parts = uri.path().trim_start_matches('/').split('/');
     let job = parts.next() == Some("j") && parts.next().is_some_and(|id| id.len() == 64);
-    let readable = match (parts.next(), parts.next()) {
-        (None, _) => true,
-        (Some("logs" | "events"), None) => true,
-        (Some("outputs"), Some(_)) => true,
-        _ => false,
-    };
+    let readable = matches!(
+        (parts.next(), parts.next()),
+        (None, _) | (Some("logs" | "events"), None) | (Some("outputs"), Some(_))
+    );
     signed && job && readable
 }
 

@@ -483,7 +483,9 @@ async fn the_log_viewer_holds_a_long_live_log_and_finds_and_links_lines() {
     assert_eq!(after, json!(["1", "4"]));
     click(&c, "#log-times").await;
     let stamp = until("timestamps", || async {
-        let v = script(&c, "const t = document.querySelector('#log .log-row .ts'); return (t && t.textContent) || null").await;
+        let v =
+            script(&c, "const t = document.querySelector('#log .log-row .ts'); return (t && t.textContent) || null")
+                .await;
         v.as_str().map(str::to_string)
     })
     .await;
