@@ -777,12 +777,30 @@ function renderLogTools() {
   $('#log-matches').textContent = log.query ? `${log.current === -1 ? '–' : log.current + 1} of ${plural(n, 'match', 'matches')}` : '';
 }
 
-$('#log-search').addEventListener('input', (e) => { log.search(e.target.value); });
-$('#log-search').addEventListener('keydown', (e) => {
-  if (e.key === 'Enter') { e.preventDefault(); log.step(e.shiftKey ? -1 : 1); renderLogTools(); }
+// Searching a long log takes a while (about 250 ms for a million lines): wait for a pause in
+// the typing.
+let searchTimer = null;
+$('#log-search').addEventListener('input', (e) => {
+  clearTimeout(searchTimer);
+  searchTimer = setTimeout(() => log.search(e.target.value), log.length > 100000 ? 250 : 50);
 });
-$('#log-next').onclick = () => { log.step(1); renderLogTools(); };
-$('#log-prev').onclick = () => { log.step(-1); renderLogTools(); };
+$('#log-search').addEventListener('keydown', (e) => {
+  if (e.key !== 'Enter') return;
+  e.preventDefault();
+  clearTimeout(searchTimer);
+  if (log.query !== e.target.value.toLowerCase()) log.search(e.target.value);
+  log.step(e.shiftKey ? -1 : 1);
+  renderLogTools();
+});
+function stepSearch(dir) {
+  clearTimeout(searchTimer);
+  const q = $('#log-search').value;
+  if (log.query !== q.toLowerCase()) log.search(q);
+  log.step(dir);
+  renderLogTools();
+}
+$('#log-next').onclick = () => stepSearch(1);
+$('#log-prev').onclick = () => stepSearch(-1);
 $('#log-follow').onclick = () => log.setFollow(!log.follow);
 $('#log-end').onclick = () => log.setFollow(true);
 $('#log-times').onchange = (e) => log.setTimestamps(e.target.checked);
