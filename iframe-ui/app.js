@@ -928,7 +928,9 @@ function renderQueue() {
       stop.onclick = () => cancel(j.id);
       actions.append(stop);
     }
-    tr.append(idCell, cell(describe(j.id), 'mono what'), stateCell, cell(when), cell(duration), cell(j.worker || ''), actions);
+    const what = cell(describe(j.id), 'mono what');
+    what.title = what.textContent;
+    tr.append(idCell, what, stateCell, cell(when), cell(duration), cell(j.worker || ''), actions);
     return tr;
   }));
   $('#workers tbody').replaceChildren(...queue.workers.map((w) => {
