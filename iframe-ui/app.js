@@ -197,7 +197,9 @@ function onMessage(msg) {
       if (d.job.id === job.id) updateJob(d.job);
       break;
     case 'logs':
-      if (d.jobId === job.id) appendLogs(d.offset, d.lines);
+      // While the log so far comes over HTTP, the socket's lines wait: it is asked from where
+      // HTTP ends.
+      if (d.jobId === job.id && !job.loading) appendLogs(d.offset, d.lines);
       break;
     case 'queueSnapshot':
       if (d.queue !== queue.name) break;
