@@ -78,6 +78,10 @@ async fn run_a_job_from_the_page_and_watch_it_live() {
     assert_eq!(red, json!([["red", "rgb(255, 123, 114)"]]), "ANSI colours are rendered");
     let log = text(&c, "#log").await;
     assert!(log.contains("second"), "{log}");
+    // The raw log and its downloads: with or without the ANSI codes.
+    let raw = script(&c, "return [window.cq.log.text({ ansi: true }), window.cq.log.text()]").await;
+    assert!(raw[0].as_str().unwrap().contains("\u{1b}[31mred\u{1b}[0m\n"), "{raw}");
+    assert!(raw[1].as_str().unwrap().contains("first\nred\n"), "{raw}");
     let stderr = script(&c, "return document.querySelector('#log .stderr .tx').textContent").await;
     assert_eq!(stderr, json!("second"), "stderr is told apart");
     let href = until("the output link", || async {
@@ -394,6 +398,18 @@ async fn the_log_viewer_holds_a_long_live_log_and_finds_and_links_lines() {
     until("500 lines", || async { (script(&c, "return window.cq.log.length").await.as_u64()? >= 500).then_some(()) })
         .await;
     assert_eq!(text(&c, "#state").await, "running");
+    // Following: the newest line drawn is in view while lines arrive.
+    until("the newest line in view", || async {
+        let v = script(
+            &c,
+            "const l = window.cq.log; const rows = l.el.querySelectorAll('.log-row'); const r = rows[rows.length - 1]; \
+             if (!r) return false; const a = r.getBoundingClientRect(), b = l.el.getBoundingClientRect(); \
+             return l.follow && Number(r.dataset.line) > 500 && a.bottom <= b.bottom + 1 && a.top >= b.top;",
+        )
+        .await;
+        (v == json!(true)).then_some(())
+    })
+    .await;
 
     // The reader scrolls back to line 100 while the job streams on: line 100 stays in view.
     script(&c, "const l = window.cq.log; l.el.scrollTop = 99 * l.rowHeight;").await;
