@@ -12,6 +12,9 @@ import { AnsiState, appendAnsi, stripAnsi } from './ansi.js';
 const STREAMS = ['stdout', 'stderr', 'system'];
 /** Rows rendered above and below the ones in view. */
 const OVERSCAN = 10;
+/** The tallest scroll height used (browsers cap an element's height: Firefox near 17.9 million
+ * pixels); a taller log scrolls proportionally. */
+const MAX_SCROLL = 15e6;
 const GROUP = /^(?:\x1b\[[0-9;]*m)*::group::(.*)$/;
 const ENDGROUP = /^(?:\x1b\[[0-9;]*m)*::endgroup::\s*$/;
 
@@ -69,6 +72,7 @@ export class LogView {
     this.firstLineAt = null;
     this.rowsEl.replaceChildren();
     this.height = 0;
+    this.scrollHeight = 0;
     this.spacer.style.height = '0px';
     this.el.scrollTop = 0;
     this.schedule();
@@ -182,8 +186,8 @@ export class LogView {
   /** Scrolls to `top` (clamped to the rows' height, which the spacer makes the scroll
    * height), without reading the layout back. */
   setScroll(top, view = this.el.clientHeight) {
-    const max = Math.max(0, this.height - view);
-    const target = Math.round(Math.max(0, Math.min(top, max)));
+    const max = Math.max(0, this.scrollHeight - view);
+    const target = Math.round(Math.max(0, Math.min(top / this.ratio(view), max)));
     if (Math.abs(this.lastScrollTop - target) < 1) return;
     this.settingScroll = true;
     this.el.scrollTop = target;
@@ -204,6 +208,12 @@ export class LogView {
     }
     this.lastScrollTop = top;
     this.schedule();
+  }
+
+  /** Pixels of the rows per pixel of scrolling: 1 unless the log is taller than MAX_SCROLL. */
+  ratio(view) {
+    if (this.scrollHeight === this.height || this.scrollHeight <= view) return 1;
+    return (this.height - view) / (this.scrollHeight - view);
   }
 
   atEnd() { return this.el.scrollHeight - this.el.scrollTop - this.el.clientHeight < this.measure(); }
@@ -240,7 +250,7 @@ export class LogView {
   /** The first line (1-based) whose row is fully in view. */
   topLine() {
     const h = this.measure();
-    return this.lineOfRow(Math.ceil(this.el.scrollTop / h)) + 1;
+    return this.lineOfRow(Math.ceil((this.el.scrollTop * this.ratio(this.el.clientHeight)) / h)) + 1;
   }
 
   // ---- search -----------------------------------------------------------------------------
@@ -313,21 +323,26 @@ export class LogView {
     const height = rows * h;
     if (height !== this.height) {
       this.height = height;
-      this.spacer.style.height = `${height}px`;
+      this.scrollHeight = Math.min(height, MAX_SCROLL);
+      this.spacer.style.height = `${this.scrollHeight}px`;
     }
     if (this.wantLine && this.wantLine <= this.texts.length) {
       this.goToLine(this.wantLine, { highlight: this.highlight === this.wantLine - 1 });
       return;
     }
     if (this.follow) this.setScroll(height, view);
-    const top = this.lastScrollTop;
+    const scrolled = this.lastScrollTop;
+    const top = scrolled * this.ratio(view);
     const first = Math.max(0, Math.floor(top / h) - OVERSCAN);
     const last = Math.min(rows, Math.ceil((top + (view || h * 20)) / h) + OVERSCAN);
+    // Where the first drawn row goes: its own offset, or (scrolling proportionally) the
+    // scroll position plus its offset from the top of the view.
+    const offset = top === scrolled ? first * h : scrolled - top + first * h;
     const d = this.drawn;
     // Lines appended below the rows in view change nothing drawn: skip the frame.
-    if (!force && d.first === first && d.last === last && d.version === this.version) return;
-    this.drawn = { first, last, version: this.version };
-    this.rowsEl.style.transform = `translateY(${first * h}px)`;
+    if (!force && d.first === first && d.last === last && d.version === this.version && d.offset === offset) return;
+    this.drawn = { first, last, version: this.version, offset };
+    this.rowsEl.style.transform = `translateY(${offset}px)`;
     // Row elements are reused: rotated when the range moves (so rows still in view keep their
     // content), then refilled only where their line or the view's version changed.
     const rowsEl = this.rowsEl;

@@ -762,15 +762,18 @@ async fn benchmark_streaming_a_large_log() {
          const took = performance.now() - t0;
          const s0 = performance.now(); const found = l.search('line 987654 of'); const searched = performance.now() - s0;
          l.goToLine(987654);
-         return { took, searched, found, heap: performance.memory ? performance.memory.usedJSHeapSize : null,
+         const hl = l.el.querySelector('.log-row.hl'), a = hl.getBoundingClientRect(), b = l.el.getBoundingClientRect();
+         return { took, searched, found, shown: hl.dataset.line === '987654' && a.top >= b.top && a.bottom <= b.bottom, heap: performance.memory ? performance.memory.usedJSHeapSize : null,
                   nodes: document.getElementsByTagName('*').length, rows: document.querySelectorAll('#log .log-row').length };",
     )
     .await;
     eprintln!(
-        "1,000,000 lines held: appended in {:.0} ms, searched in {:.0} ms ({} match), JS heap {}, {} DOM elements ({} rows)",
+        "1,000,000 lines held: appended in {:.0} ms, searched in {:.0} ms ({} match, line 987,654 in view: {}), JS heap {}, \
+         {} DOM elements ({} rows)",
         held["took"].as_f64().unwrap(),
         held["searched"].as_f64().unwrap(),
         held["found"],
+        held["shown"],
         mib(&held["heap"]),
         held["nodes"],
         held["rows"]
