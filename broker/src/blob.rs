@@ -1,11 +1,13 @@
 //! The blob store: job inputs and outputs named by the SHA-256 of their bytes, kept in a local
 //! directory (the default) or an S3-compatible bucket, behind one interface (`object_store`).
 //!
-//! Invariant: nothing is ever stored under a name that is not the hash of its content. Uploads
-//! through the broker are hashed while they stream and only committed (multipart complete, or
-//! the single put) once the hash and size match. Uploads that go straight to S3 with a presigned
-//! URL carry a signed `x-amz-checksum-sha256`, so S3 itself refuses a mismatch; and a blob the
-//! broker has not written or checked itself is read and hashed once before a job may use it.
+//! Invariant: a blob counts as present only when its content is known to hash to its name.
+//! Uploads through the broker are hashed while they stream and only committed (multipart
+//! complete, or the single put) once the hash and size match. Uploads that go straight to S3
+//! with a presigned URL carry a signed `x-amz-checksum-sha256`, so S3 itself refuses a
+//! mismatch, and are only handed out for names the store does not hold. Whatever the broker
+//! did not write or check itself (or that changed since: another size, ETag or modification
+//! time) is read and hashed before it counts as present, and deleted if it does not match.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -35,6 +37,15 @@ pub const INLINE_MAX: usize = 16 << 10;
 pub const PRESIGN_TTL: Duration = Duration::from_secs(15 * 60);
 /// Default grace period: a blob younger than this, or used this recently, is never collected.
 pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(24 * 3600);
+/// How long a request to S3 is retried (refused connections, timeouts, `5xx`, `429`) before
+/// the store reports itself unavailable.
+pub const S3_RETRY_WINDOW: Duration = Duration::from_secs(30);
+/// The first pause between two attempts; later ones grow (with jitter) up to [`S3_MAX_BACKOFF`].
+const S3_FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest pause between two attempts, so the last retry falls near the window's end.
+const S3_MAX_BACKOFF: Duration = Duration::from_secs(4);
+/// How long one connection attempt to S3 may take.
+const S3_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Uploads up to this size are written with one request; larger ones in parts of this size.
 const PART_SIZE: usize = 8 << 20;
 /// Parts of one upload in flight at once.
@@ -67,8 +78,9 @@ pub struct S3Config {
     pub prefix: String,
     /// Bucket as a host name (`bucket.endpoint`) instead of a path (`endpoint/bucket`).
     pub virtual_hosted: bool,
-    /// Retries of a failed request (with exponential backoff, at most 30 s in all) before the
-    /// store reports itself unavailable; `None` means 5.
+    /// Most retries of a failed request (with exponential backoff) before the store reports
+    /// itself unavailable; `None` retries for [`S3_RETRY_WINDOW`], however many attempts that
+    /// takes.
     pub retries: Option<usize>,
 }
 
@@ -172,6 +184,38 @@ pub struct GcStats {
     pub freed_bytes: u64,
 }
 
+/// What identifies one version of a stored object, as far as the store tells: a blob whose
+/// stamp is unchanged since it was hashed still holds the bytes that were hashed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    size: u64,
+    e_tag: Option<String>,
+    version: Option<String>,
+    modified: SystemTime,
+}
+
+impl Stamp {
+    fn of(meta: &object_store::ObjectMeta) -> Stamp {
+        Stamp {
+            size: meta.size,
+            e_tag: meta.e_tag.clone(),
+            version: meta.version.clone(),
+            modified: meta.last_modified.into(),
+        }
+    }
+}
+
+/// What the store holds under a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Held {
+    /// Nothing.
+    Absent,
+    /// Bytes that hash to the name; their size.
+    Verified(u64),
+    /// Bytes that do not hash to the name (they have been deleted).
+    Corrupt { actual: String, size: u64 },
+}
+
 /// The blob store. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct BlobStore {
@@ -181,8 +225,9 @@ pub struct BlobStore {
     prefix: String,
     max_blob: u64,
     grace: Duration,
-    /// Blobs known to match their names (written or checked by this process), with their size.
-    verified: DashMap<String, u64>,
+    /// Blobs known to match their names (written or checked by this process), with the stamp the
+    /// stored object had then; an object whose stamp changed is checked again.
+    verified: DashMap<String, Stamp>,
     /// When each blob was last referenced by a submission; the collector spares recent ones.
     touched: DashMap<String, Instant>,
     /// Submissions hold it shared while they check their blobs; the collector's deletions hold it
@@ -246,12 +291,64 @@ impl BlobStore {
         }
     }
 
-    /// The size of a stored blob, or `None` when it is absent.
-    pub async fn head(&self, sha: &str) -> Result<Option<u64>, BlobError> {
+    /// The size of a stored blob, or `None` when it is absent. Says nothing about its content:
+    /// see [`BlobStore::held`].
+    pub async fn size(&self, sha: &str) -> Result<Option<u64>, BlobError> {
+        Ok(self.head(sha).await?.map(|meta| meta.size))
+    }
+
+    /// The metadata of a stored blob, or `None` when it is absent.
+    async fn head(&self, sha: &str) -> Result<Option<object_store::ObjectMeta>, BlobError> {
         match self.store.head(&self.key(sha)).await {
-            Ok(meta) => Ok(Some(meta.size)),
+            Ok(meta) => Ok(Some(meta)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(BlobError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// What the store holds under `sha`. A blob this process did not write or check, or whose
+    /// stamp changed since, is read and hashed first; one that does not match its name is
+    /// deleted and reported as [`Held::Corrupt`].
+    pub async fn held(&self, sha: &str) -> Result<Held, BlobError> {
+        let Some(meta) = self.head(sha).await? else { return Ok(Held::Absent) };
+        let stamp = Stamp::of(&meta);
+        if self.verified.get(sha).is_some_and(|known| *known == stamp) {
+            return Ok(Held::Verified(stamp.size));
+        }
+        let result = match self.get(sha, None).await {
+            Ok(result) => result,
+            Err(BlobError::NotFound(_)) => return Ok(Held::Absent),
+            Err(e) => return Err(e),
+        };
+        // The stamp of the version actually read, which may be newer than the one seen above.
+        let stamp = Stamp::of(&result.meta);
+        let mut stream = result.into_stream();
+        let mut hasher = Sha256::new();
+        while let Some(chunk) = stream.next().await {
+            hasher.update(chunk.map_err(|e| BlobError::from_store(sha, e))?);
+        }
+        let actual = hex::encode(hasher.finalize());
+        if actual == sha {
+            let size = stamp.size;
+            self.verified.insert(sha.to_string(), stamp);
+            return Ok(Held::Verified(size));
+        }
+        tracing::warn!(blob = sha, actual, "a stored blob does not match its name; deleting it");
+        self.verified.remove(sha);
+        if let Err(e) = self.store.delete(&self.key(sha)).await {
+            tracing::warn!(blob = sha, error = %e, "cannot delete a corrupt blob");
+        }
+        Ok(Held::Corrupt { actual, size: stamp.size })
+    }
+
+    /// Records the stamp of a blob this process just wrote from bytes it hashed, if the store
+    /// still shows the version it wrote (same ETag); otherwise the next [`BlobStore::held`]
+    /// checks the content.
+    async fn wrote(&self, sha: &str, written: &object_store::PutResult) {
+        if let Ok(Some(meta)) = self.head(sha).await {
+            if written.e_tag.is_some() && meta.e_tag == written.e_tag {
+                self.verified.insert(sha.to_string(), Stamp::of(&meta));
+            }
         }
     }
 
@@ -338,14 +435,15 @@ impl BlobStore {
             }
             (Err(e), None) => Err(e),
             (Ok(()), Some(up)) => {
-                up.finish().await.map_err(|e| BlobError::Unavailable(e.to_string()))?;
-                self.verified.insert(sha.to_string(), total);
+                let written = up.finish().await.map_err(|e| BlobError::Unavailable(e.to_string()))?;
+                self.wrote(sha, &written).await;
                 Ok(total)
             }
             (Ok(()), None) => {
                 let payload: PutPayload = first.into_iter().collect();
-                self.store.put(&self.key(sha), payload).await.map_err(|e| BlobError::Unavailable(e.to_string()))?;
-                self.verified.insert(sha.to_string(), total);
+                let written =
+                    self.store.put(&self.key(sha), payload).await.map_err(|e| BlobError::Unavailable(e.to_string()))?;
+                self.wrote(sha, &written).await;
                 Ok(total)
             }
         }
@@ -354,7 +452,7 @@ impl BlobStore {
     /// Stores `bytes` and returns their name.
     pub async fn put_bytes(&self, bytes: Bytes) -> Result<String, BlobError> {
         let sha = hex::encode(Sha256::digest(&bytes));
-        if self.verified.get(&sha).is_some_and(|s| *s == bytes.len() as u64) {
+        if self.held(&sha).await? == Held::Verified(bytes.len() as u64) {
             self.touch(&sha);
             return Ok(sha);
         }
@@ -376,34 +474,37 @@ impl BlobStore {
         self.get(sha, None).await?.bytes().await.map_err(|e| BlobError::from_store(sha, e))
     }
 
-    /// A presigned URL for `method` (`GET`, `HEAD` or `PUT`) on blob `sha`, or `None` when the
-    /// store cannot presign (a local directory). With `checksum`, a `PUT` URL binds the
-    /// content's SHA-256: the uploader must send the returned `x-amz-checksum-sha256` header,
-    /// and S3 refuses bytes that do not match it.
-    pub async fn presign(
-        &self,
-        method: http::Method,
-        sha: &str,
-        checksum: bool,
-    ) -> Result<Option<(url::Url, Vec<(String, String)>)>, BlobError> {
+    /// A presigned `PUT` URL for blob `sha` and the headers the uploader must send with it, or
+    /// `None` when the store cannot presign (a local directory). The URL binds the content's
+    /// SHA-256: the signed `x-amz-checksum-sha256` header must be sent as given, and S3 refuses
+    /// bytes that do not match it. Callers hand one out only for a name the store does not hold.
+    pub async fn presign_put(&self, sha: &str) -> Result<Option<(url::Url, Vec<(String, String)>)>, BlobError> {
         let Some(signer) = &self.signer else { return Ok(None) };
-        let mut options = SignedUrlOptions::default();
-        let mut headers = Vec::new();
-        if method == http::Method::PUT && checksum {
-            let digest = hex::decode(sha).map_err(|_| BlobError::BadName(sha.to_string()))?;
-            use base64::Engine as _;
-            let value = base64::engine::general_purpose::STANDARD.encode(digest);
-            options = options.with_signed_header(
-                http::HeaderName::from_static("x-amz-checksum-sha256"),
-                http::HeaderValue::from_str(&value).map_err(|e| BlobError::Unavailable(e.to_string()))?,
-            );
-            headers.push(("x-amz-checksum-sha256".to_string(), value));
-        }
+        let digest = hex::decode(sha).map_err(|_| BlobError::BadName(sha.to_string()))?;
+        use base64::Engine as _;
+        let value = base64::engine::general_purpose::STANDARD.encode(digest);
+        let options = SignedUrlOptions::default().with_signed_header(
+            http::HeaderName::from_static("x-amz-checksum-sha256"),
+            http::HeaderValue::from_str(&value).map_err(|e| BlobError::Unavailable(e.to_string()))?,
+        );
         let url = signer
-            .signed_url_opts(method, &self.key(sha), PRESIGN_TTL, &options)
+            .signed_url_opts(http::Method::PUT, &self.key(sha), PRESIGN_TTL, &options)
             .await
             .map_err(|e| BlobError::Unavailable(e.to_string()))?;
-        Ok(Some((url, headers)))
+        Ok(Some((url, vec![("x-amz-checksum-sha256".to_string(), value)])))
+    }
+
+    /// A presigned `GET` URL for blob `sha`, or `None` when the store cannot presign. `response`
+    /// holds S3's response overrides (`response-content-type`, `response-content-disposition`,
+    /// `response-cache-control`), signed with the URL so S3 answers with those headers.
+    pub async fn presign_get(&self, sha: &str, response: &[(&str, String)]) -> Result<Option<url::Url>, BlobError> {
+        let Some(signer) = &self.signer else { return Ok(None) };
+        let options = SignedUrlOptions::default().with_query(response.iter().map(|(k, v)| (*k, v.as_str())));
+        let url = signer
+            .signed_url_opts(http::Method::GET, &self.key(sha), PRESIGN_TTL, &options)
+            .await
+            .map_err(|e| BlobError::Unavailable(e.to_string()))?;
+        Ok(Some(url))
     }
 
     /// Records that a submission just referenced `sha`.
@@ -412,37 +513,23 @@ impl BlobStore {
     }
 
     /// Makes sure a job may reference blob `sha` of `size` bytes: it is present, matches its
-    /// name, and has that size. A blob this process did not write or check is read and hashed
-    /// once; one that does not match its name is deleted.
+    /// name (see [`BlobStore::held`]), and has that size.
     pub async fn ensure(&self, sha: &str, size: u64) -> Result<(), BlobError> {
         let _shared = self.gc_lock.read().await;
         self.touch(sha);
-        let stored = self.head(sha).await?.ok_or_else(|| BlobError::NotFound(sha.to_string()))?;
-        if self.verified.get(sha).map(|s| *s) != Some(stored) {
-            let mut stream = self.get(sha, None).await?.into_stream();
-            let mut hasher = Sha256::new();
-            while let Some(chunk) = stream.next().await {
-                hasher.update(chunk.map_err(|e| BlobError::from_store(sha, e))?);
+        match self.held(sha).await? {
+            Held::Absent => Err(BlobError::NotFound(sha.to_string())),
+            Held::Corrupt { actual, size: stored } => Err(BlobError::Mismatch {
+                expected: sha.to_string(),
+                expected_size: size.to_string(),
+                actual,
+                size: stored,
+            }),
+            Held::Verified(stored) if stored != size => {
+                Err(BlobError::WrongSize { sha: sha.to_string(), size: stored, claimed: size })
             }
-            let actual = hex::encode(hasher.finalize());
-            if actual != sha {
-                tracing::warn!(blob = sha, actual, "a stored blob does not match its name; deleting it");
-                if let Err(e) = self.store.delete(&self.key(sha)).await {
-                    tracing::warn!(blob = sha, error = %e, "cannot delete a corrupt blob");
-                }
-                return Err(BlobError::Mismatch {
-                    expected: sha.to_string(),
-                    expected_size: size.to_string(),
-                    actual,
-                    size: stored,
-                });
-            }
-            self.verified.insert(sha.to_string(), stored);
+            Held::Verified(_) => Ok(()),
         }
-        if stored != size {
-            return Err(BlobError::WrongSize { sha: sha.to_string(), size: stored, claimed: size });
-        }
-        Ok(())
     }
 
     /// Deletes every blob older than the grace period that is not in `referenced` and was not
@@ -493,12 +580,8 @@ fn build_s3(config: &S3Config) -> Result<AmazonS3, BlobError> {
         .with_bucket_name(&config.bucket)
         .with_virtual_hosted_style_request(config.virtual_hosted)
         .with_checksum_algorithm(object_store::aws::Checksum::SHA256)
-        .with_retry(RetryConfig {
-            backoff: object_store::BackoffConfig::default(),
-            max_retries: config.retries.unwrap_or(5),
-            retry_timeout: Duration::from_secs(30),
-        })
-        .with_client_options(ClientOptions::new().with_connect_timeout(Duration::from_secs(5)));
+        .with_retry(retry_config(config))
+        .with_client_options(ClientOptions::new().with_connect_timeout(S3_CONNECT_TIMEOUT));
     if let Some(endpoint) = &config.endpoint {
         builder = builder.with_endpoint(endpoint).with_allow_http(endpoint.starts_with("http://"));
     }
@@ -510,6 +593,17 @@ fn build_s3(config: &S3Config) -> Result<AmazonS3, BlobError> {
         builder = builder.with_secret_access_key(secret);
     }
     builder.build().map_err(|e| BlobError::Unavailable(format!("S3 configuration: {e}")))
+}
+
+/// How requests to S3 are retried: for [`S3_RETRY_WINDOW`] unless a number of retries is set.
+/// object_store stops at whichever of its two bounds comes first, so without a number the bound
+/// on attempts is set out of reach and the window decides.
+fn retry_config(config: &S3Config) -> RetryConfig {
+    RetryConfig {
+        backoff: object_store::BackoffConfig { init_backoff: S3_FIRST_BACKOFF, max_backoff: S3_MAX_BACKOFF, base: 2.0 },
+        max_retries: config.retries.unwrap_or(usize::MAX),
+        retry_timeout: S3_RETRY_WINDOW,
+    }
 }
 
 /// The blob names a job definition (normalised JSON) references among its inputs.

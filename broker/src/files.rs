@@ -19,7 +19,7 @@ use protocol::messages::{ErrorBody, ErrorCode};
 use serde_json::json;
 
 use crate::auth::{Role, bearer};
-use crate::blob::{self, BlobError, GcStats};
+use crate::blob::{self, BlobError, GcStats, Held};
 use crate::core::{Command, Reply};
 use crate::http::status_of;
 use crate::ws::Context;
@@ -182,17 +182,14 @@ fn content_length(req: &Request<ReqBody>) -> Result<Option<u64>, ErrorBody> {
     }
 }
 
-/// `PUT /f/{sha256}`: stores the body if it hashes to the name; with S3, redirects to a
-/// presigned upload URL instead (the broker checks such blobs before a job may use them).
+/// `PUT /f/{sha256}`: stores the body if it hashes to the name. On either backend the bytes
+/// stream through the broker, which hashes them before committing: a plain client cannot send
+/// the checksum header a presigned S3 upload needs, so it gets no presigned URL.
 async fn put_blob(ctx: &Context, name: &str, req: Request<ReqBody>) -> Result<Response<Body>, ErrorBody> {
     let sha = blob::parse_name(name).map_err(|e| e.body())?;
     let length = content_length(&req)?;
     if length.is_some_and(|l| l > ctx.blobs.max_blob()) {
         return Err(BlobError::TooLarge { max: ctx.blobs.max_blob() }.body());
-    }
-    if ctx.blobs.presigns() {
-        let (url, _) = ctx.blobs.presign(Method::PUT, &sha, false).await.map_err(|e| e.body())?.expect("presigns");
-        return redirect(url.as_str());
     }
     let body = BodyStream::new(req.into_body()).try_filter_map(|frame| async move { Ok(frame.into_data().ok()) });
     let size = ctx.blobs.put_stream(&sha, length, body).await.map_err(|e| e.body())?;
@@ -219,10 +216,18 @@ async fn upload_plan(ctx: &Context, name: &str, req: Request<ReqBody>) -> Result
     if plan.size > ctx.blobs.max_blob() {
         return Err(BlobError::TooLarge { max: ctx.blobs.max_blob() }.body());
     }
-    if ctx.blobs.head(&sha).await.map_err(|e| e.body())? == Some(plan.size) {
-        return Ok(json_response(StatusCode::OK, &json!({ "exists": true })));
+    // Only verified content counts: wrong bytes of the right size are deleted here and uploaded
+    // again, and a name the store holds never gets an upload URL.
+    match ctx.blobs.held(&sha).await.map_err(|e| e.body())? {
+        Held::Verified(size) if size == plan.size => {
+            return Ok(json_response(StatusCode::OK, &json!({ "exists": true })));
+        }
+        Held::Verified(size) => {
+            return Err(BlobError::WrongSize { sha, size, claimed: plan.size }.body());
+        }
+        Held::Absent | Held::Corrupt { .. } => {}
     }
-    let (url, headers) = match ctx.blobs.presign(Method::PUT, &sha, true).await.map_err(|e| e.body())? {
+    let (url, headers) = match ctx.blobs.presign_put(&sha).await.map_err(|e| e.body())? {
         Some((url, headers)) => (url.to_string(), headers),
         None => (format!("/f/{sha}"), Vec::new()),
     };
@@ -255,12 +260,38 @@ async fn serve_blob(
     filename: Option<&str>,
 ) -> Result<Response<Body>, ErrorBody> {
     let head = req.method() == Method::HEAD;
-    if ctx.blobs.presigns() && !head {
-        let (url, _) = ctx.blobs.presign(Method::GET, sha, false).await.map_err(|e| e.body())?.expect("presigns");
+    let content_type = filename
+        .and_then(|f| mime_guess::from_path(f).first_raw())
+        .map(|t| if t.starts_with("text/") { format!("{t}; charset=utf-8") } else { t.to_string() })
+        .unwrap_or_else(|| "application/octet-stream".into());
+    let disposition = filename.map(|name| {
+        let base = name.rsplit('/').next().unwrap_or(name);
+        let encoded = percent_encoding::utf8_percent_encode(base, percent_encoding::NON_ALPHANUMERIC);
+        format!("inline; filename*=UTF-8''{encoded}")
+    });
+    let size = if ctx.blobs.presigns() {
+        // Bytes that reach a browser straight from S3 pass no check on the way, so they are
+        // checked here: only content that hashes to its name is handed out.
+        match ctx.blobs.held(sha).await.map_err(|e| e.body())? {
+            Held::Verified(size) => size,
+            Held::Absent | Held::Corrupt { .. } => return Err(BlobError::NotFound(sha.into()).body()),
+        }
+    } else {
+        ctx.blobs.size(sha).await.map_err(|e| e.body())?.ok_or_else(|| BlobError::NotFound(sha.into()).body())?
+    };
+    // A type a browser would run script in keeps streaming through the broker, where it gets
+    // `Content-Security-Policy: sandbox`, which S3 cannot be asked to send.
+    if ctx.blobs.presigns() && !head && !active_content(&content_type) {
+        let mut overrides = vec![
+            ("response-content-type", content_type.clone()),
+            ("response-cache-control", CACHE_CONTROL.to_string()),
+        ];
+        if let Some(d) = &disposition {
+            overrides.push(("response-content-disposition", d.clone()));
+        }
+        let url = ctx.blobs.presign_get(sha, &overrides).await.map_err(|e| e.body())?.expect("presigns");
         return redirect(url.as_str());
     }
-    let size =
-        ctx.blobs.head(sha).await.map_err(|e| e.body())?.ok_or_else(|| BlobError::NotFound(sha.into()).body())?;
     let range = match req.headers().get(header::RANGE).and_then(|v| v.to_str().ok()) {
         None => None,
         Some(spec) => match parse_range(spec, size) {
@@ -308,24 +339,28 @@ async fn serve_blob(
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let headers = resp.headers_mut();
-    let content_type = filename
-        .and_then(|f| mime_guess::from_path(f).first_raw())
-        .map(|t| if t.starts_with("text/") { format!("{t}; charset=utf-8") } else { t.to_string() })
-        .unwrap_or_else(|| "application/octet-stream".into());
     headers.insert(header::CONTENT_TYPE, header_value(&content_type));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     headers.insert(header::ETAG, header_value(&format!("\"{sha}\"")));
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=31536000, immutable"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(CACHE_CONTROL));
     if let Some((start, end)) = range {
         headers.insert(header::CONTENT_RANGE, header_value(&format!("bytes {start}-{}/{size}", end - 1)));
     }
-    if let Some(name) = filename {
-        let base = name.rsplit('/').next().unwrap_or(name);
-        let encoded = percent_encoding::utf8_percent_encode(base, percent_encoding::NON_ALPHANUMERIC);
-        headers.insert(header::CONTENT_DISPOSITION, header_value(&format!("inline; filename*=UTF-8''{encoded}")));
+    if let Some(d) = &disposition {
+        headers.insert(header::CONTENT_DISPOSITION, header_value(d));
     }
     Ok(resp)
+}
+
+/// How long a browser may keep a file: forever, since a name never changes its content.
+const CACHE_CONTROL: &str = "private, max-age=31536000, immutable";
+
+/// True for content types a browser renders as a document that can run script (HTML, SVG,
+/// XML): those are never handed out as a presigned link, so the sandbox CSP always applies.
+fn active_content(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "text/html" || essence.ends_with("+xml") || essence.ends_with("/xml") || essence == "application/pdf"
 }
 
 /// Read size when serving a local file.

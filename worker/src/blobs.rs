@@ -93,6 +93,7 @@ impl BlobClient {
             .json(&serde_json::json!({ "size": d.size }))
             .send()
             .await
+            .map_err(reqwest::Error::without_url)
             .with_context(|| format!("cannot reach the broker at {}", self.base))?;
         let plan = api_json(resp).await?;
         Ok((plan["exists"] != true).then_some(plan))
@@ -116,6 +117,8 @@ impl BlobClient {
             .body(body)
             .send()
             .await
+            // A presigned URL's signature is a credential for 15 minutes: never in a message.
+            .map_err(reqwest::Error::without_url)
             .with_context(|| format!("uploading blob {}", d.sha256))?;
         // S3 answers in XML, the broker in JSON: either way the error says what went wrong.
         api_json(resp).await.with_context(|| format!("uploading blob {}", d.sha256))?;
@@ -137,6 +140,8 @@ impl BlobClient {
             .authorized(self.http.get(&url))
             .send()
             .await
+            // The broker may redirect to a presigned URL, whose signature stays out of messages.
+            .map_err(reqwest::Error::without_url)
             .with_context(|| format!("cannot reach the broker at {}", self.base))?;
         if !resp.status().is_success() {
             api_json(resp).await?;
@@ -156,7 +161,8 @@ impl BlobClient {
         let mut body = resp.bytes_stream();
         let result: Result<()> = async {
             while let Some(chunk) = body.next().await {
-                let chunk = chunk.with_context(|| format!("downloading {path}"))?;
+                let chunk =
+                    chunk.map_err(reqwest::Error::without_url).with_context(|| format!("downloading {path}"))?;
                 hasher.update(&chunk);
                 size += chunk.len() as u64;
                 file.write_all(&chunk).await.with_context(|| format!("writing {}", partial.display()))?;
@@ -201,7 +207,7 @@ fn partial_name(dest: &Path) -> PathBuf {
 /// The body of a successful answer as JSON (empty → null); an API error as a readable error.
 async fn api_json(resp: reqwest::Response) -> Result<serde_json::Value> {
     let status = resp.status();
-    let text = resp.text().await.context("reading the answer")?;
+    let text = resp.text().await.map_err(reqwest::Error::without_url).context("reading the answer")?;
     if status.is_success() {
         if text.trim().is_empty() {
             return Ok(serde_json::Value::Null);
@@ -212,13 +218,61 @@ async fn api_json(resp: reqwest::Response) -> Result<serde_json::Value> {
     bail!("{status}: {}", error_message(&text))
 }
 
-/// What went wrong, from an error answer: the broker's `{"error": {"message"}}`, or the start of
-/// whatever else came back (S3 answers in XML).
+/// What went wrong, from an error answer: the broker's `{"error": {"message"}}`, S3's
+/// `<Code>` and `<Message>`, or the start of whatever else came back, with anything that looks
+/// like a signature or credential taken out (S3 error bodies can echo the request's).
 pub fn error_message(body: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(body)
+    if let Some(message) = serde_json::from_str::<serde_json::Value>(body)
         .ok()
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
-        .unwrap_or_else(|| body.chars().take(500).collect())
+    {
+        return redact(&message);
+    }
+    let element = |name: &str| {
+        let open = format!("<{name}>");
+        let start = body.find(&open)? + open.len();
+        let end = body[start..].find(&format!("</{name}>"))?;
+        Some(body[start..start + end].trim().to_string())
+    };
+    if let Some(code) = element("Code") {
+        return redact(&match element("Message") {
+            Some(message) => format!("{code}: {message}"),
+            None => code,
+        });
+    }
+    redact(&body.chars().take(500).collect::<String>())
+}
+
+/// `text` with the values of signing parameters (`X-Amz-Signature=`, `X-Amz-Credential=`,
+/// `X-Amz-Security-Token=`, `Signature=`, ...) and S3's `<SignatureProvided>` replaced by `…`.
+pub fn redact(text: &str) -> String {
+    const SECRET_KEYS: [&str; 4] = ["signature=", "credential=", "security-token=", "token="];
+    let mut out = String::with_capacity(text.len());
+    let lower = text.to_ascii_lowercase();
+    let mut i = 0;
+    while i < text.len() {
+        let rest = &lower[i..];
+        if let Some(key) = SECRET_KEYS.iter().find(|k| rest.starts_with(**k)) {
+            out.push_str(&text[i..i + key.len()]);
+            i += key.len();
+            let value_len = text[i..]
+                .find(|c: char| c == '&' || c == '"' || c == '\'' || c == '<' || c == ')' || c.is_whitespace())
+                .unwrap_or(text.len() - i);
+            if value_len > 0 {
+                out.push('…');
+            }
+            i += value_len;
+        } else if rest.starts_with("<signatureprovided>") {
+            let close = rest.find("</signatureprovided>").map_or(text.len(), |e| i + e);
+            out.push_str("<SignatureProvided>…");
+            i = close;
+        } else {
+            let c = text[i..].chars().next().unwrap_or(' ');
+            out.push(c);
+            i += c.len_utf8();
+        }
+    }
+    out
 }
 
 /// Hashes a file on a blocking thread.
@@ -240,4 +294,66 @@ pub async fn hash_file(path: &Path) -> Result<Digested> {
         Ok(Digested { sha256: hex::encode(hasher.finalize()), size })
     })
     .await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIGNED: &str = "http://127.0.0.1:9/cq/blobs/x?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKID%2F20260101&X-Amz-Expires=900&X-Amz-Signature=0123456789abcdef&x-id=PutObject";
+
+    #[test]
+    fn signatures_and_credentials_are_redacted() {
+        let r = redact(&format!("error sending request for url ({SIGNED})"));
+        assert!(!r.contains("0123456789abcdef") && !r.contains("AKID"), "{r}");
+        assert!(r.contains("X-Amz-Signature=…&x-id=PutObject") && r.contains("X-Amz-Expires=900"), "{r}");
+        assert_eq!(redact("?token=s3cret done"), "?token=… done");
+        assert_eq!(redact("no secrets here: ünïcode"), "no secrets here: ünïcode");
+    }
+
+    #[test]
+    fn s3_error_bodies_give_code_and_message_only() {
+        let xml = "<?xml version=\"1.0\"?><Error><Code>SignatureDoesNotMatch</Code><Message>The request signature \
+                   we calculated does not match</Message><SignatureProvided>0123456789abcdef</SignatureProvided>\
+                   <StringToSign>AWS4-HMAC-SHA256</StringToSign></Error>";
+        assert_eq!(error_message(xml), "SignatureDoesNotMatch: The request signature we calculated does not match");
+        let json = r#"{"error": {"code": "badMessage", "message": "see ?X-Amz-Signature=abc"}}"#;
+        assert_eq!(error_message(json), "see ?X-Amz-Signature=…");
+    }
+
+    /// An upload whose presigned URL cannot be reached fails with a message that names the blob
+    /// and keeps the URL's signature out. The broker is a one-request server on 127.0.0.1 that
+    /// answers the upload plan the way an S3-backed broker does; the URL's port has no listener.
+    #[tokio::test]
+    async fn a_failed_upload_does_not_print_the_presigned_url() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let url = SIGNED.replace(":9/", &format!(":{closed}/"));
+        let plan = serde_json::json!({ "exists": false, "method": "PUT", "url": url,
+            "headers": { "x-amz-checksum-sha256": "AAAA" } })
+        .to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let broker = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"}") {
+                let n = socket.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the client closed before sending its plan request");
+                got.extend_from_slice(&buf[..n]);
+            }
+            let answer = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{plan}",
+                plan.len()
+            );
+            socket.write_all(answer.as_bytes()).await.unwrap();
+        });
+        let client = BlobClient::new(&base, None).unwrap();
+        let err = client.upload_bytes(b"some output".to_vec()).await.unwrap_err();
+        broker.await.unwrap();
+        let message = format!("{err:#}");
+        assert!(message.contains("uploading blob"), "{message}");
+        assert!(!message.contains("0123456789abcdef") && !message.contains("X-Amz-Credential"), "{message}");
+    }
 }

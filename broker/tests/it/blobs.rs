@@ -59,6 +59,7 @@ both!(names_and_paths_are_checked);
 both!(the_size_limit_gives_413);
 both!(large_inline_inputs_become_blobs_with_the_same_job_id);
 both!(collection_keeps_referenced_blobs_and_deletes_the_rest);
+both!(bytes_swapped_in_the_store_never_count_as_the_blob);
 
 fn sha(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -197,31 +198,17 @@ async fn content_that_does_not_match_its_name_is_never_stored(backend: Backend) 
     let head = http().head(b.url(&format!("/f/{name}"))).send().await.unwrap();
     assert_eq!(head.status(), 404, "nothing is left under the name");
 
-    if backend == Backend::Local {
-        // The broker's own endpoint checks what it receives.
-        let r = http().put(b.url(&format!("/f/{name}"))).body("wrong").send().await.unwrap();
-        assert_eq!(r.status(), 422);
-        let body: Value = r.json().await.unwrap();
-        assert_eq!(body["error"]["code"], "hashMismatch");
-    } else {
-        // `PUT /f/{name}` redirects to a presigned URL that does not bind the content. Wrong
-        // bytes stored that way are caught when a job first references them, and deleted.
-        let no_follow = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
-        let r = no_follow.put(b.url(&format!("/f/{name}"))).body(good.clone()).send().await.unwrap();
-        assert_eq!(r.status(), 307);
-        let location = r.headers()["location"].to_str().unwrap().to_string();
-        let wrong = b"same length, wrong!".to_vec();
-        let r = http().put(&location).body(wrong[..good.len()].to_vec()).send().await.unwrap();
-        assert_eq!(r.status(), 200, "a plain presigned upload is accepted by S3");
-        let (status, body) = b.post("/q/q/j", json!({ "definition": definition.clone() })).await;
-        assert_eq!(status, 422, "{body}");
-        assert!(body["error"]["message"].as_str().unwrap().contains("does not match"), "{body}");
-        let head = http().head(b.url(&format!("/f/{name}"))).send().await.unwrap();
-        assert_eq!(head.status(), 404, "the corrupt object was deleted");
+    // `PUT /f/{name}` streams through the broker on both backends (S3 included: a plain client
+    // cannot send the checksum header a presigned upload needs), and the broker checks it.
+    let no_follow = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let r = no_follow.put(b.url(&format!("/f/{name}"))).body("wrong").send().await.unwrap();
+    assert_eq!(r.status(), 422);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "hashMismatch");
+    let r = no_follow.put(b.url(&format!("/f/{name}"))).body(good.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 201, "no redirect to an unbound presigned URL");
+    if backend == Backend::S3 {
         // The presigned download URL works with a plain client.
-        let r = no_follow.put(b.url(&format!("/f/{name}"))).body(good.clone()).send().await.unwrap();
-        let location = r.headers()["location"].to_str().unwrap().to_string();
-        assert_eq!(http().put(&location).body(good.clone()).send().await.unwrap().status(), 200);
         let r = no_follow.get(b.url(&format!("/f/{name}"))).send().await.unwrap();
         assert_eq!(r.status(), 307);
         let location = r.headers()["location"].to_str().unwrap().to_string();
@@ -400,4 +387,160 @@ async fn an_unreachable_s3_is_a_clear_503_and_acknowledges_nothing() {
     assert_eq!(status, 503, "{body}");
     let (_, jobs) = b.get("/q/q/j").await;
     assert_eq!(jobs["jobs"], json!([]), "nothing was acknowledged");
+}
+
+/// Writes `bytes` under blob `name` straight into the store, past the broker: someone with write
+/// access to the bucket or directory, or an S3 that keeps what it refused.
+async fn swap(env: &Env, name: &str, bytes: Vec<u8>) {
+    use object_store::ObjectStoreExt as _;
+    let key = object_store::path::Path::from(format!("blobs/sha256/{}/{name}", &name[..2]));
+    match &env.s3 {
+        Some(s3) => {
+            let store = object_store::aws::AmazonS3Builder::new()
+                .with_bucket_name(crate::common::S3_BUCKET)
+                .with_endpoint(&s3.endpoint)
+                .with_allow_http(true)
+                .with_region("us-east-1")
+                .with_access_key_id(crate::common::S3_KEY)
+                .with_secret_access_key(crate::common::S3_SECRET)
+                .build()
+                .unwrap();
+            store.put(&key, bytes.into()).await.unwrap();
+        }
+        None => {
+            let path = env.b.data_dir().join(format!("blobs/sha256/{}/{name}", &name[..2]));
+            std::fs::write(path, bytes).unwrap();
+        }
+    }
+}
+
+async fn bytes_swapped_in_the_store_never_count_as_the_blob(backend: Backend) {
+    let env = Env::start(backend);
+    let b = &env.b;
+    let good = noise(4096, 11);
+    let name = upload(&env, &good).await;
+    assert_eq!(plan(&env, &name, good.len() as u64).await.1, json!({ "exists": true }));
+    let definition =
+        json!({ "image": "busybox", "inputs": { "a": { "type": "blob", "sha256": name, "size": good.len() } } });
+    let (status, body) = b.post("/q/q/j", json!({ "definition": definition.clone() })).await;
+    assert_eq!(status, 201, "{body}");
+
+    // Other bytes of the same size appear under the name, after the broker checked it.
+    swap(&env, &name, noise(4096, 12)).await;
+    let (status, body) = b.post("/q/other/j", json!({ "definition": definition.clone() })).await;
+    assert_eq!(status, 422, "a submission is not accepted on the size alone: {body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("does not match"), "{body}");
+    let head = http().head(b.url(&format!("/f/{name}"))).send().await.unwrap();
+    assert_eq!(head.status(), 404, "the wrong bytes were deleted");
+
+    // Again, and this time the upload plan is the first to look: it does not answer `exists`.
+    swap(&env, &name, noise(4096, 13)).await;
+    let (status, body) = plan(&env, &name, good.len() as u64).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["exists"], false, "{body}");
+    if backend == Backend::S3 {
+        assert_eq!(body["headers"]["x-amz-checksum-sha256"].as_str().map(str::len), Some(44), "{body}");
+    }
+    assert_eq!(put_as(&env, &name, good.clone()).await / 100, 2);
+    assert_eq!(plan(&env, &name, good.len() as u64).await.1, json!({ "exists": true }));
+
+    // And once more with a download as the first to look: bytes that reach a browser straight
+    // from S3 pass no check on the way, so the broker checks before it hands out a URL. (The
+    // local directory belongs to the broker alone; it streams what the broker wrote.)
+    if backend == Backend::S3 {
+        swap(&env, &name, noise(4096, 14)).await;
+        let (status, _) = get_bytes(&b.url(&format!("/f/{name}"))).await;
+        assert_eq!(status, 404, "no presigned URL to bytes that do not match their name");
+    }
+}
+
+#[tokio::test]
+async fn s3_binds_each_presigned_upload_to_its_checksum() {
+    let env = Env::start(Backend::S3);
+    let good = b"bound to its checksum".to_vec();
+    let name = sha(&good);
+    let (_, answer) = plan(&env, &name, good.len() as u64).await;
+    let url = answer["url"].as_str().unwrap().to_string();
+    let checksum = answer["headers"]["x-amz-checksum-sha256"].as_str().unwrap().to_string();
+    assert!(url.contains("x-amz-checksum-sha256"), "the header is among the signed ones: {url}");
+    // Without the header the signature does not verify; with it, other bytes are refused.
+    let r = http().put(&url).body(good.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 403, "{}", r.text().await.unwrap());
+    let r = http().put(&url).header("x-amz-checksum-sha256", &checksum).body(b"other bytes, same url".to_vec());
+    assert_eq!(r.send().await.unwrap().status(), 400);
+    let (_, again) = plan(&env, &name, good.len() as u64).await;
+    assert_eq!(again["exists"], false, "{again}");
+    let r = http().put(&url).header("x-amz-checksum-sha256", &checksum).body(good.clone());
+    assert_eq!(r.send().await.unwrap().status(), 200);
+    assert_eq!(plan(&env, &name, good.len() as u64).await.1, json!({ "exists": true }));
+}
+
+#[tokio::test]
+async fn s3_output_downloads_keep_their_headers() {
+    let env = Env::start(Backend::S3);
+    let b = &env.b;
+    let mut w = Ws::worker(b.addr, "w1", 1, json!([])).await;
+    let (status, body) = b.post("/q/q/j", json!({ "definition": { "image": "busybox", "command": "true" } })).await;
+    assert_eq!(status, 201, "{body}");
+    let id = body["jobId"].as_str().unwrap().to_string();
+    w.recv_type("assign").await;
+    let text = b"a result\n".repeat(100);
+    let page = b"<html><script>document.title = 'ran'</script></html>".to_vec();
+    let (sha_text, sha_page) = (upload(&env, &text).await, upload(&env, &page).await);
+    w.send(json!({"type": "accept", "data": {"jobId": id, "attempt": 1}})).await;
+    w.send(json!({"type": "finish", "data": {"jobId": id, "attempt": 1, "status": {"kind": "exited", "exitCode": 0},
+    "outputs": [
+        { "path": "out/résumé.txt", "size": text.len(), "sha256": sha_text },
+        { "path": "report.html", "size": page.len(), "sha256": sha_page },
+    ]}}))
+    .await;
+    w.recv_type("finishAck").await;
+
+    let no_follow = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let r = no_follow.get(b.url(&format!("/j/{id}/outputs/out/r%C3%A9sum%C3%A9.txt"))).send().await.unwrap();
+    assert_eq!(r.status(), 307);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    assert!(location.starts_with(&env.s3.as_ref().unwrap().endpoint), "{location}");
+    let r = http().get(&location).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(r.headers()["content-disposition"], "inline; filename*=UTF-8''r%C3%A9sum%C3%A9%2Etxt");
+    assert_eq!(r.headers()["cache-control"], "private, max-age=31536000, immutable");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), text.as_slice());
+
+    // An HTML output never leaves through a presigned URL: S3 cannot be asked for the sandbox
+    // CSP, so the broker serves it with that header.
+    let r = no_follow.get(b.url(&format!("/j/{id}/outputs/report.html"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-security-policy"], "sandbox; default-src 'none'");
+    assert_eq!(r.headers()["content-type"], "text/html; charset=utf-8");
+    assert_eq!(r.bytes().await.unwrap().as_ref(), page.as_slice());
+}
+
+/// A refused connection is retried for the documented 30 s before the caller gets `503`.
+/// Real time on a port with nothing listening; the deadline bounds the test.
+#[tokio::test]
+async fn s3_requests_are_retried_for_thirty_seconds() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = broker::blob::BlobConfig {
+        backend: broker::blob::BlobBackend::S3(broker::blob::S3Config {
+            bucket: "b".into(),
+            endpoint: Some(format!("http://127.0.0.1:{port}")),
+            access_key_id: Some("k".into()),
+            secret_access_key: Some("s".into()),
+            ..Default::default()
+        }),
+        gc_interval: None,
+        ..Default::default()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = broker::blob::BlobStore::open(&config, dir.path()).unwrap();
+    let started = std::time::Instant::now();
+    let held = tokio::time::timeout(std::time::Duration::from_secs(90), store.held(&sha(b"x")))
+        .await
+        .expect("the store gives up within the deadline");
+    let elapsed = started.elapsed();
+    let err = held.unwrap_err();
+    assert!(matches!(err, broker::blob::BlobError::Unavailable(_)), "{err}");
+    assert!(elapsed >= broker::blob::S3_RETRY_WINDOW, "gave up after {elapsed:?}: {err}");
 }
