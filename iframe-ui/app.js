@@ -368,7 +368,7 @@ async function uploadFile(file) {
         const headers = local ? { ...authHeaders(), ...plan.headers } : plan.headers;
         for (const [k, v] of Object.entries(headers || {})) xhr.setRequestHeader(k, v);
         xhr.upload.onprogress = (p) => { bar.value = p.loaded; };
-        xhr.onload = () => (xhr.status < 300 ? resolve() : reject(new Error(`upload failed: HTTP ${xhr.status} ${xhr.responseText.slice(0, 200)}`)));
+        xhr.onload = () => (xhr.status < 300 ? resolve() : reject(new Error(`upload failed: HTTP ${xhr.status} ${uploadError(xhr.responseText)}`)));
         xhr.onerror = () => reject(new Error('upload failed: network error'));
         xhr.send(bytes);
       });
@@ -380,6 +380,16 @@ async function uploadFile(file) {
     label.textContent = `${file.name}: ${err.message} `;
     label.className = 'error';
   }
+}
+
+// What a failed upload answered: the broker's error message, or S3's <Code> and <Message> only
+// (an S3 error body can echo the request's signature, which stays out of the page).
+function uploadError(text) {
+  try { return JSON.parse(text).error.message; } catch { /* not the broker's JSON */ }
+  const code = /<Code>([^<]*)<\/Code>/.exec(text);
+  const message = /<Message>([^<]*)<\/Message>/.exec(text);
+  if (code) return message ? `${code[1]}: ${message[1]}` : code[1];
+  return text.slice(0, 200).replace(/(signature|credential|token)=[^&\s"'<]*/gi, '$1=…');
 }
 
 // ---- run, cancel ---------------------------------------------------------------------------

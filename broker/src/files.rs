@@ -452,6 +452,16 @@ mod tests {
     }
 
     #[test]
+    fn documents_that_can_run_script_are_active() {
+        for t in ["text/html; charset=utf-8", "image/svg+xml", "application/xhtml+xml", "text/xml", "application/pdf"] {
+            assert!(active_content(t), "{t}");
+        }
+        for t in ["text/plain; charset=utf-8", "image/png", "application/json", "application/octet-stream"] {
+            assert!(!active_content(t), "{t}");
+        }
+    }
+
+    #[test]
     fn claimed_paths() {
         assert!(claims("/f/abc"));
         assert!(claims("/j/abc/outputs/a.txt"));

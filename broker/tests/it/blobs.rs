@@ -427,7 +427,9 @@ async fn bytes_swapped_in_the_store_never_count_as_the_blob(backend: Backend) {
 
     // Other bytes of the same size appear under the name, after the broker checked it.
     swap(&env, &name, noise(4096, 12)).await;
-    let (status, body) = b.post("/q/other/j", json!({ "definition": definition.clone() })).await;
+    let another =
+        json!({ "image": "busybox", "inputs": { "b": { "type": "blob", "sha256": name, "size": good.len() } } });
+    let (status, body) = b.post("/q/q/j", json!({ "definition": another })).await;
     assert_eq!(status, 422, "a submission is not accepted on the size alone: {body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("does not match"), "{body}");
     let head = http().head(b.url(&format!("/f/{name}"))).send().await.unwrap();
