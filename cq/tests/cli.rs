@@ -663,3 +663,71 @@ async fn an_insecure_broker_says_so_in_healthz() {
     child.wait().unwrap();
     assert!(health.starts_with("ok\n") && health.contains("insecure"), "{health}");
 }
+
+/// A broker and a worker that read their tokens from files (nothing secret on a command line)
+/// run a job end to end; a worker whose file holds another token is refused.
+#[tokio::test]
+async fn a_worker_authenticates_with_a_token_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let client_file = write("client-token", "client-secret\n");
+    let worker_file = write("worker-token", "worker-secret\n");
+    let wrong_file = write("wrong-token", "not-the-worker-secret\n");
+    let data = dir.path().join("broker");
+    let (_broker, url) = spawn(&[
+        "broker",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--client-token-file",
+        &client_file,
+        "--worker-token-file",
+        &worker_file,
+    ]);
+    let start_worker = |file: &str, id: &str| {
+        let worker_dir = dir.path().join(id);
+        let child = cq()
+            .args(["worker", "--url", &url, "--queue", "files", "--slots", "1", "--token-file", file])
+            .args(["--worker-id", id, "--data-dir", worker_dir.to_str().unwrap()])
+            .env("CQ_LOG", "warn")
+            .env_remove("CQ_WORKER_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Proc(child)
+    };
+
+    // The wrong token: the broker refuses the worker, which says why (read on a thread, so
+    // the test's deadline bounds the wait).
+    let mut wrong = start_worker(&wrong_file, "token-file-wrong");
+    let stderr = wrong.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("token") {
+                let _ = tx.send(line);
+                return;
+            }
+        }
+    });
+    let refused = rx.recv_timeout(std::time::Duration::from_secs(60)).expect("the worker says why it is refused");
+    assert!(refused.contains("wrong worker token"), "{refused}");
+    drop(wrong);
+
+    let _worker = start_worker(&worker_file, "token-file-right");
+    let out = cq()
+        .args(["submit", "--url", &url, "--queue", "files", "--wait", "--image", "cq-test/busybox", "--"])
+        .args(["sh", "-c", "echo ran with a token from a file"])
+        .env("CQ_TOKEN", "client-secret")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "ran with a token from a file\n");
+}

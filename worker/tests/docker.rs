@@ -798,3 +798,120 @@ async fn the_worker_not_the_job_sets_the_ceilings() {
     let logs = b.log_text(&plain).await;
     assert!(logs.contains("memory limit") && !logs.contains("survived"), "{logs}");
 }
+
+/// A Docker network made for one test, removed when dropped (even when the test fails).
+struct TestNetwork(String);
+
+impl TestNetwork {
+    async fn create(name: &str) -> TestNetwork {
+        let request = bollard::models::NetworkCreateRequest {
+            name: name.to_string(),
+            driver: Some("bridge".into()),
+            labels: Some(std::collections::HashMap::from([("cq.test".to_string(), "true".to_string())])),
+            ..Default::default()
+        };
+        docker().await.create_network(request).await.unwrap();
+        TestNetwork(name.to_string())
+    }
+
+    /// The network's IPv4 subnet as (address, prefix length).
+    async fn subnet(&self) -> (std::net::Ipv4Addr, u32) {
+        let net = docker().await.inspect_network(&self.0, None).await.unwrap();
+        let configs = net.ipam.and_then(|i| i.config).unwrap_or_default();
+        let subnet = configs.iter().filter_map(|c| c.subnet.clone()).find(|s| !s.contains(':')).unwrap();
+        let (addr, len) = subnet.split_once('/').unwrap();
+        (addr.parse().unwrap(), len.parse().unwrap())
+    }
+}
+
+impl Drop for TestNetwork {
+    fn drop(&mut self) {
+        let name = self.0.clone();
+        // Drop cannot await; a runtime of its own on a thread of its own removes the network.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                if let Err(e) = docker().await.remove_network(&name).await {
+                    eprintln!("cannot remove the test network {name}: {e}");
+                }
+            });
+        })
+        .join();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_network_none_and_a_named_network() {
+    docker().await;
+    let b = Broker::start(30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let show = json!({ "image": IMAGE, "command": sh("ls /sys/class/net") });
+
+    // `none`: the container has a loopback interface and nothing else.
+    let mut cfg = config(&b.url, &unique("net-none"), dir.path().join("none").as_path(), 1);
+    cfg.limits.network = worker::limits::JobNetwork::None;
+    let w = start_worker(cfg);
+    let id = b.submit(show).await;
+    let v = b.finished(&id).await;
+    assert_eq!(v["reason"], "succeeded", "{v}");
+    let log = b.log_text(&id).await;
+    assert_eq!(log.split_whitespace().collect::<Vec<_>>(), ["lo"], "no interface but loopback: {log}");
+    let none_id = w.id.clone();
+    drop(w);
+    all_removed(&none_id).await;
+
+    // A named network: the job's address is in that network's subnet.
+    let net = TestNetwork::create(&unique("net")).await;
+    let (subnet, len) = net.subnet().await;
+    let mut cfg = config(&b.url, &unique("net-named"), dir.path().join("named").as_path(), 1);
+    cfg.limits.network = worker::limits::JobNetwork::Named(net.0.clone());
+    let w = start_worker(cfg);
+    let id = b.submit(json!({ "image": IMAGE, "command": sh("ip -4 -o addr show dev eth0") })).await;
+    let v = b.finished(&id).await;
+    assert_eq!(v["reason"], "succeeded", "{v}");
+    let log = b.log_text(&id).await;
+    let addr: std::net::Ipv4Addr = log
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no IPv4 address in {log:?}"));
+    let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+    assert_eq!(u32::from(addr) & mask, u32::from(subnet) & mask, "{addr} is not in {subnet}/{len}");
+    let named_id = w.id.clone();
+    drop(w);
+    all_removed(&named_id).await;
+    drop(net);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_input_over_the_worker_s_limit_ends_the_job_with_a_clear_error() {
+    docker().await;
+    let b = Broker::start(30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
+    let (big, _) = tiny_server(localhost, ok_response(&"x".repeat(5000))).await;
+    // No Content-Length: the limit must hold while the body streams, too.
+    let no_length = format!("HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{}", "y".repeat(5000));
+    let (streamed, _) = tiny_server(localhost, no_length).await;
+    let (small, _) = tiny_server(localhost, ok_response("small enough\n")).await;
+    let mut cfg = config(&b.url, &unique("max-input"), dir.path(), 2);
+    cfg.limits.fetch.allow_hosts = vec!["localhost".into()];
+    cfg.limits.fetch.max_bytes = 1000;
+    let _w = start_worker(cfg);
+    let job = |port: u16| {
+        json!({ "image": IMAGE, "command": sh("cat /inputs/x"),
+        "inputs": { "x": { "type": "url", "url": format!("http://localhost:{port}/") } } })
+    };
+    for port in [big, streamed] {
+        let id = b.submit(job(port)).await;
+        let v = b.finished(&id).await;
+        assert_eq!(v["reason"], "error", "{v}");
+        let message = v["message"].as_str().unwrap();
+        assert!(message.contains("larger than this worker's limit of 1000 bytes"), "{message}");
+    }
+    let id = b.submit(job(small)).await;
+    assert_eq!(b.finished(&id).await["reason"], "succeeded");
+    assert!(b.log_text(&id).await.contains("small enough"));
+}
