@@ -915,3 +915,30 @@ async fn a_url_input_over_the_worker_s_limit_ends_the_job_with_a_clear_error() {
     assert_eq!(b.finished(&id).await["reason"], "succeeded");
     assert!(b.log_text(&id).await.contains("small enough"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_is_one_directory_per_queue() {
+    docker().await;
+    let b = Broker::start(30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&b.url, &unique("cache"), dir.path(), 1);
+    cfg.queues = vec!["qa".into(), "qb".into()];
+    let _w = start_worker(cfg);
+    let submit = |queue: &'static str, script: &str| {
+        let url = format!("{}/q/{queue}/j", b.url);
+        let definition = json!({ "image": IMAGE, "command": sh(script) });
+        async move {
+            let r = reqwest::Client::new().post(url).json(&json!({ "definition": definition })).send().await.unwrap();
+            let body: Value = r.json().await.unwrap();
+            body["jobId"].as_str().unwrap_or_else(|| panic!("{body}")).to_string()
+        }
+    };
+    let plant = submit("qa", "echo 'echo planted' > /cache/run.sh").await;
+    assert_eq!(b.finished(&plant).await["reason"], "succeeded");
+    let other = submit("qb", "if [ -e /cache/run.sh ]; then echo SEEN; else echo ABSENT; fi").await;
+    assert_eq!(b.finished(&other).await["reason"], "succeeded");
+    assert!(b.log_text(&other).await.contains("ABSENT"), "another queue's job does not see the file");
+    let same = submit("qa", "sh /cache/run.sh").await;
+    assert_eq!(b.finished(&same).await["reason"], "succeeded");
+    assert!(b.log_text(&same).await.contains("planted"), "the same queue's next job does");
+}
