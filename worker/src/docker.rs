@@ -197,12 +197,31 @@ async fn pull(docker: &Docker, image: &str, progress: &(dyn Fn(ImageProgress) + 
 }
 
 fn pull_error(image: &str, e: bollard::errors::Error) -> JobError {
-    let text = e.to_string();
+    classify_pull_failure(image, &e.to_string())
+}
+
+/// What the engine's answer to a failed pull means for the job. A registry that answers that
+/// the image does not exist, or refuses access, is final: the job ends at once. Anything else
+/// (no registry reachable, DNS, a timeout, a registry error) may pass, so the attempt fails as
+/// retryable and the broker tries again within the job's retry budget, with a backoff, then
+/// ends the job as `error` with this message.
+pub fn classify_pull_failure(image: &str, text: &str) -> JobError {
+    const FINAL: [&str; 9] = [
+        "not found",
+        "manifest unknown",
+        "does not exist",
+        "denied",
+        "unauthorized",
+        "authentication required",
+        "invalid reference format",
+        "must be lowercase",
+        "no matching manifest",
+    ];
     let lower = text.to_lowercase();
-    if lower.contains("not found") || lower.contains("does not exist") || lower.contains("denied") {
-        JobError::user(format!("image `{image}` not found (or access denied): {text}"))
+    if FINAL.iter().any(|f| lower.contains(f)) {
+        JobError::user(format!("image `{image}` cannot be pulled (not found, or access denied): {text}"))
     } else {
-        JobError::infra(format!("pulling image `{image}` failed: {text}"))
+        JobError::infra(format!("image `{image}` is not on this worker and pulling it failed: {text}"))
     }
 }
 
@@ -629,4 +648,32 @@ pub async fn owned(docker: &Docker, worker: &str) -> Result<Vec<Owned>, JobError
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_registry_s_refusal_is_final_and_an_unreachable_registry_is_not() {
+        let final_answers = [
+            "Error response from daemon: manifest for cq-test/x:1 not found: manifest unknown: manifest unknown",
+            "pull access denied for cq-test/x, repository does not exist or may require 'docker login'",
+            "Head \"https://registry.example/v2/x/manifests/1\": unauthorized: authentication required",
+            "invalid reference format: repository name must be lowercase",
+        ];
+        for text in final_answers {
+            let e = classify_pull_failure("cq-test/x:1", text);
+            assert!(!e.retryable && e.message.contains("cq-test/x:1") && e.message.contains(text), "{e:?}");
+        }
+        let passing = [
+            "Get \"https://registry-1.docker.io/v2/\": dial tcp: lookup registry-1.docker.io on 10.0.0.53:53: no such host",
+            "Get \"https://registry-1.docker.io/v2/\": net/http: request canceled while waiting for connection",
+            "received unexpected HTTP status: 503 Service Unavailable",
+        ];
+        for text in passing {
+            let e = classify_pull_failure("cq-test/x:1", text);
+            assert!(e.retryable && e.message.contains("not on this worker") && e.message.contains(text), "{e:?}");
+        }
+    }
 }

@@ -105,6 +105,8 @@ impl Core {
                 let gpus = j.gpus;
                 if let Some(w) = self.workers.get_mut(&wid) {
                     w.held.insert(id, Held { attempt: *attempt, gpus });
+                    // Watchers of its queues see the worker's `busy` change.
+                    self.busy_workers.extend(w.queues.iter().cloned());
                 }
                 self.dirty.push(id);
             }
@@ -136,6 +138,7 @@ impl Core {
                 q.pending.insert((Reverse(j.priority), j.seq));
                 if let Some(w) = j.worker.take().and_then(|w| self.workers.get_mut(&w)) {
                     w.held.remove(&id);
+                    self.busy_workers.extend(w.queues.iter().cloned());
                 }
                 j.state = JobState::Queued;
                 j.queued_at = self.now;

@@ -72,6 +72,10 @@ pub struct Core {
     effects: Vec<Effect>,
     dirty: Vec<JobId>,
     dirty_workers: BTreeSet<Arc<str>>,
+    /// Queues with a worker whose slots in use changed: their watchers hear of it, but the
+    /// reasons queued jobs wait (which depend on what workers can take, not on how busy they
+    /// are) need no refresh.
+    busy_workers: BTreeSet<Arc<str>>,
     /// Milliseconds each job waited in its queue before being assigned, since the last take.
     dispatch_latencies: Vec<u64>,
 }
@@ -96,6 +100,7 @@ impl Core {
             effects: Vec::new(),
             dirty: Vec::new(),
             dirty_workers: BTreeSet::new(),
+            busy_workers: BTreeSet::new(),
             dispatch_latencies: Vec::new(),
         }
     }

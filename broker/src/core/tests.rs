@@ -499,12 +499,13 @@ fn watchers_get_snapshots_then_numbered_updates_and_logs() {
           event assigned a#1 to w1
           send c1: assign a#1
           send c9: queueJob seq=2 a Assigned
+          send c9: queueWorkers seq=3 n=1
           reply Created a Assigned
         t=0 c8 follows a
           send c8: job a Assigned v2
         t=0 c1 accept a#1
           event started a#1
-          send c9: queueJob seq=3 a Running
+          send c9: queueJob seq=4 a Running
           send c8: job a Running v3
         t=0 c1 logs
           event logged a ["0123456789", "abcdefghij", "cq: log truncated at 20 bytes; further output is dropped\n"] truncated=true
@@ -513,9 +514,10 @@ fn watchers_get_snapshots_then_numbered_updates_and_logs() {
         t=0 c1 finish a#1 Exited { exit_code: 0 }
           event finished a Succeeded exit=Some(0) 
           send c1: finishAck a#1
-          send c9: queueJob seq=4 a Finished
+          send c9: queueJob seq=5 a Finished
           send c8: job a Finished v4
           send close c8 1000 (job finished)
+          send c9: queueWorkers seq=6 n=1
         t=0 c7 watches a from 1
           send c7: job a Finished v4
           send c7: logs a @1 n=2

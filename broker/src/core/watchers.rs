@@ -148,7 +148,9 @@ impl Core {
                 }
             }
         }
-        for queue in std::mem::take(&mut self.dirty_workers) {
+        let mut changed = std::mem::take(&mut self.dirty_workers);
+        changed.append(&mut self.busy_workers);
+        for queue in changed {
             let Some(q) = self.queues.get(&queue) else { continue };
             if q.watchers.is_empty() {
                 continue;
