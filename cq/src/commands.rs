@@ -23,6 +23,8 @@ pub async fn dev(args: DevArgs) -> Result<ExitCode> {
             dirs::data_local_dir().map(|d| d.join("cq").join("dev")).unwrap_or_else(|| PathBuf::from("cq-dev-data"))
         }
     };
+    // Bad flags are refused before anything starts.
+    let output_limits = args.outputs.config()?;
     if !args.listen.ip().is_loopback() {
         if !args.access.insecure_no_auth {
             bail!(
@@ -62,6 +64,7 @@ pub async fn dev(args: DevArgs) -> Result<ExitCode> {
         let mut config = worker_config(format!("http://{addr}"), data_dir.join("worker"), None, args.slots)?;
         // On Ctrl-C, running jobs get a few seconds, then go back to the queue.
         config.drain_timeout = std::time::Duration::from_secs(10);
+        config.output_limits = output_limits;
         eprintln!("cq dev: local worker {} on queue `local` with {} slots", config.worker_id, config.slots);
         Some(tokio::spawn(async move {
             let drained = async move {
@@ -185,6 +188,7 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
         drain_timeout: args.drain_timeout,
         pids_limit: args.pids_limit,
         limits: args.limits.config()?,
+        output_limits: args.outputs.config()?,
         ..worker_config(args.url, data_dir, args.worker_id, args.slots)?
     };
     tracing::info!(worker = %config.worker_id, queues = ?config.queues, slots = config.slots, broker = %config.broker_url, "worker starting");

@@ -170,6 +170,8 @@ struct DevArgs {
     no_worker: bool,
     #[command(flatten)]
     access: AccessArgs,
+    #[command(flatten)]
+    outputs: OutputArgs,
 }
 
 #[derive(Debug, Args)]
@@ -218,6 +220,42 @@ pub struct WorkerArgs {
     pub pids_limit: i64,
     #[command(flatten)]
     pub limits: LimitArgs,
+    #[command(flatten)]
+    pub outputs: OutputArgs,
+}
+
+/// What a job may leave on this worker's disk.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Job outputs")]
+pub struct OutputArgs {
+    /// Most output files a job keeps; the rest are not uploaded and the job's log says so.
+    #[arg(long, env = "CQ_MAX_OUTPUT_FILES", default_value_t = worker::job::DEFAULT_MAX_OUTPUT_FILES)]
+    pub max_output_files: usize,
+    /// Most bytes of output (all files together) a job keeps, e.g. 10g.
+    #[arg(long, env = "CQ_MAX_OUTPUT_BYTES", default_value = "10g")]
+    pub max_output_bytes: String,
+    /// Most bytes a job's directory (inputs and outputs) may hold while the job runs, e.g. 50g,
+    /// or `none`. Measured every few seconds; a job past it is stopped with an error.
+    #[arg(long, env = "CQ_MAX_JOB_DISK", default_value = "50g")]
+    pub max_job_disk: String,
+}
+
+impl OutputArgs {
+    /// The worker's output limits.
+    pub fn config(&self) -> anyhow::Result<worker::job::OutputLimits> {
+        let size = |flag: &str, text: &str| {
+            protocol::definition::parse_size(text)
+                .ok_or_else(|| anyhow::anyhow!("--{flag} wants a size such as 512m or 2g, got `{text}`"))
+        };
+        Ok(worker::job::OutputLimits {
+            max_files: self.max_output_files,
+            max_bytes: size("max-output-bytes", &self.max_output_bytes)?,
+            max_job_disk: match self.max_job_disk.as_str() {
+                "none" => None,
+                text => Some(size("max-job-disk", text)?),
+            },
+        })
+    }
 }
 
 /// What jobs may use and reach on this worker, whatever they ask for.

@@ -37,21 +37,35 @@ const MAX_LINE: usize = 64 << 10;
 pub const DEFAULT_MAX_OUTPUT_FILES: usize = 1000;
 /// Most output bytes (all files together) a job keeps unless the worker says otherwise.
 pub const DEFAULT_MAX_OUTPUT_BYTES: u64 = 10 << 30;
+/// Most bytes a job's directory (its inputs and outputs) may hold unless the worker says
+/// otherwise.
+pub const DEFAULT_MAX_JOB_DISK: u64 = 50 << 30;
+/// How often the size of a running job's directory is measured against its ceiling.
+pub const JOB_DISK_CHECK: Duration = Duration::from_secs(2);
 /// Most bytes the list of outputs may take in a finish message, whatever the limits: the
 /// finish must fit the broker's message limit with room to spare.
 const MAX_OUTPUT_LIST_BYTES: usize = 512 << 10;
 
-/// Per-job limits on what a worker keeps of a job's outputs. Outputs beyond them are not
-/// uploaded; the job's log says so, and the outputs up to the limit are kept.
+/// Per-job limits on what a job may leave on the worker's disk. Outputs beyond `max_files` or
+/// `max_bytes` are not uploaded; the job's log says so, and the outputs up to the limit are
+/// kept. A job whose directory grows past `max_job_disk` is stopped (see [`JOB_DISK_CHECK`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OutputLimits {
     pub max_files: usize,
     pub max_bytes: u64,
+    /// Most bytes of the job's directory (inputs and outputs), measured every
+    /// [`JOB_DISK_CHECK`] while it runs: a job can pass it by what it writes in that time.
+    /// `None`: no ceiling.
+    pub max_job_disk: Option<u64>,
 }
 
 impl Default for OutputLimits {
     fn default() -> OutputLimits {
-        OutputLimits { max_files: DEFAULT_MAX_OUTPUT_FILES, max_bytes: DEFAULT_MAX_OUTPUT_BYTES }
+        OutputLimits {
+            max_files: DEFAULT_MAX_OUTPUT_FILES,
+            max_bytes: DEFAULT_MAX_OUTPUT_BYTES,
+            max_job_disk: Some(DEFAULT_MAX_JOB_DISK),
+        }
     }
 }
 
@@ -423,8 +437,19 @@ async fn supervise(ctx: &Ctx, container: &str, record: &Record, since_ns: u128) 
     });
     let mut stop = ctx.stop.clone();
     let mut timed_out = false;
+    let mut over_disk = None;
+    let dir = ctx.env.job_dir(ctx.job, ctx.attempt);
     let exit = tokio::select! {
         exit = docker::wait(&docker, container) => exit,
+        size = disk_exceeded(&dir, ctx.env.output_limits.max_job_disk) => {
+            let limit = ctx.env.output_limits.max_job_disk.unwrap_or_default();
+            over_disk = Some(limit);
+            ctx.send(ctx.system_line(format!(
+                "cq: the job's directory holds {size} bytes, over this worker's limit of {limit} bytes; stopping the job\n"
+            ))).await;
+            docker::kill(&docker, container).await;
+            docker::wait(&docker, container).await
+        }
         _ = sleep_until(deadline) => {
             timed_out = true;
             let grace = ctx.env.stop_grace;
@@ -490,7 +515,6 @@ async fn supervise(ctx: &Ctx, container: &str, record: &Record, since_ns: u128) 
     ctx.progress(Phase::Uploading, None);
     let outputs = collect_outputs(ctx).await;
     // The result does not wait for the clean-up.
-    let dir = ctx.env.job_dir(ctx.job, ctx.attempt);
     let container = container.to_string();
     tokio::spawn(async move {
         if let Err(e) = docker::remove(&docker, &container).await {
@@ -500,10 +524,54 @@ async fn supervise(ctx: &Ctx, container: &str, record: &Record, since_ns: u128) 
     });
     let status = match outputs {
         Err(e) => return finish(ctx, ExitStatus::Error { message: e.message, retryable: e.retryable }, Vec::new()),
+        Ok(_) if over_disk.is_some() => ExitStatus::Error {
+            message: format!(
+                "stopped: the job's directory grew past this worker's limit of {} bytes",
+                over_disk.unwrap_or_default()
+            ),
+            retryable: false,
+        },
         Ok(_) if timed_out => ExitStatus::TimedOut { exit_code: Some(exit.code) },
         Ok(_) => ExitStatus::Exited { exit_code: exit.code },
     };
     finish(ctx, status, outputs.unwrap_or_default())
+}
+
+/// Resolves with the size of `dir` once it holds more than `limit` bytes (measured every
+/// [`JOB_DISK_CHECK`]); never without a limit.
+async fn disk_exceeded(dir: &Path, limit: Option<u64>) -> u64 {
+    let Some(limit) = limit else { return std::future::pending().await };
+    let mut tick = tokio::time::interval(JOB_DISK_CHECK);
+    loop {
+        tick.tick().await;
+        let size = tokio::task::spawn_blocking({
+            let dir = dir.to_path_buf();
+            move || disk_usage(&dir)
+        })
+        .await
+        .unwrap_or(0);
+        if size > limit {
+            return size;
+        }
+    }
+}
+
+/// Bytes of the regular files below `dir` (symbolic links are not followed).
+fn disk_usage(dir: &Path) -> u64 {
+    let mut total = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else if meta.is_file() {
+                total = total.saturating_add(meta.len());
+            }
+        }
+    }
+    total
 }
 
 /// Resolves once the controller asks the job to stop.

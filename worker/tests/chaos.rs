@@ -88,7 +88,7 @@ enum Plan {
     Supersede(Value, Value),
 }
 
-fn check(job: &Value, log: &str, expect: &Expect) -> Result<(), String> {
+fn check(job: &Value, (log, job_output): &(String, String), expect: &Expect) -> Result<(), String> {
     let reason = job["reason"].as_str().unwrap_or("");
     let ok = match expect {
         Expect::Succeeded(text) => reason == "succeeded" && job["exitCode"] == 0 && log == text,
@@ -103,11 +103,10 @@ fn check(job: &Value, log: &str, expect: &Expect) -> Result<(), String> {
                 && log.contains("output limit of 1000 files reached: kept 1000 of 20000")
         }
         Expect::Bulk => {
-            let job_bytes: String = log.lines().filter(|l| !l.starts_with("cq: ")).collect();
             reason == "succeeded"
                 && job.get("logTruncated").is_none()
-                && !job_bytes.is_empty()
-                && job_bytes.bytes().all(|c| c == 1 || c == b'x')
+                && !job_output.is_empty()
+                && job_output.bytes().all(|c| c == 1 || c == b'x')
         }
         Expect::Built(text) => reason == "succeeded" && log.contains(text.as_str()),
     };
@@ -118,10 +117,12 @@ fn short(log: &str) -> String {
     log.chars().take(300).collect()
 }
 
-/// The job's whole log as text.
-async fn full_log(b: &Broker, id: &str) -> String {
+/// The job's whole log as text, and what of it came from the job (not cq's notes).
+async fn full_log(b: &Broker, id: &str) -> (String, String) {
     let v: Value = reqwest::get(format!("{}/j/{id}/logs?limit=100000", b.url)).await.unwrap().json().await.unwrap();
-    v["lines"].as_array().unwrap().iter().map(|l| l["text"].as_str().unwrap_or("")).collect()
+    let lines = v["lines"].as_array().unwrap();
+    let text = |l: &Value| l["text"].as_str().unwrap_or("").to_string();
+    (lines.iter().map(text).collect(), lines.iter().filter(|l| l["stream"] != "system").map(text).collect())
 }
 
 /// The jobs of the run, in a fixed shuffled order.

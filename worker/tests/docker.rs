@@ -676,3 +676,45 @@ async fn cache_is_one_directory_per_queue() {
     assert_eq!(b.finished(&same).await["reason"], "succeeded");
     assert!(b.log_text(&same).await.contains("planted"), "the same queue's next job does");
 }
+
+/// The worker's output ceilings: past the file count or the byte total, the outputs up to the
+/// limit are kept and the log says so; a job whose directory grows past the disk ceiling is
+/// stopped with an error, keeping what it wrote within the output limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_and_disk_ceilings_set_by_the_worker() {
+    docker().await;
+    let b = Broker::start(30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&b.url, &unique("ceil-out"), dir.path(), 3);
+    cfg.output_limits = worker::job::OutputLimits { max_files: 3, max_bytes: 10, max_job_disk: Some(1 << 20) };
+    let w = start_worker(cfg);
+    let files = b.submit(json!({ "image": IMAGE, "command": sh("cd /outputs && touch a b c d e") })).await;
+    let bytes = b
+        .submit(json!({ "image": IMAGE, "command": sh("cd /outputs && echo 1234 > a && echo 5678 > b && echo 9 > c") }))
+        .await;
+    let disk = b
+        .submit(json!({ "image": IMAGE, "command": sh("echo x > /outputs/a; head -c 4194304 /dev/zero > /outputs/big; echo written; sleep 60") }))
+        .await;
+
+    let job = b.finished(&files).await;
+    assert_eq!(job["reason"], "succeeded", "{job}");
+    let paths: Vec<&str> = job["outputs"].as_array().unwrap().iter().map(|o| o["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["a", "b", "c"]);
+    let log = b.log_text(&files).await;
+    assert!(log.contains("output limit of 3 files reached: kept 3 of 5"), "{log}");
+
+    let job = b.finished(&bytes).await;
+    assert_eq!(job["reason"], "succeeded", "{job}");
+    let paths: Vec<&str> = job["outputs"].as_array().unwrap().iter().map(|o| o["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["a", "b"], "5 + 5 bytes fit in 10, the third file does not");
+    let log = b.log_text(&bytes).await;
+    assert!(log.contains("output limit of 10 bytes reached: kept 2 of 3"), "{log}");
+
+    let job = b.finished(&disk).await;
+    assert_eq!(job["reason"], "error", "{job}");
+    assert!(job["message"].as_str().unwrap().contains("limit of 1048576 bytes"), "{job}");
+    assert_eq!(job["outputs"][0]["path"], "a", "the outputs within the limits are kept: {job}");
+    let log = b.log_text(&disk).await;
+    assert!(log.contains("written") && log.contains("over this worker's limit of 1048576 bytes"), "{log}");
+    tokio::time::timeout(WAIT, all_removed(&w.id)).await.expect("containers removed");
+}

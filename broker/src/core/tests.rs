@@ -851,3 +851,32 @@ fn worker_input_is_bounded_and_unused_queues_go_away() {
           reply Overview(Overview { queues: [], finished: [], dispatched: 0, jobs: 0, workers: 0, connections: 0 })
     "#]]);
 }
+
+#[test]
+fn a_worker_s_system_lines_name_the_worker() {
+    let mut s = script();
+    s.core.config.max_log_bytes = 1000;
+    s.worker(1, "w1", 1, 0, &[], &[]).submit("q", "a");
+    let a = s.id("a");
+    s.accept(1, "a", 1);
+    let line = |stream: Stream, t: &str| LogLine { stream, time: 1, text: t.into() };
+    let lines = vec![
+        line(Stream::Stdout, "cq: from the job\n"),
+        line(Stream::System, "cq: the worker's note\n"),
+        line(Stream::System, "one\ncq: log truncated at 1 bytes; further output is dropped\n"),
+    ];
+    s.msg(1, "logs", WorkerToBroker::Logs { job_id: a, attempt: 1, lines });
+    s.check(expect![[r#"
+        t=0 hello w1 on c1 slots=1 gpus=0 tags=[]
+          send c1: welcome
+        t=0 submit a to q
+          event submitted a queue=q ns=None prio=0
+          event assigned a#1 to w1
+          send c1: assign a#1
+          reply Created a Assigned
+        t=0 c1 accept a#1
+          event started a#1
+        t=0 c1 logs
+          event logged a ["cq: from the job\n", "cq worker w1: the worker's note\n", "cq worker w1: one\ncq worker w1: log truncated at 1 bytes; further output is dropped\n"] truncated=false
+    "#]]);
+}

@@ -2,6 +2,8 @@
 //! (accept, release, progress, logs, finish), requeue and retry budgets, disconnects and the
 //! grace period.
 
+use protocol::job::Stream;
+
 use super::*;
 
 impl Core {
@@ -178,6 +180,8 @@ impl Core {
                     return self.stale(&worker, job_id, attempt);
                 }
                 if self.is_current(job_id, attempt) {
+                    let mut lines = lines;
+                    name_worker_notes(&worker, &mut lines);
                     self.append_logs(job_id, lines);
                 }
                 Reply::Done
@@ -495,5 +499,20 @@ impl Worker {
             connected: self.conn.is_some(),
             draining: self.draining,
         }
+    }
+}
+
+/// The `system` stream is cq's own voice. The broker's notes read `cq: …`; a worker's notes keep
+/// the stream but name the worker (`cq worker w1: …`, on every line of the text), so no worker
+/// can pass a line of its own off as the broker's.
+fn name_worker_notes(worker: &WorkerId, lines: &mut [LogLine]) {
+    for line in lines.iter_mut().filter(|l| l.stream == Stream::System) {
+        let prefix = format!("cq worker {}: ", worker.0);
+        let mut text = String::with_capacity(line.text.len() + prefix.len());
+        for piece in line.text.split_inclusive('\n') {
+            text.push_str(&prefix);
+            text.push_str(piece.strip_prefix("cq: ").unwrap_or(piece));
+        }
+        line.text = text;
     }
 }
