@@ -61,6 +61,8 @@ impl tracing::Subscriber for Capture {
 enum Expect {
     /// Succeeded, and its log is exactly this.
     Succeeded(String),
+    /// Succeeded (a rerun: the log may hold both attempts).
+    SucceededAgain,
     Failed(i64),
     TimedOut,
     Cancelled,
@@ -86,12 +88,16 @@ enum Plan {
     CancelRunning(Value),
     /// Submit in a namespace, then submit another job there once its first line arrives.
     Supersede(Value, Value),
+    /// Submit, cancel once its first line arrives, and submit it again at once: the rerun
+    /// waits for the old attempt's end on its worker (or goes to the other), then succeeds.
+    Rerun(Value),
 }
 
 fn check(job: &Value, (log, job_output): &(String, String), expect: &Expect) -> Result<(), String> {
     let reason = job["reason"].as_str().unwrap_or("");
     let ok = match expect {
         Expect::Succeeded(text) => reason == "succeeded" && job["exitCode"] == 0 && log == text,
+        Expect::SucceededAgain => reason == "succeeded" && job["exitCode"] == 0,
         Expect::Failed(code) => reason == "failed" && job["exitCode"] == *code,
         Expect::TimedOut => reason == "timedOut" && log.contains("maximum duration"),
         Expect::Cancelled => reason == "cancelled",
@@ -128,7 +134,7 @@ async fn full_log(b: &Broker, id: &str) -> (String, String) {
 /// The jobs of the run, in a fixed shuffled order.
 fn plans(tarball: &str, marker: &str, salt: &str) -> Vec<Plan> {
     let mut plans = Vec::new();
-    for i in 0..120 {
+    for i in 0..100 {
         let script = if i % 4 == 0 {
             format!("echo ok {i} {salt}; echo {i} > /outputs/n")
         } else {
@@ -139,7 +145,7 @@ fn plans(tarball: &str, marker: &str, salt: &str) -> Vec<Plan> {
             Expect::Succeeded(format!("ok {i} {salt}\n")),
         ));
     }
-    for i in 0..30 {
+    for i in 0..24 {
         let code = 1 + i % 7;
         let def = json!({ "image": IMAGE, "command": sh(&format!("echo fail {i} {salt}; exit {code}")) });
         plans.push(Plan::Run(def, Expect::Failed(code)));
@@ -163,6 +169,9 @@ fn plans(tarball: &str, marker: &str, salt: &str) -> Vec<Plan> {
         let first = json!({ "image": IMAGE, "command": sh(&format!("echo editing {i} {salt}; sleep 30")) });
         let second = json!({ "image": IMAGE, "command": sh(&format!("echo edited {i} {salt}")) });
         plans.push(Plan::Supersede(first, second));
+    }
+    for i in 0..6 {
+        plans.push(Plan::Rerun(json!({ "image": IMAGE, "command": sh(&format!("echo rerun {i} {salt}; sleep 2")) })));
     }
     plans.push(Plan::Run(
         json!({ "build": { "dockerfile": format!("FROM {IMAGE}\nRUN echo {salt} && exit 7\n") }, "command": ["true"] }),
@@ -275,6 +284,26 @@ async fn lifecycle_chaos() {
                             reqwest::Client::new().post(format!("{url}/j/{id}/cancel")).send().await.unwrap();
                             None
                         }
+                    }));
+                }
+                Plan::Rerun(def) => {
+                    let id = b.submit(def.clone()).await;
+                    expected.push((id.clone(), Expect::SucceededAgain));
+                    let url = b.url.clone();
+                    later.push(tokio::spawn(async move {
+                        follow(&url, &id, CHAOS_DEADLINE, |v| logged(v, "rerun")).await;
+                        let http = reqwest::Client::new();
+                        // The first attempt may have ended already (409): the rerun is then a
+                        // cached success, which is fine too.
+                        http.post(format!("{url}/j/{id}/cancel")).send().await.unwrap();
+                        let r = http
+                            .post(format!("{url}/q/local/j"))
+                            .json(&json!({ "definition": def }))
+                            .send()
+                            .await
+                            .unwrap();
+                        assert!(r.status().is_success(), "{:?}", r.text().await);
+                        None
                     }));
                 }
                 Plan::Supersede(first, second) => {

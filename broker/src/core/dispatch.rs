@@ -40,6 +40,12 @@ impl Core {
                         continue;
                     }
                     any_free = true;
+                    // A worker still stopping an older attempt of this job (cancelled, then
+                    // submitted again) holds that attempt's slot: one attempt of a job per
+                    // worker, so its end report frees exactly that slot.
+                    if w.held.contains_key(&job_id) {
+                        continue;
+                    }
                     // Most jobs want no GPU: skip summing the worker's held GPUs for them.
                     if (job.gpus > 0 && w.free_gpus() < job.gpus) || !job.tags.iter().all(|t| w.tags.contains(t)) {
                         continue;

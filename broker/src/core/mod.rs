@@ -241,6 +241,12 @@ impl Job {
         self.state != JobState::Finished
     }
 
+    /// Whether `attempt` is out on a worker now. A job queued again (a rerun after a cancel)
+    /// keeps the number of its last attempt until it is assigned, but that attempt is over.
+    fn is_out(&self, attempt: u32) -> bool {
+        matches!(self.state, JobState::Assigned | JobState::Running) && self.attempt == attempt
+    }
+
     pub(crate) fn view(&self) -> JobView {
         JobView {
             id: self.id,

@@ -880,3 +880,36 @@ fn a_worker_s_system_lines_name_the_worker() {
           event logged a ["cq: from the job\n", "cq worker w1: the worker's note\n", "cq worker w1: one\ncq worker w1: log truncated at 1 bytes; further output is dropped\n"] truncated=false
     "#]]);
 }
+
+/// A job cancelled and submitted again while its worker still stops the old attempt waits for
+/// that attempt's end (or goes to another worker): a worker holds one attempt of a job, and each
+/// end report frees exactly one slot.
+#[test]
+fn a_job_submitted_again_waits_for_its_old_attempt_to_end() {
+    let mut s = script();
+    s.worker(1, "w1", 2, 0, &[], &[]).submit("q", "a").accept(1, "a", 1);
+    let a = s.id("a");
+    s.out.clear();
+    s.run("cancel a", Command::Cancel { job: a, namespace: None });
+    s.submit_with("q", "a", "", None, false);
+    s.run("summary", Command::Summary { queue: Some("q".into()) });
+    s.finish(1, "a", 1, ExitStatus::Cancelled);
+    s.run("summary", Command::Summary { queue: Some("q".into()) });
+    s.check(expect![[r#"
+        t=0 cancel a
+          event finished a Cancelled exit=None cancelled by a client
+          send c1: cancel a#1 (cancelled by a client)
+          reply a Finished Some(Cancelled) attempt=1
+        t=0 submit a to q
+          event submitted a queue=q ns=None prio=0
+          reply Rerun a Queued
+        t=0 summary
+          reply Summary([QueueSummary { queue: "q", queued: 1, assigned: 0, running: 0, finished: 0, oldest_queued_ms: Some(0), workers: 1, slots: 2, free_slots: 1 }])
+        t=0 c1 finish a#1 Cancelled
+          event assigned a#2 to w1
+          send c1: finishAck a#1
+          send c1: assign a#2
+        t=0 summary
+          reply Summary([QueueSummary { queue: "q", queued: 0, assigned: 1, running: 0, finished: 0, oldest_queued_ms: None, workers: 1, slots: 2, free_slots: 1 }])
+    "#]]);
+}

@@ -78,7 +78,7 @@ impl Core {
         let ours: Vec<(JobId, Held)> = self.workers[&id].held.iter().map(|(j, h)| (*j, *h)).collect();
         for (job, held) in &ours {
             if claimed.get(job) == Some(&held.attempt) {
-                if self.jobs.get(job).is_none_or(|j| !j.is_live() || j.attempt != held.attempt) {
+                if self.jobs.get(job).is_none_or(|j| !j.is_out(held.attempt)) {
                     self.send_worker(
                         &id,
                         BrokerToWorker::Cancel {
@@ -91,10 +91,7 @@ impl Core {
                 continue;
             }
             self.release_held(&id, *job);
-            let current = self
-                .jobs
-                .get(job)
-                .filter(|j| j.is_live() && j.attempt == held.attempt && j.worker.as_ref() == Some(&id));
+            let current = self.jobs.get(job).filter(|j| j.is_out(held.attempt) && j.worker.as_ref() == Some(&id));
             if let Some(j) = current {
                 let loss = if j.state == JobState::Running { Loss::WorkerLost } else { Loss::None };
                 self.requeue(*job, loss, "the worker came back without it");
@@ -312,8 +309,10 @@ impl Core {
         self.workers.get(worker).and_then(|w| w.held.get(&job)).is_some_and(|h| h.attempt == attempt)
     }
 
+    /// Whether `attempt` is the job's attempt out on a worker now: late reports of an attempt
+    /// that is over must not end or requeue a rerun of the job.
     pub(super) fn is_current(&self, job: JobId, attempt: u32) -> bool {
-        self.jobs.get(&job).is_some_and(|j| j.is_live() && j.attempt == attempt)
+        self.jobs.get(&job).is_some_and(|j| j.is_out(attempt))
     }
 
     pub(super) fn stale(&mut self, worker: &WorkerId, job_id: JobId, attempt: u32) -> Reply {
@@ -401,11 +400,7 @@ impl Core {
             let held: Vec<(JobId, Held)> = self.workers[&id].held.iter().map(|(j, h)| (*j, *h)).collect();
             self.remove_worker(&id);
             for (job, h) in held {
-                if self
-                    .jobs
-                    .get(&job)
-                    .is_some_and(|j| j.is_live() && j.attempt == h.attempt && j.worker.as_ref() == Some(&id))
-                {
+                if self.jobs.get(&job).is_some_and(|j| j.is_out(h.attempt) && j.worker.as_ref() == Some(&id)) {
                     self.requeue(
                         job,
                         Loss::WorkerLost,
