@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bollard::Docker;
@@ -23,7 +24,11 @@ use crate::docker::{self, ContainerSpec, ImageProgress, JobError};
 
 /// Logs are sent at least this often while a container prints.
 pub const LOG_FLUSH: Duration = Duration::from_millis(100);
-/// How long the log stream of an exited container may take to deliver what it still holds.
+/// The live log stream of an exited container that delivers nothing for this long is taken as
+/// stalled; the rest is read from what the engine stored.
+const LOG_STALL: Duration = Duration::from_secs(3);
+/// How long the live log stream of an exited container may go on delivering, and how long
+/// reading the stored rest may take.
 const LOG_DRAIN: Duration = Duration::from_secs(60);
 /// Most lines in one logs message.
 const LOG_BATCH_LINES: usize = 500;
@@ -424,12 +429,14 @@ async fn materialise_inputs(ctx: &Ctx, def: &JobDefinition, dir: &Path) -> Resul
 /// outputs and reports.
 async fn supervise(ctx: &Ctx, container: &str, record: &Record, since_ns: u128) -> Outcome {
     let docker = ctx.env.docker.clone();
-    let log_task = tokio::spawn(forward_logs(
+    let sent = Arc::new(LogProgress { ns: AtomicU64::new(since_ns as u64), batches: AtomicU64::new(0) });
+    let mut log_task = tokio::spawn(forward_logs(
         docker::logs(&docker, container, since_ns),
         ctx.tx.clone(),
         ctx.job,
         ctx.attempt,
         ctx.env.job_dir(ctx.job, ctx.attempt).join("log-cursor"),
+        sent.clone(),
     ));
     let deadline = record.deadline_ms.map(|ms| {
         let now = (docker::now_ns() / 1_000_000) as u64;
@@ -462,33 +469,40 @@ async fn supervise(ctx: &Ctx, container: &str, record: &Record, since_ns: u128) 
         }
         _ = stop_requested(&mut stop) => {
             docker::kill(&docker, container).await;
-            let _ = tokio::time::timeout(Duration::from_secs(5), log_task).await;
+            if tokio::time::timeout(LOG_STALL, &mut log_task).await.is_err() {
+                // No line may follow the finish.
+                log_task.abort();
+                let _ = log_task.await;
+            }
             let _ = docker::remove(&docker, container).await;
             cleanup_dir(ctx).await;
             return stopped_outcome(ctx);
         }
     };
-    // The log stream ends with the container; let it deliver the last lines (megabytes may
-    // still be in flight on a busy host). A stream that does not end is stopped, so no line
-    // can follow the finish.
-    let mut log_task = log_task;
-    let sent_until = match tokio::time::timeout(LOG_DRAIN, &mut log_task).await {
-        Ok(Ok(ns)) => Some(ns),
-        _ => {
-            log_task.abort();
-            None
+    // The live stream ends with the container, usually with every line delivered (megabytes may
+    // still be in flight on a busy host). It is not the record, though: it can end before the
+    // engine has stored a last line without a newline, and it stalls where the engine rotates
+    // its log file (json-file with max-size). So it may go on while it delivers, is stopped once
+    // it stalls, and the rest is read from what the engine stored, after the last line
+    // delivered.
+    let drain_until = tokio::time::Instant::now() + LOG_DRAIN;
+    loop {
+        let before = sent.batches.load(Ordering::SeqCst);
+        if tokio::time::timeout(LOG_STALL, &mut log_task).await.is_ok() {
+            break;
         }
-    };
-    // A follow stream can end before the engine has stored a last line without a newline: read
-    // what the engine holds after the last line sent, once, now that the container is done.
-    if let Some(since) = sent_until {
-        let cursor = ctx.env.job_dir(ctx.job, ctx.attempt).join("log-cursor");
-        let rest = docker::logs_stored(&docker, container, since);
-        let _ = tokio::time::timeout(
-            Duration::from_secs(5),
-            forward_logs(rest, ctx.tx.clone(), ctx.job, ctx.attempt, cursor),
-        )
-        .await;
+        if sent.batches.load(Ordering::SeqCst) == before || tokio::time::Instant::now() >= drain_until {
+            log_task.abort();
+            let _ = log_task.await;
+            break;
+        }
+    }
+    let since = u128::from(sent.ns.load(Ordering::SeqCst));
+    let cursor = ctx.env.job_dir(ctx.job, ctx.attempt).join("log-cursor");
+    let rest = docker::logs_stored(&docker, container, since);
+    let reread = forward_logs(rest, ctx.tx.clone(), ctx.job, ctx.attempt, cursor, sent.clone());
+    if tokio::time::timeout(LOG_DRAIN, reread).await.is_err() {
+        tracing::warn!(container, "reading the stored log of an exited container took too long; the rest is dropped");
     }
     let exit = match exit {
         Ok(exit) => exit,
@@ -592,53 +606,92 @@ pub(crate) async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 
 /// Sends the container's lines: a line after a quiet spell at once, busier output in batches at
 /// most [`LOG_FLUSH`] apart (or sooner when a batch is full). Remembers the timestamp of the last
-/// line sent, for a re-attach.
+/// line sent, in `sent` and in `cursor_file` (for a re-attach).
 async fn forward_logs(
     lines: impl futures_util::Stream<Item = (u128, LogLine)> + Send + 'static,
     tx: mpsc::Sender<Out>,
     job: JobId,
     attempt: u32,
     cursor_file: PathBuf,
-) -> u128 {
+    sent: Arc<LogProgress>,
+) {
     let mut lines = std::pin::pin!(lines);
-    let mut batch: Vec<LogLine> = Vec::new();
-    let mut bytes = 0usize;
-    let mut last_ns = 0u128;
+    let mut sink = LogSink { tx, job, attempt, cursor_file, sent, batch: Vec::new(), bytes: 0 };
+    // The timestamp of the last line whose every piece is in the batch or sent.
+    let mut whole_ns = 0u128;
     let mut flush_at: Option<tokio::time::Instant> = None;
     let mut last_flush = tokio::time::Instant::now() - LOG_FLUSH;
     loop {
         let next = tokio::select! {
             next = lines.next() => next,
             _ = sleep_until(flush_at) => {
-                flush(&tx, job, attempt, &mut batch, &mut bytes, last_ns, &cursor_file).await;
+                sink.flush(whole_ns).await;
                 last_flush = tokio::time::Instant::now();
                 flush_at = None;
                 continue;
             }
         };
         let Some((ns, line)) = next else { break };
-        last_ns = ns;
         for piece in split_line(line) {
             let size = json_len(&piece.text);
-            if bytes + size > LOG_BATCH_BYTES {
-                flush(&tx, job, attempt, &mut batch, &mut bytes, last_ns, &cursor_file).await;
+            if sink.bytes + size > LOG_BATCH_BYTES {
+                // Part of this line may be in the batch: the cursor stays before it.
+                sink.flush(whole_ns).await;
             }
-            bytes += size;
-            batch.push(piece);
+            sink.bytes += size;
+            sink.batch.push(piece);
         }
+        whole_ns = ns;
         // A line after a quiet spell leaves at once; lines that follow within LOG_FLUSH are
         // batched with the ones after them.
         let quiet = last_flush.elapsed() >= LOG_FLUSH;
-        if quiet || batch.len() >= LOG_BATCH_LINES || bytes >= LOG_BATCH_BYTES {
-            flush(&tx, job, attempt, &mut batch, &mut bytes, last_ns, &cursor_file).await;
+        if quiet || sink.batch.len() >= LOG_BATCH_LINES || sink.bytes >= LOG_BATCH_BYTES {
+            sink.flush(whole_ns).await;
             last_flush = tokio::time::Instant::now();
             flush_at = None;
         } else {
             flush_at.get_or_insert(last_flush + LOG_FLUSH);
         }
     }
-    flush(&tx, job, attempt, &mut batch, &mut bytes, last_ns, &cursor_file).await;
-    last_ns
+    sink.flush(whole_ns).await;
+}
+
+/// How far [`forward_logs`] got: the engine's timestamp of the last whole line handed to the
+/// controller, and how many batches it handed over.
+struct LogProgress {
+    ns: AtomicU64,
+    batches: AtomicU64,
+}
+
+/// Where [`forward_logs`] sends its batches, and how far it got.
+struct LogSink {
+    tx: mpsc::Sender<Out>,
+    job: JobId,
+    attempt: u32,
+    cursor_file: PathBuf,
+    sent: Arc<LogProgress>,
+    batch: Vec<LogLine>,
+    /// Encoded size of `batch`.
+    bytes: usize,
+}
+
+impl LogSink {
+    /// Sends the batch; `whole_ns` is the timestamp of the last line it completes.
+    async fn flush(&mut self, whole_ns: u128) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let lines = std::mem::take(&mut self.batch);
+        self.bytes = 0;
+        let _ = self.tx.send(Out::Msg(WorkerToBroker::Logs { job_id: self.job, attempt: self.attempt, lines })).await;
+        // Nothing can stop the task between the send and these stores (no await): `sent` never
+        // claims a line that was not handed over.
+        self.sent.batches.fetch_add(1, Ordering::SeqCst);
+        if whole_ns > 0 {
+            self.sent.ns.store(whole_ns as u64, Ordering::SeqCst);
+            let _ = tokio::fs::write(&self.cursor_file, whole_ns.to_string()).await;
+        }
+    }
 }
 
 /// A line longer than [`MAX_LINE`] as several entries of at most that many bytes (split on
@@ -672,24 +725,6 @@ fn json_len(text: &str) -> usize {
         })
         .sum::<usize>()
         + 2
-}
-
-async fn flush(
-    tx: &mpsc::Sender<Out>,
-    job: JobId,
-    attempt: u32,
-    batch: &mut Vec<LogLine>,
-    bytes: &mut usize,
-    last_ns: u128,
-    cursor_file: &Path,
-) {
-    if batch.is_empty() {
-        return;
-    }
-    let lines = std::mem::take(batch);
-    *bytes = 0;
-    let _ = tx.send(Out::Msg(WorkerToBroker::Logs { job_id: job, attempt, lines })).await;
-    let _ = tokio::fs::write(cursor_file, last_ns.to_string()).await;
 }
 
 async fn read_cursor(ctx: &Ctx) -> u128 {

@@ -367,21 +367,25 @@ async fn repro_4_logs_keep_partial_lines_and_control_characters() {
 /// 1 MiB of a control character, then a 1 MiB line without a newline.
 const BULK: &str = "head -c 1048576 /dev/zero | tr '\\0' '\\1'; head -c 1048576 /dev/zero | tr '\\0' x";
 
-/// Every byte of bulk output arrives. Open: the engine's follow stream (json-file driver) can
-/// end or skip pieces of a long unterminated line, and reading the stored log after exit only
-/// recovers what follows the last piece received.
+/// Every byte of bulk output arrives, also when the engine rotates the container's log file in
+/// the middle of it (json-file with `max-size`; 10m on the test machine, where 3 MiB of a
+/// control character are 18 MiB of JSON). Open: across a rotation the engine's live stream
+/// stalls, or repeats pieces, and every 16 KiB piece of one unterminated line carries the same
+/// timestamp, so the stored log cannot be resumed in the middle of the line. Reading the
+/// container's output by attaching to it, not from the log files, would avoid both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open: pieces of long unterminated output can be missing from the engine's follow stream"]
+#[ignore = "open: the engine's live log stream stalls or repeats pieces across a log rotation"]
 async fn repro_4_bulk_output_arrives_whole() {
     docker().await;
     let b = Broker::start(30_000);
     let dir = tempfile::tempdir().unwrap();
     let _w = start_worker(config(&b.url, &unique("bulk"), dir.path(), 1));
-    let id = b.submit(json!({ "image": IMAGE, "command": sh(BULK) })).await;
+    let script = "head -c 3145728 /dev/zero | tr '\\0' '\\1'; head -c 1048576 /dev/zero | tr '\\0' x";
+    let id = b.submit(json!({ "image": IMAGE, "command": sh(script) })).await;
     assert_eq!(b.finished(&id).await["reason"], "succeeded");
     let text: String = b.job_lines(&id).await.iter().map(|l| l["text"].as_str().unwrap()).collect();
     let (ones, xs) = (text.bytes().filter(|c| *c == 1).count(), text.bytes().filter(|c| *c == b'x').count());
-    assert_eq!((ones, xs), (1 << 20, 1 << 20));
+    assert_eq!((ones, xs, text.len()), (3 << 20, 1 << 20, 4 << 20));
 }
 
 /// Reproduction 5: an image that cannot be pulled is retried with a backoff (the job says why it
@@ -693,7 +697,7 @@ async fn output_and_disk_ceilings_set_by_the_worker() {
         .submit(json!({ "image": IMAGE, "command": sh("cd /outputs && echo 1234 > a && echo 5678 > b && echo 9 > c") }))
         .await;
     let disk = b
-        .submit(json!({ "image": IMAGE, "command": sh("echo x > /outputs/a; head -c 4194304 /dev/zero > /outputs/big; echo written; sleep 60") }))
+        .submit(json!({ "image": IMAGE, "command": sh("echo x > /outputs/a; head -c 4194304 /dev/zero > /outputs/big; sleep 60") }))
         .await;
 
     let job = b.finished(&files).await;
@@ -715,6 +719,6 @@ async fn output_and_disk_ceilings_set_by_the_worker() {
     assert!(job["message"].as_str().unwrap().contains("limit of 1048576 bytes"), "{job}");
     assert_eq!(job["outputs"][0]["path"], "a", "the outputs within the limits are kept: {job}");
     let log = b.log_text(&disk).await;
-    assert!(log.contains("written") && log.contains("over this worker's limit of 1048576 bytes"), "{log}");
+    assert!(log.contains("over this worker's limit of 1048576 bytes"), "{log}");
     tokio::time::timeout(WAIT, all_removed(&w.id)).await.expect("containers removed");
 }
