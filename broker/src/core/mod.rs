@@ -182,7 +182,34 @@ impl Core {
         };
         self.refresh_waiting();
         self.flush_notifications();
+        #[cfg(debug_assertions)]
+        self.check_slots();
         reply
+    }
+
+    /// The broker's half of the slot invariant (ARCHITECTURE.md), checked after every command in
+    /// debug builds: an attempt a worker holds is the job's current attempt on that worker, or
+    /// an attempt that is over and not yet reported (a cancel, a rerun elsewhere), never two of
+    /// one job. Costs a walk over the held attempts, which the workers' slots bound. (A worker
+    /// may hold more attempts than slots: one restarted with fewer slots keeps what it runs.)
+    #[cfg(debug_assertions)]
+    fn check_slots(&self) {
+        for (wid, w) in &self.workers {
+            for (job, h) in &w.held {
+                let Some(j) = self.jobs.get(job) else { continue };
+                if matches!(j.state, JobState::Assigned | JobState::Running) {
+                    if j.worker.as_ref() == Some(wid) {
+                        assert_eq!(j.attempt, h.attempt, "worker {wid} holds attempt {} of {job}", h.attempt);
+                    } else {
+                        assert!(
+                            h.attempt < j.attempt,
+                            "worker {wid} holds attempt {} of {job}, out elsewhere",
+                            h.attempt
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// How long (ms) each job assigned since the last call had waited in its queue.
