@@ -461,7 +461,10 @@ fn describe_end(v: &JobView) -> String {
 /// What to try when the worker could not pull the job's image, most often because it has no
 /// registry access: an image that is already there, or one built from a recipe.
 fn pull_hint(message: &str) -> Option<&'static str> {
-    (message.contains("pulling image") || message.contains("not found (or access denied)")).then_some(
+    // The worker's words for a failed pull, this version's and the previous one's.
+    const PULL_FAILED: [&str; 4] =
+        ["pulling it failed", "cannot be pulled", "pulling image", "not found (or access denied)"];
+    PULL_FAILED.iter().any(|p| message.contains(p)).then_some(
         "the worker could not pull the image. Without registry access, run an image its Docker already has \
          (`docker images`; scripts/test-image.sh builds cq-test/busybox), or give a `build` recipe \
          (an inline Dockerfile, a git or tarball URL) in a --file definition",
