@@ -253,7 +253,7 @@ async fn lifecycle_chaos() {
     let w2 = start_worker(config(&b.url, &unique("chaos-b"), dir_b.path(), 2));
     let mut workers_rx = watch_workers(&b.url, "local").await;
     // Both workers are connected before the first job, so the load spreads over both.
-    workers_rx.wait_for(|ws| ws.len() == 2).await.unwrap();
+    tokio::time::timeout(WAIT, workers_rx.wait_for(|ws| ws.len() == 2)).await.expect("both workers connect").unwrap();
 
     let salt = unique("run");
     let marker = unique("built");
@@ -352,7 +352,7 @@ async fn lifecycle_chaos() {
         expected.len(),
         failures.join("\n")
     );
-    assert!(expected.len() >= total + 8, "every submitted job was checked");
+    assert_eq!(expected.len(), total + 8, "every submitted job (and each superseding one) was checked");
 
     // Quiescence: the broker holds no attempt for either worker, and their containers are gone.
     let idle = |ws: &Vec<Value>| {
