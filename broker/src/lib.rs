@@ -3,16 +3,18 @@
 //!
 //! A request flows through the modules in this order: [`http`] or [`ws`] (parse, authenticate,
 //! [`submission`] normalises definitions) → [`runtime`] (the core task and the log writer) →
-//! [`core`] (the state machine) → [`event`] records written by [`log`] → [`outbox`] (delivery
-//! to connections). File bytes go through [`files`] to the [`blob`] store.
+//! [`core`] (the state machine) → [`event`] records written through [`backend`] to [`log`] (or,
+//! in cluster mode, [`jetstream`]) → [`outbox`] (delivery to connections). File bytes go through [`files`] to the [`blob`] store.
 
 pub mod access;
 pub mod auth;
+pub mod backend;
 pub mod blob;
 pub mod core;
 pub mod event;
 pub mod files;
 pub mod http;
+pub mod jetstream;
 pub mod link;
 pub mod log;
 pub mod metrics;

@@ -45,6 +45,21 @@ pub enum LogError {
         "data directory {dir} is in use by another cq broker (it holds {dir}/lock); stop it or use another --data-dir"
     )]
     InUse { dir: PathBuf },
+    /// The replicated log (NATS JetStream) cannot be reached or refused a request.
+    #[error("{context}: {message}")]
+    Nats { context: String, message: String },
+    /// Another writer appended to the log since this one read it: this broker is no longer the
+    /// log's owner and must not acknowledge anything more.
+    #[error(
+        "stream {stream}: another writer appended after sequence {expected}; this broker is no longer the log's owner and steps down"
+    )]
+    Fenced { stream: String, expected: u64 },
+    /// The replicated log holds something replay cannot accept (a gap, a bad record).
+    #[error("stream {stream}, sequence {seq}: {why}; the log is damaged, restore it from a backup")]
+    CorruptStream { stream: String, seq: u64, why: String },
+    /// A record does not fit one message of the replicated log.
+    #[error("a log record of {len} bytes exceeds the NATS server's max_payload of {max} bytes; raise max_payload")]
+    RecordTooLarge { len: usize, max: usize },
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> LogError {
@@ -160,17 +175,9 @@ impl Log {
         let next = self.generation + 1;
         let path = snapshot_path(&self.dir, next);
         let tmp = path.with_extension("tmp");
-        let payload = bincode::serde::encode_to_vec(snapshot, bincode::config::standard()).expect("snapshots encode");
+        let bytes = encode_snapshot(snapshot);
         let mut f = File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
-        let mut header = Vec::with_capacity(24);
-        header.extend_from_slice(SNAPSHOT_MAGIC);
-        header.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
-        header.extend_from_slice(&(payload.len() as u64).to_le_bytes());
-        header.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-        f.write_all(&header)
-            .and_then(|_| f.write_all(&payload))
-            .and_then(|_| f.sync_all())
-            .map_err(io_err(format!("writing {}", tmp.display())))?;
+        f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(io_err(format!("writing {}", tmp.display())))?;
         fs::rename(&tmp, &path).map_err(io_err(format!("renaming {}", tmp.display())))?;
         let file = create_log(&self.dir, next)?;
         sync_dir(&self.dir)?;
@@ -256,7 +263,25 @@ fn check_header(path: &Path, header: &[u8], magic: &[u8; 8], what: &'static str)
 
 fn read_snapshot(path: &Path) -> Result<SnapshotV1, LogError> {
     let bytes = fs::read(path).map_err(io_err(format!("reading {}", path.display())))?;
-    check_header(path, &bytes, SNAPSHOT_MAGIC, "snapshot")?;
+    decode_snapshot(path, &bytes)
+}
+
+/// A snapshot as stored: magic, format version, payload length (`u64`), crc32 of the payload
+/// (`u32`), then the bincode-encoded payload. The same bytes go to a file or to an object store.
+pub fn encode_snapshot(snapshot: &SnapshotV1) -> Vec<u8> {
+    let payload = bincode::serde::encode_to_vec(snapshot, bincode::config::standard()).expect("snapshots encode");
+    let mut bytes = Vec::with_capacity(24 + payload.len());
+    bytes.extend_from_slice(SNAPSHOT_MAGIC);
+    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    bytes.extend_from_slice(&payload);
+    bytes
+}
+
+/// Decodes the bytes [`encode_snapshot`] wrote; `path` names where they came from in errors.
+pub fn decode_snapshot(path: &Path, bytes: &[u8]) -> Result<SnapshotV1, LogError> {
+    check_header(path, bytes, SNAPSHOT_MAGIC, "snapshot")?;
     let corrupt = |why: &str| LogError::CorruptSnapshot { path: path.to_path_buf(), why: why.into() };
     if bytes.len() < 24 {
         return Err(corrupt("too short"));
@@ -336,6 +361,53 @@ fn replay_log(path: &Path, core: &mut Core) -> Result<(File, u64, u64), LogError
     }
     file.seek(SeekFrom::Start(good)).map_err(io_err("seeking in the log"))?;
     Ok((file, replayed, truncated))
+}
+
+/// Replays every record of `bytes` (whole records, as [`encode_event`] wrote them) into `core`.
+/// Unlike a file's tail, these bytes were acknowledged by a replicated store, so any torn or
+/// corrupt record is an error (returned with its offset), never silently skipped.
+pub fn replay_records(bytes: &[u8], core: &mut Core) -> Result<u64, (usize, &'static str)> {
+    let mut at = 0;
+    let mut replayed = 0;
+    while at < bytes.len() {
+        let Some(rec) = bytes.get(at..at + 8) else { return Err((at, "torn record header")) };
+        let len = u32::from_le_bytes(rec[..4].try_into().expect("4 bytes")) as usize;
+        let crc = u32::from_le_bytes(rec[4..].try_into().expect("4 bytes"));
+        let Some(payload) = bytes.get(at + 8..at + 8 + len) else { return Err((at, "torn record")) };
+        if crc32fast::hash(payload) != crc {
+            return Err((at, "checksum mismatch"));
+        }
+        let event: Event = match bincode::serde::decode_from_slice(payload, bincode::config::standard()) {
+            Ok((e, _)) => e,
+            Err(_) => return Err((at, "undecodable record")),
+        };
+        core.replay(&event);
+        replayed += 1;
+        at += 8 + len;
+    }
+    Ok(replayed)
+}
+
+/// Splits `bytes` (whole records) into pieces of at most `max` bytes, cutting only between
+/// records. Returns the length of the first record larger than `max` if there is one.
+pub fn split_records(bytes: &[u8], max: usize) -> Result<Vec<&[u8]>, usize> {
+    let mut pieces = Vec::new();
+    let (mut start, mut at) = (0, 0);
+    while at + 8 <= bytes.len() {
+        let len = 8 + u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        if len > max {
+            return Err(len);
+        }
+        if at + len - start > max {
+            pieces.push(&bytes[start..at]);
+            start = at;
+        }
+        at += len;
+    }
+    if start < bytes.len() {
+        pieces.push(&bytes[start..]);
+    }
+    Ok(pieces)
 }
 
 /// Reads until `buf` is full or the input ends; returns how much was read.

@@ -1,7 +1,9 @@
 //! Runs the core. One task owns the [`Core`] and applies commands in batches; a writer thread
-//! appends each batch's events to the log and fsyncs once for every group of batches waiting
-//! (group commit), and only then delivers the batch's messages and replies. So nothing is
-//! acknowledged, and no worker or watcher hears of a change, before it is durable.
+//! appends each batch's events to the log and commits once for every group of batches waiting
+//! (group commit: one fsync of the local log, or one fenced publish to a JetStream stream), and
+//! only then delivers the batch's messages and replies. So nothing is acknowledged, and no
+//! worker or watcher hears of a change, before it is durable. The log is a
+//! [`LogBackend`](crate::backend::LogBackend) chosen by [`StoreConfig::nats`].
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,8 +15,10 @@ use protocol::messages::{BrokerToClient, BrokerToWorker, ErrorBody, ErrorCode};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::backend::{LocalLog, LogBackend};
 use crate::core::{Command, ConnId, Core, CoreConfig, Effect, Reply};
 use crate::event::SnapshotV1;
+use crate::jetstream::{JetStreamLog, NatsConfig};
 use crate::log::{Log, LogError, SNAPSHOT_AFTER_BYTES, encode_event};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
@@ -142,6 +146,9 @@ pub struct StoreConfig {
     pub data_dir: PathBuf,
     pub fsync: FsyncMode,
     pub core: CoreConfig,
+    /// Keep the log in a NATS JetStream stream instead of `data_dir` (cluster mode,
+    /// experimental); `fsync` then does not apply: the stream's servers decide durability.
+    pub nats: Option<NatsConfig>,
 }
 
 /// Starts the core task (which first recovers the log). The returned future ends with the
@@ -167,15 +174,22 @@ async fn core_task(
     ready: Arc<AtomicBool>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), LogError> {
-    let StoreConfig { data_dir, fsync, core: core_config } = config;
+    let StoreConfig { data_dir, fsync, core: core_config, nats } = config;
     let started = std::time::Instant::now();
-    let (mut core, log, report) = tokio::task::spawn_blocking(move || {
-        let mut core = Core::new(core_config);
-        let (log, report) = Log::recover(&data_dir, &mut core)?;
-        Ok::<_, LogError>((core, log, report))
-    })
-    .await
-    .expect("recovery does not panic")?;
+    let (mut core, log, report): (Core, Box<dyn LogBackend>, _) = match nats {
+        None => tokio::task::spawn_blocking(move || {
+            let mut core = Core::new(core_config);
+            let (log, report) = Log::recover(&data_dir, &mut core)?;
+            Ok::<_, LogError>((core, Box::new(LocalLog { log, fsync }) as Box<dyn LogBackend>, report))
+        })
+        .await
+        .expect("recovery does not panic")?,
+        Some(nats) => {
+            let mut core = Core::new(core_config);
+            let (log, report) = JetStreamLog::recover(&nats, &mut core).await?;
+            (core, Box::new(log), report)
+        }
+    };
     let clock = Clock::new();
     core.finish_recovery(clock.now());
     tracing::info!(
@@ -187,13 +201,13 @@ async fn core_task(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "recovered"
     );
-    let mut log_bytes = log.bytes_since_snapshot;
+    let mut log_bytes = log.bytes_since_snapshot();
     let (wtx, wrx) = mpsc::channel::<Batch>(WRITER_QUEUE);
     let writer_outbox = outbox.clone();
     let writer_metrics = metrics.clone();
     let thread = std::thread::Builder::new()
         .name("cq-log-writer".into())
-        .spawn(move || writer_loop(log, wrx, writer_outbox, writer_metrics, fsync))
+        .spawn(move || writer_loop(log, wrx, writer_outbox, writer_metrics))
         .expect("spawning the log writer");
     let mut writer = Writer { tx: Some(wtx), thread: Some(thread) };
     if report.replayed_events > 0 {
@@ -349,11 +363,10 @@ fn apply(core: &mut Core, clock: &Clock, req: Request, batch: &mut Batch) {
 const MAX_GROUP: usize = 256;
 
 fn writer_loop(
-    mut log: Log,
+    mut log: Box<dyn LogBackend>,
     mut rx: mpsc::Receiver<Batch>,
     outbox: Arc<Outbox>,
     metrics: Arc<Metrics>,
-    fsync: FsyncMode,
 ) -> Result<(), LogError> {
     while let Some(first) = rx.blocking_recv() {
         let mut group = vec![first];
@@ -363,8 +376,8 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        let written = write_group(&mut log, &group, fsync, &metrics);
-        metrics.log_file_bytes.set(log.bytes_since_snapshot as i64);
+        let written = write_group(log.as_mut(), &group, &metrics);
+        metrics.log_file_bytes.set(log.bytes_since_snapshot() as i64);
         if let Err(e) = written {
             tracing::error!(error = %e, "the log cannot be written; stopping so that nothing unsaved is acknowledged");
             for b in group {
@@ -391,22 +404,23 @@ fn writer_loop(
     Ok(())
 }
 
-fn write_group(log: &mut Log, group: &[Batch], fsync: FsyncMode, metrics: &Metrics) -> Result<(), LogError> {
-    let mut unsynced = false;
+fn write_group(log: &mut dyn LogBackend, group: &[Batch], metrics: &Metrics) -> Result<(), LogError> {
+    let mut uncommitted = false;
     for b in group {
         if !b.bytes.is_empty() {
             log.append(&b.bytes)?;
-            unsynced = true;
+            uncommitted = true;
         }
         if let Some(s) = &b.snapshot {
-            log.rotate(s)?;
-            unsynced = false;
+            log.snapshot(s)?;
+            uncommitted = false;
         }
     }
-    if unsynced && fsync == FsyncMode::Always {
+    if uncommitted {
         let started = std::time::Instant::now();
-        log.sync()?;
-        metrics.fsync.observe(started.elapsed().as_secs_f64());
+        if log.commit()? {
+            metrics.fsync.observe(started.elapsed().as_secs_f64());
+        }
     }
     Ok(())
 }

@@ -33,7 +33,12 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
                 Fsync::Never => FsyncMode::Never,
             };
             let config = broker::Config {
-                store: StoreConfig { data_dir: tmp.path().to_path_buf(), fsync, core: CoreConfig::default() },
+                store: StoreConfig {
+                    data_dir: tmp.path().to_path_buf(),
+                    fsync,
+                    core: CoreConfig::default(),
+                    nats: None,
+                },
                 tokens: Tokens::default(),
                 max_body: broker::http::DEFAULT_MAX_BODY,
                 blobs: broker::blob::BlobConfig::default(),

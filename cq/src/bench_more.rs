@@ -47,6 +47,7 @@ pub async fn fanout(args: BenchArgs) -> Result<std::process::ExitCode> {
             fsync: FsyncMode::Never,
             // Keep the whole stream: the point is delivery, not the per-job cap.
             core: CoreConfig { max_log_bytes: (total as usize) * 2 + (64 << 20), ..CoreConfig::default() },
+            nats: None,
         },
         tokens: Tokens::default(),
         max_body: broker::http::DEFAULT_MAX_BODY,

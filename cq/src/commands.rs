@@ -36,7 +36,12 @@ pub async fn dev(args: DevArgs) -> Result<ExitCode> {
         tracing::warn!(listen = %args.listen, "--insecure-no-auth: anyone who can reach this address can run jobs");
     }
     let config = broker::Config {
-        store: StoreConfig { data_dir: data_dir.clone(), fsync: FsyncMode::Always, core: CoreConfig::default() },
+        store: StoreConfig {
+            data_dir: data_dir.clone(),
+            fsync: FsyncMode::Always,
+            core: CoreConfig::default(),
+            nats: None,
+        },
         tokens: Tokens::default(),
         max_body: broker::http::DEFAULT_MAX_BODY,
         blobs: broker::blob::BlobConfig::default(),
@@ -243,8 +248,30 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
         Fsync::Always => FsyncMode::Always,
         Fsync::Never => FsyncMode::Never,
     };
+    let nats = if args.cluster.nats.is_empty() {
+        None
+    } else {
+        if args.blobs.s3_bucket.is_none() && !args.cluster.shared_blob_dir {
+            bail!(
+                "cluster mode (--nats) needs blob storage every broker shares: set --s3-bucket, or pass \
+                 --shared-blob-dir if the blob directory is shared storage"
+            );
+        }
+        let nats = broker::jetstream::NatsConfig {
+            creds_file: args.cluster.nats_creds,
+            cluster: args.cluster.nats_cluster,
+            replicas: args.cluster.nats_replicas,
+            ..broker::jetstream::NatsConfig::new(args.cluster.nats)
+        };
+        nats.validate().map_err(|e| anyhow::anyhow!("--nats: {e}"))?;
+        tracing::warn!(
+            stream = %nats.stream_name(),
+            "cluster mode is experimental: this broker keeps its one shard's log in NATS JetStream; run only one broker per cluster name"
+        );
+        Some(nats)
+    };
     let config = broker::Config {
-        store: StoreConfig { data_dir: args.data_dir, fsync, core },
+        store: StoreConfig { data_dir: args.data_dir, fsync, core, nats },
         tokens,
         max_body: args.max_body,
         blobs: args.blobs.config(),

@@ -375,6 +375,34 @@ struct BrokerArgs {
     blobs: BlobArgs,
     #[command(flatten)]
     access: AccessArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// Cluster mode: the log in NATS JetStream instead of the data directory.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Cluster (experimental: one broker, one shard)")]
+pub struct ClusterArgs {
+    /// Keep the log in a NATS JetStream stream on these servers (nats://host:port, comma-separated)
+    /// instead of the data directory. Experimental: a single broker with one shard; leases,
+    /// several brokers and routing are not there yet. See docs/operations.md for the NATS settings
+    /// this needs (3 servers, sync_interval: always, max_payload).
+    #[arg(long, env = "CQ_NATS", value_delimiter = ',', value_name = "URL")]
+    pub nats: Vec<String>,
+    /// NATS credentials file (JWT and NKey seed).
+    #[arg(long, env = "CQ_NATS_CREDS", value_name = "FILE", requires = "nats")]
+    pub nats_creds: Option<PathBuf>,
+    /// Name of the cq cluster in NATS: prefixes the stream (`<NAME>_LOG_0`), its subject
+    /// (`<name>.log.0`) and the snapshot bucket (`<name>_snapshots`).
+    #[arg(long, env = "CQ_NATS_CLUSTER", default_value = "cq", value_name = "NAME", requires = "nats")]
+    pub nats_cluster: String,
+    /// Replicas of the log stream and the snapshot bucket.
+    #[arg(long, env = "CQ_NATS_REPLICAS", default_value_t = 3, requires = "nats")]
+    pub nats_replicas: usize,
+    /// The blob directory (--blob-dir or DATA_DIR/blobs) is storage every broker of the cluster
+    /// shares (e.g. a network file system); without it cluster mode needs --s3-bucket.
+    #[arg(long, env = "CQ_SHARED_BLOB_DIR", requires = "nats")]
+    pub shared_blob_dir: bool,
 }
 
 /// Who may reach the broker, and how long a peer may stall.

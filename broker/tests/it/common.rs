@@ -32,6 +32,7 @@ pub fn config(dir: &Path) -> broker::Config {
             data_dir: dir.to_path_buf(),
             fsync: FsyncMode::Always,
             core: CoreConfig { lease_grace_ms: 0, ..CoreConfig::default() },
+            nats: None,
         },
         tokens: Tokens::default(),
         max_body: 64 << 10,

@@ -31,6 +31,7 @@ impl Broker {
                 data_dir: dir.path().to_path_buf(),
                 fsync: broker::runtime::FsyncMode::Never,
                 core: broker::core::CoreConfig { lease_grace_ms, ..Default::default() },
+                nats: None,
             },
             tokens: Default::default(),
             max_body: broker::http::DEFAULT_MAX_BODY,
