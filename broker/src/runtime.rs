@@ -230,6 +230,9 @@ async fn core_task(
                 None => return Ok(()),
             },
             _ = sleep_until(deadline) => None,
+            // The writer stopped on a storage failure (or, on JetStream, because another writer
+            // took the log over): stop now rather than at the next command.
+            _ = writer.stopped() => break,
         };
         let mut batch = Batch::default();
         match first {
@@ -293,6 +296,14 @@ impl Writer {
         match &self.tx {
             Some(tx) => tx.send(batch).await.is_ok(),
             None => false,
+        }
+    }
+
+    /// Resolves once the writer has stopped taking batches.
+    async fn stopped(&self) {
+        match &self.tx {
+            Some(tx) => tx.closed().await,
+            None => std::future::pending().await,
         }
     }
 }

@@ -1,0 +1,353 @@
+//! Tests of the JetStream log (cluster mode, one broker): against a real 3-node NATS JetStream
+//! cluster on loopback (`sync_interval: always`, as docs/operations.md requires), a `kill -9`
+//! of the broker loses no acknowledged submission, a writer whose view of the stream is stale is
+//! refused and stops, and snapshots go to the object store with the stream purged below them.
+//!
+//! They need `nats-server` 2.11 or later: `CQ_NATS_SERVER` names it (scripts/test.sh sets it
+//! from scripts/nats-server.sh), else `.cache/venv/bin/nats-server` in the workspace is used.
+//! Without either they say so and pass without running.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+/// Longest a test waits for any one condition.
+const WAIT: Duration = Duration::from_secs(60);
+
+fn nats_server() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("CQ_NATS_SERVER") {
+        return Some(PathBuf::from(p));
+    }
+    let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/venv/bin/nats-server");
+    if local.exists() {
+        return Some(local);
+    }
+    eprintln!("skipped: no nats-server (run scripts/nats-server.sh, or set CQ_NATS_SERVER)");
+    None
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Three nats-server processes forming one JetStream cluster on 127.0.0.1.
+struct Nats {
+    _servers: Vec<Proc>,
+    urls: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    async fn start(bin: &Path) -> Nats {
+        let dir = tempfile::tempdir().unwrap();
+        let clients: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let route_list = routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect::<Vec<_>>().join(", ");
+        let mut servers = Vec::new();
+        for i in 0..3 {
+            let store = dir.path().join(format!("n{i}"));
+            let conf = format!(
+                "server_name: n{i}\nlisten: 127.0.0.1:{}\nmax_payload: 8MB\n\
+                 jetstream {{ store_dir: \"{}\", sync_interval: always }}\n\
+                 cluster {{ name: cqtest, listen: 127.0.0.1:{}, routes: [{route_list}] }}\n",
+                clients[i],
+                store.display(),
+                routes[i]
+            );
+            let path = dir.path().join(format!("n{i}.conf"));
+            std::fs::write(&path, conf).unwrap();
+            let log = std::fs::File::create(dir.path().join(format!("n{i}.log"))).unwrap();
+            let child = Command::new(bin)
+                .arg("-c")
+                .arg(&path)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("starting nats-server");
+            servers.push(Proc(child));
+        }
+        let urls: Vec<String> = clients.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
+        let nats = Nats { _servers: servers, urls, _dir: dir };
+        nats.wait_ready().await;
+        nats
+    }
+
+    /// Waits until the cluster places and answers a replicated stream (its meta leader is
+    /// elected and every server has joined).
+    async fn wait_ready(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let attempt = async {
+                let client = async_nats::connect(self.urls.clone()).await.map_err(|e| e.to_string())?;
+                let js = async_nats::jetstream::new(client);
+                js.create_stream(async_nats::jetstream::stream::Config {
+                    name: "READY".into(),
+                    subjects: vec!["ready".into()],
+                    num_replicas: 3,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+                js.delete_stream("READY").await.map_err(|e| e.to_string())?;
+                Ok::<_, String>(())
+            };
+            match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) if Instant::now() > deadline => panic!("the NATS cluster did not form: {e}"),
+                Err(_) if Instant::now() > deadline => panic!("the NATS cluster did not form in time"),
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    fn url_list(&self) -> String {
+        self.urls.join(",")
+    }
+
+    async fn jetstream(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(async_nats::connect(self.urls.clone()).await.unwrap())
+    }
+}
+
+/// `cq broker --nats …` on a fresh port with `cluster` as its cluster name; returns it and its URL.
+fn cq_broker(nats: &Nats, data_dir: &Path, cluster: &str) -> (Proc, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cq"))
+        .args(["broker", "--listen", "127.0.0.1:0", "--shared-blob-dir", "--nats-cluster", cluster, "--nats"])
+        .arg(nats.url_list())
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("CQ_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+    let url = line.trim().strip_prefix("listening on ").expect("the first line names the address").to_string();
+    (Proc(child), url)
+}
+
+/// Waits until the broker at `url` has recovered its log.
+async fn wait_ready(url: &str) {
+    let deadline = Instant::now() + WAIT;
+    let http = reqwest::Client::new();
+    loop {
+        if let Ok(r) = http.get(format!("{url}/readyz")).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "the broker at {url} did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn job(tag: &str) -> Value {
+    json!({"definition": {"image": "busybox", "command": ["echo", tag]}})
+}
+
+async fn submit(http: &reqwest::Client, url: &str, tag: &str) -> Option<String> {
+    match http.post(format!("{url}/q/q/j")).json(&job(tag)).send().await {
+        Ok(r) if r.status().is_success() => Some(r.json::<Value>().await.ok()?["jobId"].as_str()?.to_string()),
+        _ => None,
+    }
+}
+
+async fn queued(http: &reqwest::Client, url: &str) -> u64 {
+    let s: Value = http.get(format!("{url}/q/q")).send().await.unwrap().json().await.unwrap();
+    s["queued"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_broker_on_jetstream_loses_no_acknowledged_submission() {
+    let Some(bin) = nats_server() else { return };
+    let nats = Nats::start(&bin).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, url) = cq_broker(&nats, dir.path(), "durable");
+    wait_ready(&url).await;
+    let http = reqwest::Client::new();
+    // Four submitters keep going until the broker dies under them.
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let (http, url) = (http.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..5000 {
+                match submit(&http, &url, &format!("{t}-{i}")).await {
+                    Some(id) => acked.push(id),
+                    // The broker died: this request was never acknowledged.
+                    None => break,
+                }
+            }
+            acked
+        }));
+    }
+    let deadline = Instant::now() + WAIT;
+    while queued(&http, &url).await < 200 {
+        assert!(Instant::now() < deadline, "submissions did not get through");
+    }
+    child.0.kill().unwrap(); // SIGKILL, mid-submission
+    child.0.wait().unwrap();
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.unwrap());
+    }
+    assert!(acked.len() >= 196, "only {} acknowledged", acked.len());
+
+    let (_child, url) = cq_broker(&nats, dir.path(), "durable");
+    wait_ready(&url).await;
+    let queued = queued(&http, &url).await;
+    assert!(queued as usize >= acked.len(), "{queued} queued after restart, {} were acknowledged", acked.len());
+    for id in &acked {
+        let r = http.get(format!("{url}/j/{id}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "acknowledged job {id} was lost");
+    }
+    eprintln!("{} acknowledged submissions survived kill -9 of a broker on a 3-node JetStream", acked.len());
+}
+
+/// An in-process broker on the JetStream log, as a task whose result is the broker's.
+fn in_process(
+    nats: &Nats,
+    cluster: &str,
+    data_dir: &Path,
+) -> (String, tokio::task::JoinHandle<Result<(), broker::server::ServeError>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = broker::Config {
+        store: broker::runtime::StoreConfig {
+            data_dir: data_dir.to_path_buf(),
+            fsync: broker::runtime::FsyncMode::Always,
+            core: broker::core::CoreConfig::default(),
+            nats: Some(broker::jetstream::NatsConfig {
+                cluster: cluster.into(),
+                ..broker::jetstream::NatsConfig::new(nats.urls.clone())
+            }),
+        },
+        tokens: Default::default(),
+        max_body: 64 << 10,
+        blobs: broker::blob::BlobConfig { gc_interval: None, ..Default::default() },
+        access: Default::default(),
+    };
+    let task = tokio::spawn(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        broker::run(listener, config, std::future::pending()).await
+    });
+    (url, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_with_a_stale_view_of_the_stream_is_refused_and_steps_down() {
+    let Some(bin) = nats_server() else { return };
+    let nats = Nats::start(&bin).await;
+    let http = reqwest::Client::new();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+
+    // A writes; then B takes the log over (its owner marker moves the stream past A's view).
+    let (a, a_task) = in_process(&nats, "fence", dir_a.path());
+    wait_ready(&a).await;
+    let before = submit(&http, &a, "before").await.expect("A owns the log and acknowledges");
+    let (b, b_task) = in_process(&nats, "fence", dir_b.path());
+    wait_ready(&b).await;
+    assert_eq!(http.get(format!("{b}/j/{before}")).send().await.unwrap().status(), 200, "B replayed A's job");
+
+    // A's next append expects the sequence it last saw: refused, so nothing is acknowledged.
+    let r = http.post(format!("{a}/q/q/j")).json(&job("stale")).send().await.unwrap();
+    assert_eq!(r.status(), 503, "a deposed writer must not acknowledge");
+    let stale: Value = r.json().await.unwrap();
+    assert_eq!(stale["error"]["code"], "unavailable", "{stale}");
+    // ...and it steps down: the broker stops with the fencing error.
+    let stopped = tokio::time::timeout(WAIT, a_task).await.expect("A stops").unwrap();
+    match stopped {
+        Err(broker::server::ServeError::Log(broker::log::LogError::Fenced { .. })) => {}
+        other => panic!("A stopped with {other:?}, not the fencing error"),
+    }
+
+    // B goes on; the stale submission exists nowhere.
+    let after = submit(&http, &b, "after").await.expect("B owns the log");
+    let stale_id = {
+        // The same definition submitted to B now is new to the log (A's attempt never landed).
+        let r: Value = http.post(format!("{b}/q/q/j")).json(&job("stale")).send().await.unwrap().json().await.unwrap();
+        r["outcome"].clone()
+    };
+    assert_eq!(stale_id, "created", "the refused submission must not be in the log");
+    assert_eq!(http.get(format!("{b}/j/{after}")).send().await.unwrap().status(), 200);
+    b_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_go_to_the_object_store_and_recovery_is_snapshot_plus_replay() {
+    let Some(bin) = nats_server() else { return };
+    let nats = Nats::start(&bin).await;
+    let js = nats.jetstream().await;
+    let http = reqwest::Client::new();
+    let dir = tempfile::tempdir().unwrap();
+
+    // First life: 5 jobs, then a graceful stop writes the final snapshot.
+    let (child, url) = cq_broker(&nats, dir.path(), "snap");
+    wait_ready(&url).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(submit(&http, &url, &format!("first-{i}")).await.expect("acknowledged"));
+    }
+    let term = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let mut child = child;
+    assert!(child.0.wait().unwrap().success(), "a graceful stop exits 0");
+
+    // The snapshot is one object in the bucket, and the stream below it is purged.
+    let mut stream = js.get_stream("SNAP_LOG_0").await.unwrap();
+    let state = stream.info().await.unwrap().state.clone();
+    assert!(state.first_sequence > 1, "the stream was not purged below the snapshot: {state:?}");
+    assert_eq!(state.messages, 1, "only the snapshot marker is left: {state:?}");
+    let store = js.get_object_store("snap_snapshots").await.unwrap();
+    let names: Vec<String> = store.list().await.unwrap().map(|o| o.unwrap().name).collect().await;
+    assert_eq!(names.len(), 1, "{names:?}");
+    let snapshot_seq: u64 = names[0].strip_prefix("shard-0-").unwrap().parse().unwrap();
+    assert_eq!(snapshot_seq, state.first_sequence - 1, "the purge keeps what follows the snapshot");
+
+    // Second life: 5 more jobs, then kill -9 (no snapshot: they exist only in the stream).
+    let (mut child, url) = cq_broker(&nats, dir.path(), "snap");
+    wait_ready(&url).await;
+    for i in 0..5 {
+        ids.push(submit(&http, &url, &format!("second-{i}")).await.expect("acknowledged"));
+    }
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    let names: Vec<String> = store.list().await.unwrap().map(|o| o.unwrap().name).collect().await;
+    assert_eq!(names, vec![format!("shard-0-{snapshot_seq:020}")], "no new snapshot was taken");
+
+    // Third life: the first 5 come from the snapshot (purged from the stream), the last 5 from
+    // replaying the stream after it.
+    let (_child, url) = cq_broker(&nats, dir.path(), "snap");
+    wait_ready(&url).await;
+    for id in &ids {
+        assert_eq!(http.get(format!("{url}/j/{id}")).send().await.unwrap().status(), 200, "job {id} was lost");
+    }
+    assert_eq!(queued(&http, &url).await, 10);
+    // Having replayed a tail, recovery folded it into a new snapshot and dropped the old one.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let names: Vec<String> = store.list().await.unwrap().map(|o| o.unwrap().name).collect().await;
+        if names.len() == 1 && names[0] != format!("shard-0-{snapshot_seq:020}") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no newer snapshot replaced the old one: {names:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
