@@ -351,3 +351,19 @@ async fn snapshots_go_to_the_object_store_and_recovery_is_snapshot_plus_replay()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[test]
+fn cluster_mode_refuses_a_blob_directory_not_said_to_be_shared() {
+    let dir = tempfile::tempdir().unwrap();
+    // Refused before anything connects: no NATS server is needed to see it.
+    let out = Command::new(env!("CARGO_BIN_EXE_cq"))
+        .args(["broker", "--listen", "127.0.0.1:0", "--nats", "nats://127.0.0.1:9"])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--shared-blob-dir") && stderr.contains("--s3-bucket"), "{stderr}");
+    assert!(out.stdout.is_empty(), "it must not start listening");
+}
