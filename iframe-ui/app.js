@@ -209,14 +209,19 @@ function onMessage(msg) {
       queue.summary = d.summary;
       renderQueue();
       break;
-    case 'queueJob':
+    case 'queueJob': {
       if (d.queue !== queue.name) break;
+      const before = queue.jobs.get(d.job.id);
       queue.jobs.set(d.job.id, d.job);
+      if (!before || before.state !== d.job.state) workersMayHaveChanged();
       renderQueueSoon();
       break;
+    }
     case 'queueWorkers':
       if (d.queue !== queue.name) break;
       queue.workers = d.workers;
+      clearTimeout(queue.refreshWorkers);
+      queue.refreshWorkers = null;
       renderQueueSoon();
       break;
     case 'error':
@@ -237,7 +242,7 @@ function fillForm() {
   const d = baseDefinition;
   $('#image').value = d.image || '';
   $('#use-build').checked = Boolean(d.build);
-  $('#build-fields').hidden = !d.build;
+  showBuildFields(Boolean(d.build));
   $('#dockerfile').value = (d.build && d.build.dockerfile) || '';
   $('#git-url').value = (d.build && d.build.git && d.build.git.url) || '';
   $('#git-ref').value = (d.build && d.build.git && d.build.git.ref) || '';
@@ -284,7 +289,12 @@ function addTextInputRow(name = '', value = '') {
 }
 
 $('#add-text-input').onclick = () => addTextInputRow();
-$('#use-build').onchange = (e) => { $('#build-fields').hidden = !e.target.checked; };
+function showBuildFields(on) {
+  $('#build-fields').hidden = !on;
+  // A built job has no image to pull: the field would only mislead.
+  $('#image').closest('label').hidden = on;
+}
+$('#use-build').onchange = (e) => showBuildFields(e.target.checked);
 
 function definitionFromForm() {
   const d = { ...baseDefinition };
@@ -403,6 +413,8 @@ $('#cancel').onclick = () => cancel();
  * screen instead of the form's. */
 async function run(force, { onScreen = false } = {}) {
   showError('');
+  // The job's status and log take the place of the form where the page is small.
+  setEditing(false);
   // A definition or inputs still being translated by the broker are part of this run.
   await Promise.all([definitionReady, metaframeInputsReady]);
   if (onScreen) await job.definitionReady;
@@ -456,6 +468,8 @@ async function cancel(id = job.id) {
 function showError(text) {
   const el = document.querySelector('#form-error');
   if (el) el.textContent = text;
+  // Where the form is folded (small layout), an error opens it so it is seen.
+  if (text && el && getComputedStyle(el.closest('form')).display === 'none') setEditing(true);
 }
 
 /** Says `text` to screen readers (a polite live region; the log itself is not one). */
@@ -494,16 +508,24 @@ function showJob(id, { view = null, definition = null, outcome = null } = {}) {
   $('#outputs').replaceChildren();
   $('#preview').replaceChildren();
   $('#outputs-box').hidden = true;
+  document.body.classList.remove('has-outputs');
   $('#status').hidden = !id;
   $('#log-box').hidden = !id;
   $('#cancel').disabled = true;
   $('#rerun').disabled = true;
+  $('#sum-cancel').hidden = true;
+  $('#sum-run').textContent = 'Run';
+  $('#sum-run').disabled = false;
   renderLogTools();
   linkPrefix = null;
   if (!id) return;
-  if (hashConfig.format === 'cq' && !metaframe.framed) {
-    history.replaceState(null, '', writeHash(location.hash, { jobId: id, line: config.line && config.line.jobId === id ? String(config.line.n) : undefined }));
-  }
+  // The hash names the job and its queue, so a link or a reload shows the same job on the same
+  // queue (and Run there does not move it to another one). A job opened from the queue table is
+  // a new history entry: Back returns to the table.
+  writeOwnHash({
+    jobId: id, queue: config.queue,
+    line: config.line && config.line.jobId === id ? String(config.line.n) : undefined,
+  }, false);
   const gen = job.gen;
   job.definitionReady = definition ? Promise.resolve() : fetchDefinition(id, gen);
   if (view) updateJob(view);
@@ -606,6 +628,13 @@ function updateJob(view) {
   // Views of one showing only move forward (a re-run starts a new showing).
   if (job.view && view.version < job.view.version) return;
   job.view = view;
+  // The job's own queue is the form's: a job opened by a link runs again where it ran.
+  if (view.queue && view.queue !== config.queue) {
+    config.queue = view.queue;
+    $('#queue').value = view.queue;
+    switchQueue(view.queue);
+    writeOwnHash({ queue: view.queue }, false);
+  }
   renderStatus();
   const live = view.state !== 'finished';
   const progress = view.progress;
@@ -647,7 +676,10 @@ function renderStatus() {
   state.textContent = stateLabel(view);
   const progress = view.progress;
   const live = view.state !== 'finished';
-  $('#phase').textContent = live && progress ? `${progress.phase}${progress.message ? `: ${progress.message}` : ''}` : '';
+  // The phase, unless it only repeats the state ("running · running").
+  const phase = live && progress && !(progress.phase === view.state && !progress.message)
+    ? `${progress.phase}${progress.message ? `: ${progress.message}` : ''}` : '';
+  $('#phase').textContent = phase;
   const bar = $('#phase-progress');
   if (live && progress && progress.total) {
     bar.hidden = false; bar.max = progress.total; bar.value = progress.current || 0;
@@ -659,13 +691,20 @@ function renderStatus() {
   if (view.attempt > 1) parts.push(`attempt ${view.attempt}`);
   if (view.worker) parts.push(`on ${view.worker}`);
   if (view.startedAt) parts.push(formatDuration((view.finishedAt || Date.now()) - view.startedAt));
-  if (view.message && view.reason !== 'succeeded') parts.push(view.message);
+  // The message, unless it only repeats the exit code ("exited with code 3").
+  const exitSaid = view.exitCode !== undefined && view.exitCode !== null;
+  if (view.message && view.reason !== 'succeeded' && !(exitSaid && /^exited with (exit )?code -?\d+$/i.test(view.message.trim()))) {
+    parts.push(view.message);
+  }
   $('#details').textContent = parts.join(' · ');
   const link = $('#job-link');
   link.textContent = view.id.slice(0, 12);
   link.href = `${apiBase}/j/${view.id}`;
   $('#cancel').disabled = !live;
   $('#rerun').disabled = live;
+  $('#sum-cancel').hidden = !live;
+  $('#sum-run').textContent = live ? 'Run' : 'Re-run';
+  $('#sum-run').disabled = live;
 }
 
 async function renderOutputs(view) {
@@ -676,6 +715,8 @@ async function renderOutputs(view) {
   const query = outputs.length ? await readLink(view.id) : null;
   if (job.view !== view) return;
   $('#outputs-box').hidden = outputs.length === 0;
+  // The log leaves room for the outputs below it (style.css).
+  document.body.classList.toggle('has-outputs', outputs.length > 0);
   const list = $('#outputs');
   list.replaceChildren(...outputs.map((o) => {
     const li = document.createElement('li');
@@ -706,12 +747,22 @@ async function preview(o) {
   const box = $('#preview');
   box.replaceChildren();
   const id = job.id;
+  // The preview says which file it shows, and comes into view (it is below the log).
+  const title = document.createElement('h3');
+  title.className = 'preview-title mono';
+  title.textContent = o.path;
+  box.append(title);
+  const body = document.createElement('div');
+  box.append(body);
+  const shown = () => box.scrollIntoView({ block: 'nearest' });
   const url = outputUrl(id, o.path, await readLink(id));
   if (IMAGE.test(o.path)) {
     const img = document.createElement('img');
     img.src = url;
     img.alt = o.path;
-    box.append(img);
+    img.onload = shown;
+    body.append(img);
+    shown();
     return;
   }
   const res = await fetch(url, { headers: { range: `bytes=0-${PREVIEW_BYTES - 1}` } });
@@ -724,12 +775,14 @@ async function preview(o) {
     text = new TextDecoder('utf-8', { fatal: true }).decode(bytes.subarray(0, o.size > PREVIEW_BYTES ? Math.max(0, bytes.length - 3) : bytes.length));
   } catch { text = null; }
   if (text === null || text.includes('\0') || (!TEXT.test(o.path) && !text.length && o.size)) {
-    box.textContent = 'binary file: no preview; download it instead';
+    body.textContent = 'binary file: no preview; download it instead';
+    shown();
     return;
   }
   const pre = document.createElement('pre');
   pre.textContent = o.size > PREVIEW_BYTES ? `${text}\n… (the first ${formatBytes(PREVIEW_BYTES)} of ${formatBytes(o.size)})` : text;
-  box.append(pre);
+  body.append(pre);
+  shown();
 }
 
 // ---- logs ----------------------------------------------------------------------------------
@@ -794,7 +847,11 @@ function renderLogTools() {
 let searchTimer = null;
 $('#log-search').addEventListener('input', (e) => {
   clearTimeout(searchTimer);
-  searchTimer = setTimeout(() => log.search(e.target.value), log.length > 100000 ? 250 : 50);
+  // After the pause, the first match is shown (as GitHub's and GitLab's log search do).
+  searchTimer = setTimeout(() => {
+    if (log.search(e.target.value)) log.step(1);
+    renderLogTools();
+  }, log.length > 100000 ? 250 : 50);
 });
 $('#log-search').addEventListener('keydown', (e) => {
   if (e.key !== 'Enter') return;
@@ -844,8 +901,21 @@ function switchQueue(name) {
   queue.jobs = new Map();
   queue.workers = [];
   queueView.page = 0;
+  queueRows.clear();
   conn.send('watchQueue', { queue: name });
   renderQueue();
+}
+
+/** A job of the queue changed state, so a worker's used slots did. A broker that says so sends
+ * `queueWorkers`; without one shortly, the page asks for the queue again (`watchQueue` answers
+ * a fresh snapshot, workers included), at most about once a second and only while the table
+ * is on screen. */
+function workersMayHaveChanged() {
+  if (queue.refreshWorkers || $('#view-queue').hidden) return;
+  queue.refreshWorkers = setTimeout(() => {
+    queue.refreshWorkers = null;
+    if (conn.open && !$('#view-queue').hidden) conn.send('watchQueue', { queue: queue.name });
+  }, 1000);
 }
 
 let queueScheduled = false;
@@ -894,9 +964,65 @@ function describe(id) {
   return command ? `${what} · ${command}` : what;
 }
 
+/** Opens a job of the queue table: a new history entry, so Back returns to the table. */
 function openJob(id) {
+  // The entry the table was on stays as it is; the job's is a new one.
+  writeOwnHash({ view: undefined, jobId: id, queue: queue.name, line: undefined }, true);
+  config.queue = queue.name;
+  $('#queue').value = queue.name;
+  document.body.classList.add('from-queue');
   showView('job');
   if (id !== job.id) showJob(id);
+}
+
+/** The page's own URL for a job of the watched queue. */
+function jobHref(id) {
+  const params = new URLSearchParams();
+  params.set('queue', queue.name);
+  params.set('jobId', id);
+  return `${location.pathname}${location.search}#${params}`;
+}
+
+function jobDuration(j) {
+  return j.startedAt ? formatDuration((j.finishedAt || Date.now()) - j.startedAt) : '';
+}
+
+/** Drawn rows of the queue table by job id: `{key, tr}`. */
+const queueRows = new Map();
+
+function jobRow(j) {
+  const tr = document.createElement('tr');
+  tr.dataset.id = j.id;
+  if (j.id === job.id) tr.className = 'current';
+  const idCell = document.createElement('td');
+  // A real link (open it in a new tab, copy it); a plain click opens the job in place.
+  const open = document.createElement('a');
+  open.className = 'mono job-open';
+  open.href = jobHref(j.id);
+  open.textContent = j.id.slice(0, 12);
+  open.setAttribute('aria-label', `show job ${j.id.slice(0, 12)}`);
+  open.onclick = (e) => {
+    if (e.button !== 0 || e.ctrlKey || e.metaKey || e.shiftKey || e.altKey) return;
+    e.preventDefault();
+    openJob(j.id);
+  };
+  idCell.append(open);
+  const stateCell = document.createElement('td');
+  stateCell.append(badge(j));
+  const when = new Date(j.submittedAt).toLocaleString(undefined, { dateStyle: 'short', timeStyle: 'medium' });
+  const actions = document.createElement('td');
+  if (j.state !== 'finished') {
+    const stop = document.createElement('button');
+    stop.type = 'button';
+    stop.textContent = 'Cancel';
+    stop.setAttribute('aria-label', `cancel job ${j.id.slice(0, 12)}`);
+    stop.onclick = () => cancel(j.id);
+    actions.append(stop);
+  }
+  const what = cell(describe(j.id), 'mono what');
+  what.title = what.textContent;
+  tr.append(idCell, what, stateCell, cell(when, 'when'), cell(jobDuration(j), 'duration'), cell(j.worker || '', 'worker'), actions);
+  return tr;
 }
 
 function renderQueue() {
@@ -916,35 +1042,20 @@ function renderQueue() {
     ? `${queueView.page * PAGE_SIZE + 1}–${queueView.page * PAGE_SIZE + shown.length} of ${jobs.length.toLocaleString('en')}` : '';
   $('#jobs-prev').disabled = queueView.page === 0;
   $('#jobs-next').disabled = queueView.page >= pages - 1;
-  $('#jobs tbody').replaceChildren(...shown.map((j) => {
-    const tr = document.createElement('tr');
-    if (j.id === job.id) tr.className = 'current';
-    const idCell = document.createElement('td');
-    const open = document.createElement('button');
-    open.type = 'button';
-    open.className = 'linklike mono';
-    open.textContent = j.id.slice(0, 12);
-    open.setAttribute('aria-label', `show job ${j.id.slice(0, 12)}`);
-    open.onclick = () => openJob(j.id);
-    idCell.append(open);
-    const stateCell = document.createElement('td');
-    stateCell.append(badge(j));
-    const duration = j.startedAt ? formatDuration((j.finishedAt || Date.now()) - j.startedAt) : '';
-    const when = new Date(j.submittedAt).toLocaleString(undefined, { dateStyle: 'short', timeStyle: 'medium' });
-    const actions = document.createElement('td');
-    if (j.state !== 'finished') {
-      const stop = document.createElement('button');
-      stop.type = 'button';
-      stop.textContent = 'Cancel';
-      stop.setAttribute('aria-label', `cancel job ${j.id.slice(0, 12)}`);
-      stop.onclick = () => cancel(j.id);
-      actions.append(stop);
-    }
-    const what = cell(describe(j.id), 'mono what');
-    what.title = what.textContent;
-    tr.append(idCell, what, stateCell, cell(when), cell(duration), cell(j.worker || ''), actions);
+  // Rows are kept while their job is unchanged, so the row under the pointer stays the same
+  // element; only the running durations tick (in place, see the timer below).
+  const rows = shown.map((j) => {
+    const key = `${j.version}|${j.state}|${j.id === job.id}|${describe(j.id)}`;
+    const kept = queueRows.get(j.id);
+    if (kept && kept.key === key) return kept.tr;
+    const tr = jobRow(j);
+    queueRows.set(j.id, { key, tr });
     return tr;
-  }));
+  });
+  const tbody = $('#jobs tbody');
+  rows.forEach((tr, i) => { if (tbody.children[i] !== tr) tbody.insertBefore(tr, tbody.children[i] || null); });
+  while (tbody.children.length > rows.length) tbody.lastElementChild.remove();
+  for (const id of queueRows.keys()) if (!queue.jobs.has(id)) queueRows.delete(id);
   $('#workers tbody').replaceChildren(...queue.workers.map((w) => {
     const tr = document.createElement('tr');
     tr.append(cell(`${w.id}${w.draining ? ' (draining)' : ''}${w.connected ? '' : ' (away)'}`), cell(`${w.busy} / ${w.slots}`),
@@ -960,23 +1071,55 @@ $('#jobs-next').onclick = () => { queueView.page += 1; renderQueue(); };
 // Durations tick while a job runs, in the header and in the queue table.
 setInterval(() => {
   if (job.view && job.view.state !== 'finished') renderStatus();
-  if (!$('#view-queue').hidden && [...queue.jobs.values()].some((j) => j.state === 'running')) renderQueue();
+  if (!$('#view-queue').hidden) {
+    for (const tr of $('#jobs tbody').children) {
+      const j = queue.jobs.get(tr.dataset.id);
+      if (j && j.startedAt && !j.finishedAt) tr.querySelector('td.duration').textContent = jobDuration(j);
+    }
+  }
 }, 1000);
 
 // ---- views ---------------------------------------------------------------------------------
 
-function showView(name) {
-  for (const b of document.querySelectorAll('.tab')) b.setAttribute('aria-pressed', String(b.dataset.view === name));
-  $('#view-job').hidden = name !== 'job';
-  $('#view-queue').hidden = name !== 'queue';
+/** Writes `updates` into the page's own hash (cq's format, not inside a metapage, which keeps
+ * the hash for itself); `push` makes it a new history entry. */
+function writeOwnHash(updates, push) {
+  if (hashConfig.format !== 'cq' || metaframe.framed) return;
+  const next = writeHash(location.hash, updates);
+  if (next === location.hash) return;
+  if (push) history.pushState(null, '', next);
+  else history.replaceState(null, '', next);
 }
-for (const b of document.querySelectorAll('.tab')) b.onclick = () => showView(b.dataset.view);
+
+function showView(name, { push = false } = {}) {
+  const view = name === 'queue' ? 'queue' : 'job';
+  for (const b of document.querySelectorAll('.tab')) b.setAttribute('aria-pressed', String(b.dataset.view === view));
+  $('#view-job').hidden = view !== 'job';
+  $('#view-queue').hidden = view !== 'queue';
+  document.body.dataset.view = view;
+  writeOwnHash({ view: view === 'queue' ? 'queue' : undefined }, push);
+  if (view === 'queue') renderQueue();
+}
+for (const b of document.querySelectorAll('.tab')) {
+  b.onclick = () => { if (b.getAttribute('aria-pressed') !== 'true') showView(b.dataset.view, { push: true }); };
+}
 
 // The form folds into a summary line where the page is small (see style.css); "edit" opens it.
-$('#edit-toggle').onclick = () => {
-  const editing = document.body.classList.toggle('editing');
-  $('#edit-toggle').setAttribute('aria-expanded', String(editing));
+function setEditing(on) {
+  document.body.classList.toggle('editing', on);
+  $('#edit-toggle').setAttribute('aria-expanded', String(on));
+  $('#edit-toggle').textContent = on ? 'done' : 'edit';
+}
+$('#edit-toggle').onclick = () => setEditing(!document.body.classList.contains('editing'));
+// In the small layout Run (Re-run for a finished job on screen) and Cancel sit next to the
+// summary, so the job can be run and stopped without opening the form over the log.
+$('#sum-run').onclick = () => {
+  if (job.view && job.view.state === 'finished') run(true, { onScreen: true });
+  else run(false);
 };
+$('#sum-cancel').onclick = () => cancel();
+// Where the tabs are hidden (small layout), a job opened from the queue has a way back to it.
+$('#to-queue').onclick = () => showView('queue', { push: true });
 
 function renderSummary() {
   const d = definitionFromForm();
@@ -986,13 +1129,20 @@ function renderSummary() {
 $('#job-form').addEventListener('input', renderSummary);
 
 // A link to another job or line of this page, followed in place.
-window.addEventListener('hashchange', () => {
+// Back and Forward, and links within the page, move between the views and jobs the hash names.
+function followHash() {
   let next;
   try { next = readHash(location.hash); } catch (e) { showError(e.message); return; }
+  const view = next.view === 'queue' ? 'queue' : 'job';
+  if ($(`#view-${view}`).hidden) showView(view);
   if (next.line) config.line = { jobId: next.jobId || job.id, n: next.line };
-  if (next.jobId && next.jobId !== job.id) showJob(next.jobId);
-  else if (next.line) log.goToLine(next.line);
-});
+  if (next.jobId && next.jobId !== job.id) {
+    if (next.params.get('queue') && !/^https?:/.test(next.queue)) config.queue = next.queue;
+    showJob(next.jobId);
+  } else if (next.line) log.goToLine(next.line);
+}
+window.addEventListener('hashchange', followHash);
+window.addEventListener('popstate', followHash);
 
 // ---- the metapage ----------------------------------------------------------------------------
 // The page is also a metaframe (metaframe.js): inputs from the metapage become job inputs, the

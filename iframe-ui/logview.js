@@ -57,6 +57,8 @@ export class LogView {
     /** Sections: {start, end (line of `::endgroup::`, or null while open), name}. */
     this.groups = [];
     this.groupAt = new Map();
+    /** Lines that close a section (`::endgroup::`): drawn as the section's end, not as text. */
+    this.endAt = new Set();
     this.folded = new Set();
     this.hidden = [];
     this.follow = true;
@@ -110,6 +112,7 @@ export class LogView {
       this.groupAt.set(i, group);
     } else if (ENDGROUP.test(text.replace(/\n$/, '')) && open) {
       open.end = i;
+      this.endAt.add(i);
     }
   }
 
@@ -395,6 +398,7 @@ export class LogView {
     if (this.query && this.matches.length && this.matchesLine(i)) cls += this.matches[this.current] === i ? ' match current' : ' match';
     const group = this.groupAt.get(i);
     if (group) cls += this.folded.has(i) ? ' section folded' : ' section';
+    if (this.endAt.has(i)) cls += ' endgroup';
     div.className = cls;
     div.dataset.line = i + 1;
     const [ln, ts, tx] = div.children;
@@ -407,9 +411,14 @@ export class LogView {
       toggle.className = 'fold';
       toggle.dataset.fold = i;
       toggle.setAttribute('aria-expanded', String(!this.folded.has(i)));
-      const hidden = group.end === null ? this.texts.length - 1 - i : group.end - i;
-      toggle.textContent = `${this.folded.has(i) ? '▸' : '▾'} ${group.name || 'section'}${this.folded.has(i) ? ` (${hidden} lines)` : ''}`;
+      // The section's own lines, without the `::endgroup::` that closes it.
+      const inside = group.end === null ? this.texts.length - 1 - i : group.end - i - 1;
+      toggle.textContent = `${this.folded.has(i) ? '▸' : '▾'} ${group.name || 'section'}${this.folded.has(i) ? ` (${inside} ${inside === 1 ? 'line' : 'lines'})` : ''}`;
       tx.replaceChildren(toggle);
+      return;
+    }
+    if (this.endAt.has(i)) {
+      tx.textContent = '';
       return;
     }
     const text = this.texts[i].replace(/\r?\n$/, '');

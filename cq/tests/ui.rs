@@ -306,7 +306,9 @@ async fn each_job_in_a_row_shows_its_own_state_and_the_form_is_the_job_on_screen
     click(&c, "#run").await;
     state_is(&c, "failed").await;
     let first = script(&c, "return window.cq.job.id").await.as_str().unwrap().to_string();
-    assert!(text(&c, "#details").await.contains("exit code 3"));
+    let details = text(&c, "#details").await;
+    assert!(details.contains("exit code 3"), "{details}");
+    assert!(!details.contains("exited with code"), "the exit code is said once: {details}");
     until("one line counted", || async { (text(&c, "#log-count").await == "1 line").then_some(()) }).await;
 
     // A second job: its own state, its own log, cancellable, and its duration ticks.
@@ -318,6 +320,7 @@ async fn each_job_in_a_row_shows_its_own_state_and_the_form_is_the_job_on_screen
     })
     .await;
     assert_eq!(text(&c, "#state").await, "running", "the new job's state, not the old one's");
+    assert_ne!(text(&c, "#phase").await, "running", "the state is said once");
     let details = text(&c, "#details").await;
     assert!(!details.contains("exit code"), "{details}");
     assert!(!text(&c, "#job-link").await.starts_with(&first[..12]));
@@ -357,19 +360,19 @@ async fn each_job_in_a_row_shows_its_own_state_and_the_form_is_the_job_on_screen
     // Opened from the queue by keyboard while the form holds another job: the form follows.
     fill(&c, "#command", "echo something else").await;
     click(&c, ".tab[data-view=queue]").await;
+    let described = until("the queue's image and command", || async {
+        let t = text(&c, "#jobs tbody").await;
+        (t.contains("cq-test/busybox · sh -c")).then_some(t)
+    })
+    .await;
     let open = until("the second job's row", || async {
-        let buttons = c.find_all(Locator::Css("#jobs tbody button.linklike")).await.ok()?;
-        for b in buttons {
+        let links = c.find_all(Locator::Css("#jobs tbody a.job-open")).await.ok()?;
+        for b in links {
             if b.text().await.ok()? == second[..12] {
                 return Some(b);
             }
         }
         None
-    })
-    .await;
-    let described = until("the queue's image and command", || async {
-        let t = text(&c, "#jobs tbody").await;
-        (t.contains("cq-test/busybox · sh -c")).then_some(t)
     })
     .await;
     assert!(described.contains("cancelled") && described.contains("failed"), "{described}");
@@ -450,8 +453,8 @@ async fn the_log_viewer_holds_a_long_live_log_and_finds_and_links_lines() {
     let drawn = script(&c, "return Boolean(document.querySelector('#log [data-line=\"12348\"]'))").await;
     assert_eq!(drawn, json!(false));
     fill(&c, "#log-search", "line 12345").await;
-    until("one match", || async { (text(&c, "#log-matches").await == "– of 1 match").then_some(()) }).await;
-    click(&c, "#log-next").await;
+    // After the pause in typing, the first match is shown.
+    until("one match, shown", || async { (text(&c, "#log-matches").await == "1 of 1 match").then_some(()) }).await;
     let current = until("the match drawn", || async {
         let v =
             script(&c, "const r = document.querySelector('#log .log-row.current'); return r && r.dataset.line").await;
@@ -459,7 +462,8 @@ async fn the_log_viewer_holds_a_long_live_log_and_finds_and_links_lines() {
     })
     .await;
     assert_eq!(current, "12348");
-    assert_eq!(text(&c, "#log-matches").await, "1 of 1 match");
+    click(&c, "#log-next").await;
+    assert_eq!(text(&c, "#log-matches").await, "1 of 1 match", "next wraps around to the only match");
 
     // A link to a line scrolls to it and highlights it, on a fresh page of the finished job.
     let id = script(&c, "return window.cq.job.id").await.as_str().unwrap().to_string();
@@ -497,6 +501,15 @@ async fn the_log_viewer_holds_a_long_live_log_and_finds_and_links_lines() {
     })
     .await;
     assert_eq!(after, json!(["1", "4"]));
+    let folded = until("the folded header", || async { c.find(Locator::Css("#log button.fold")).await.ok() }).await;
+    assert_eq!(folded.text().await.unwrap(), "▸ setup (1 line)", "the `::endgroup::` line is not counted");
+    script(&c, "document.querySelector('#log button.fold').click()").await;
+    let end = until("the section's end drawn", || async {
+        let v = script(&c, "const r = document.querySelector('#log .log-row[data-line=\"3\"]'); return r && [r.className, r.querySelector('.tx').textContent]").await;
+        v.as_array().map(|a| a.to_vec())
+    })
+    .await;
+    assert!(end[0].as_str().unwrap().contains("endgroup") && end[1] == json!(""), "{end:?}");
     click(&c, "#log-times").await;
     let stamp = until("timestamps", || async {
         let v =
@@ -671,6 +684,224 @@ async fn a_small_embed_is_mostly_log() {
     assert_ne!(shown, json!("none"));
     c.enter_parent_frame().await.unwrap();
     screenshot("ui-small-embed.png", &c.screenshot().await.unwrap());
+    c.close().await.unwrap();
+}
+
+async fn displayed(c: &Client, css: &str) -> bool {
+    let js = format!(
+        "const e = document.querySelector('{css}'); return Boolean(e) && e.getClientRects().length > 0 && getComputedStyle(e).visibility !== 'hidden'"
+    );
+    script(c, &js).await == json!(true)
+}
+
+async fn hash(c: &Client) -> String {
+    script(c, "return location.hash").await.as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_embed_runs_and_cancels_next_to_its_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, url) = cq_dev_with(dir.path(), &[]);
+    let (_driver, c) = browser().await;
+    let job = json!({ "image": "cq-test/busybox", "command": ["sh", "-c", "echo tick; sleep 60"] });
+    let page = format!(
+        r#"<!doctype html><body style="margin:0"><iframe id="cq" style="width:400px;height:300px;border:0"
+        src="{url}/#queue=local&job={}"></iframe>"#,
+        urlencode(&job.to_string())
+    );
+    let port = host_page(page);
+    c.goto(&format!("http://127.0.0.1:{port}/")).await.unwrap();
+    c.find(Locator::Css("#cq")).await.unwrap().enter_frame().await.unwrap();
+    // Folded: Run is beside the summary, no need to open the form.
+    until("the summary's Run", || async { displayed(&c, "#sum-run").await.then_some(()) }).await;
+    assert!(!displayed(&c, "#job-form").await, "the form is folded");
+    assert!(!displayed(&c, "#sum-cancel").await, "nothing to cancel yet");
+    click(&c, "#sum-run").await;
+    state_is(&c, "running").await;
+    until("the first line", || async { text(&c, "#log").await.contains("tick").then_some(()) }).await;
+    // A running job can be cancelled from the folded view, with its log in view.
+    assert!(displayed(&c, "#sum-cancel").await, "Cancel beside the summary while the job runs");
+    assert!(displayed(&c, "#log").await);
+    click(&c, "#sum-cancel").await;
+    state_is(&c, "cancelled").await;
+    assert_eq!(text(&c, "#sum-run").await, "Re-run");
+    assert!(!displayed(&c, "#sum-cancel").await);
+
+    // Run from the open form: the form folds and the job's status and log show.
+    click(&c, "#edit-toggle").await;
+    assert!(displayed(&c, "#job-form").await);
+    assert!(!displayed(&c, "#log").await, "the open form takes the log's place");
+    fill(&c, "#command", "sh -c 'echo second; sleep 60'").await;
+    click(&c, "#run").await;
+    until("the second job's line", || async { text(&c, "#log").await.contains("second").then_some(()) }).await;
+    assert!(!displayed(&c, "#job-form").await, "running folds the form");
+    assert!(displayed(&c, "#status").await && displayed(&c, "#log").await);
+    assert_eq!(text(&c, "#edit-toggle").await, "edit");
+    c.enter_parent_frame().await.unwrap();
+    screenshot("ui-small-running.png", &c.screenshot().await.unwrap());
+    c.enter_frame(0).await.unwrap();
+    click(&c, "#sum-cancel").await;
+    state_is(&c, "cancelled").await;
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_link_keeps_its_queue_and_back_returns_to_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, url) = cq_dev_with(dir.path(), &[]);
+    let (_driver, c) = browser().await;
+    // No worker serves `nowhere`: the job stays queued there.
+    c.goto(&format!("{url}/#queue=nowhere")).await.unwrap();
+    fill(&c, "#image", "cq-test/busybox").await;
+    fill(&c, "#command", "echo somewhere").await;
+    click(&c, "#run").await;
+    state_is(&c, "queued").await;
+    let id = script(&c, "return window.cq.job.id").await.as_str().unwrap().to_string();
+    let h = hash(&c).await;
+    assert!(h.contains(&format!("jobId={id}")) && h.contains("queue=nowhere"), "{h}");
+
+    // A link that names only the job: the page takes the queue from the job's record, and Run
+    // there leaves the job where it is.
+    c.goto("about:blank").await.unwrap();
+    c.goto(&format!("{url}/#jobId={id}")).await.unwrap();
+    state_is(&c, "queued").await;
+    until("the job's queue in the form", || async {
+        (script(&c, "return document.querySelector('#queue').value").await == json!("nowhere")).then_some(())
+    })
+    .await;
+    until("the job's queue in the hash", || async { hash(&c).await.contains("queue=nowhere").then_some(()) }).await;
+    until("the job's definition in the form", || async {
+        (script(&c, "return document.querySelector('#command').value").await == json!("echo somewhere")).then_some(())
+    })
+    .await;
+    click(&c, "#run").await;
+    let outcome = until("the run answered", || async {
+        let v = script(&c, "return window.cq.job.outcome").await;
+        v.as_str().map(str::to_string)
+    })
+    .await;
+    assert_eq!(outcome, "joined");
+    assert_eq!(script(&c, "return window.cq.job.id").await, json!(id));
+    assert_eq!(job_view(&url, &id).await["queue"], "nowhere", "the job did not move queues");
+    let local: Value = reqwest::get(format!("{url}/q/local")).await.unwrap().json().await.unwrap();
+    assert_eq!(local["queued"], 0, "{local}");
+
+    // The URL follows the view; Back returns from a job opened from the queue to the queue.
+    click(&c, ".tab[data-view=queue]").await;
+    assert!(hash(&c).await.contains("view=queue"));
+    let link = until("the job's link", || async { c.find(Locator::Css("#jobs tbody a.job-open")).await.ok() }).await;
+    let href = link.attr("href").await.unwrap().unwrap();
+    assert!(href.contains(&format!("jobId={id}")) && href.contains("queue=nowhere"), "{href}");
+    link.click().await.unwrap();
+    until("the job view", || async { displayed(&c, "#view-job").await.then_some(()) }).await;
+    assert!(!hash(&c).await.contains("view=queue"));
+    c.back().await.unwrap();
+    until("the queue view after Back", || async {
+        (displayed(&c, "#view-queue").await && !displayed(&c, "#view-job").await).then_some(())
+    })
+    .await;
+    assert!(hash(&c).await.contains("view=queue"));
+    c.forward().await.unwrap();
+    until("the job view after Forward", || async { displayed(&c, "#view-job").await.then_some(()) }).await;
+    // A hash change on the open page switches the view.
+    script(&c, "location.hash = '#queue=nowhere&view=queue'").await;
+    until("the queue view", || async { displayed(&c, "#view-queue").await.then_some(()) }).await;
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_table_follows_worker_load_and_keeps_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, url) = cq_dev_with(dir.path(), &[]);
+    let (_driver, c) = browser().await;
+    c.goto(&format!("{url}/#queue=local&view=queue")).await.unwrap();
+    let idle = until("the worker's row", || async {
+        let t = text(&c, "#workers tbody").await;
+        t.contains("0 / ").then_some(t)
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let submitted: Value = http
+        .post(format!("{url}/q/local/j"))
+        .json(&json!({ "definition": { "image": "cq-test/busybox", "command": ["sh", "-c", "echo go; sleep 4"] } }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = submitted["job"]["id"].as_str().unwrap_or_else(|| panic!("{submitted}")).to_string();
+    until("a used slot", || async { text(&c, "#workers tbody").await.contains("1 / ").then_some(()) }).await;
+    // The row of the running job stays the same element while its duration ticks.
+    let before = until("the running row", || async {
+        let v = script(
+            &c,
+            "const tr = document.querySelector('#jobs tbody tr'); if (!tr || !tr.querySelector('td.duration').textContent) return null; \
+             window.kept = tr; return tr.querySelector('td.duration').textContent;",
+        )
+        .await;
+        v.as_str().map(str::to_string)
+    })
+    .await;
+    until("the duration to tick", || async {
+        let v = script(&c, "return window.kept.querySelector('td.duration').textContent").await;
+        (v.as_str()? != before).then_some(())
+    })
+    .await;
+    let same =
+        script(&c, "return document.querySelector('#jobs tbody tr') === window.kept && window.kept.isConnected").await;
+    assert_eq!(same, json!(true), "the row was updated in place");
+    until("the slot freed", || async {
+        let t = text(&c, "#workers tbody").await;
+        (t == idle && job_view(&url, &id).await["state"] == "finished").then_some(())
+    })
+    .await;
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_queue_view_fits_and_leads_back_to_the_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, url) = cq_dev_with(dir.path(), &[]);
+    let (_driver, c) = browser().await;
+    let http = reqwest::Client::new();
+    let submitted: Value = http
+        .post(format!("{url}/q/local/j"))
+        .json(&json!({ "definition": { "image": "cq-test/busybox", "command": ["sh", "-c", "echo a fairly long command line to describe"] } }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = submitted["job"]["id"].as_str().unwrap().to_string();
+    let page = format!(
+        r#"<!doctype html><body style="margin:0"><iframe id="cq" style="width:400px;height:300px;border:0"
+        src="{url}/#queue=local&view=queue"></iframe>"#
+    );
+    let port = host_page(page);
+    c.goto(&format!("http://127.0.0.1:{port}/")).await.unwrap();
+    c.find(Locator::Css("#cq")).await.unwrap().enter_frame().await.unwrap();
+    until("the job's row, described", || async {
+        text(&c, "#jobs tbody").await.contains("cq-test/busybox").then_some(())
+    })
+    .await;
+    let width = script(&c, "return document.querySelector('#jobs').getBoundingClientRect().width").await;
+    assert!(width.as_f64().unwrap() <= 400.0, "the table fits the frame: {width}");
+    assert!(!displayed(&c, "#jobs td:nth-child(6)").await, "the worker column folds away");
+    c.enter_parent_frame().await.unwrap();
+    screenshot("ui-small-queue.png", &c.screenshot().await.unwrap());
+    c.enter_frame(0).await.unwrap();
+    click(&c, "#jobs tbody a.job-open").await;
+    until("the job", || async { (script(&c, "return window.cq.job.id").await == json!(id)).then_some(()) }).await;
+    assert!(displayed(&c, "#to-queue").await, "a way back to the queue");
+    click(&c, "#to-queue").await;
+    until("the queue again", || async { displayed(&c, "#view-queue").await.then_some(()) }).await;
+    // No request for a favicon that is not there.
+    assert_eq!(
+        script(&c, "return document.querySelector('link[rel=icon]').getAttribute('href')").await,
+        json!("data:,")
+    );
     c.close().await.unwrap();
 }
 
