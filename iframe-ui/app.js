@@ -627,6 +627,10 @@ function updateJob(view) {
   if (view.id !== job.id) return;
   // Views of one showing only move forward (a re-run starts a new showing).
   if (job.view && view.version < job.view.version) return;
+  // A new attempt (the job was handed back or its worker lost) starts its log again: the
+  // viewer draws a separator before its first line. Log lines do not carry their attempt, so
+  // this is seen only while the page watches the job.
+  if (job.view && view.attempt > job.view.attempt && job.next > 0 && !job.loading) log.markAttempt(job.next, view.attempt);
   job.view = view;
   // The job's own queue is the form's: a job opened by a link runs again where it ran.
   if (view.queue && view.queue !== config.queue) {

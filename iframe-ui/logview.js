@@ -59,6 +59,8 @@ export class LogView {
     this.groupAt = new Map();
     /** Lines that close a section (`::endgroup::`): drawn as the section's end, not as text. */
     this.endAt = new Set();
+    /** First lines of a new attempt of the job (line → attempt), drawn with a separator. */
+    this.attemptAt = new Map();
     this.folded = new Set();
     this.hidden = [];
     this.follow = true;
@@ -98,6 +100,13 @@ export class LogView {
       if (this.query && this.matchesLine(i)) this.matches.push(i);
     }
     if (lines.length) this.schedule();
+  }
+
+  /** Says that line `line` (0-based, maybe not here yet) starts attempt `attempt`. */
+  markAttempt(line, attempt) {
+    this.attemptAt.set(line, attempt);
+    this.version++;
+    this.schedule();
   }
 
   section(i, text) {
@@ -399,9 +408,13 @@ export class LogView {
     const group = this.groupAt.get(i);
     if (group) cls += this.folded.has(i) ? ' section folded' : ' section';
     if (this.endAt.has(i)) cls += ' endgroup';
+    const attempt = this.attemptAt.get(i);
+    if (attempt !== undefined) cls += ' attempt-start';
     div.className = cls;
     div.dataset.line = i + 1;
     const [ln, ts, tx] = div.children;
+    if (attempt !== undefined) tx.dataset.attempt = `attempt ${attempt}`;
+    else if (tx.dataset.attempt) delete tx.dataset.attempt;
     ln.textContent = i + 1;
     ln.href = this.linkFor(i + 1);
     ts.textContent = this.timestamps && this.times[i] ? clock(this.times[i]) : '';

@@ -4,7 +4,7 @@
 //! without a gap or a repeated log line. Screenshots land in the test's temporary directory.
 
 mod support;
-use support::{browser, cq_dev_with};
+use support::{browser, cq_dev_with, cq_worker};
 
 use std::time::{Duration, Instant};
 
@@ -902,6 +902,54 @@ async fn a_small_queue_view_fits_and_leads_back_to_the_queue() {
         script(&c, "return document.querySelector('link[rel=icon]').getAttribute('href')").await,
         json!("data:,")
     );
+    c.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_attempt_is_set_apart_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, url) = cq_dev_with(dir.path(), &["--no-worker"]);
+    let first =
+        cq_worker(&url, &dir.path().join("wa"), &["--worker-id", "wa", "--slots", "1", "--drain-timeout", "1s"]);
+    let (_driver, c) = browser().await;
+    c.goto(&format!("{url}/#queue=local")).await.unwrap();
+    fill(&c, "#image", "cq-test/busybox").await;
+    fill(&c, "#command", "sh -c 'for i in $(seq 0 40); do echo beat $i; sleep 0.25; done'").await;
+    click(&c, "#run").await;
+    until("beat 2", || async { text(&c, "#log").await.contains("beat 2").then_some(()) }).await;
+    // The worker stops: after its drain timeout it hands the job back, and another worker runs
+    // it again from the start.
+    let killed = std::process::Command::new("kill").args(["-TERM", &first.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    state_is(&c, "queued").await;
+    let _second = cq_worker(&url, &dir.path().join("wb"), &["--worker-id", "wb", "--slots", "1"]);
+    let (line, attempt) = until("the second attempt's first line", || async {
+        let v = script(&c, "const l = window.cq.log; const m = [...l.attemptAt][0]; return m && l.texts[m[0]] !== undefined ? m : null").await;
+        let a = v.as_array()?.clone();
+        Some((a[0].as_u64()?, a[1].as_u64()?))
+    })
+    .await;
+    assert_eq!(attempt, 2);
+    let texts = script(&c, &format!("return window.cq.log.texts.slice({}, {})", line - 1, line + 1)).await;
+    assert_eq!(texts[1], "beat 0\n", "{texts}");
+    assert!(texts[0].as_str().unwrap().starts_with("beat ") && texts[0] != "beat 40\n", "{texts}");
+    // The separator is drawn on that line.
+    script(&c, &format!("window.cq.log.goToLine({})", line + 1)).await;
+    let row = until("the separator drawn", || async {
+        let v = script(
+            &c,
+            &format!(
+                "const r = document.querySelector('#log .log-row[data-line=\"{}\"]'); return r && [r.className, r.querySelector('.tx').dataset.attempt || '']",
+                line + 1
+            ),
+        )
+        .await;
+        v.as_array().map(|a| a.to_vec())
+    })
+    .await;
+    assert!(row[0].as_str().unwrap().contains("attempt-start"), "{row:?}");
+    assert_eq!(row[1], "attempt 2");
+    screenshot("ui-second-attempt.png", &c.screenshot().await.unwrap());
     c.close().await.unwrap();
 }
 

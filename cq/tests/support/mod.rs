@@ -32,6 +32,25 @@ pub fn cq_dev_with(dir: &std::path::Path, extra: &[&str]) -> (Killed, String) {
     (Killed(child), url)
 }
 
+impl Killed {
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+/// A `cq worker` of the broker at `url` with its own data directory and `extra` arguments.
+pub fn cq_worker(url: &str, dir: &std::path::Path, extra: &[&str]) -> Killed {
+    let child = Command::new(env!("CARGO_BIN_EXE_cq"))
+        .args(["worker", "--url", url, "--data-dir", dir.to_str().unwrap()])
+        .args(extra)
+        .env("CQ_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    Killed(child)
+}
+
 /// chromedriver on a free port, and a headless Chromium session through it.
 pub async fn browser() -> (Killed, Client) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
