@@ -33,11 +33,14 @@ pub fn cq_dev_with(dir: &std::path::Path, extra: &[&str]) -> (Killed, String) {
 }
 
 impl Killed {
+    // Each test crate compiles this module; not every one stops processes or starts workers.
+    #[allow(dead_code)]
     pub fn id(&self) -> u32 {
         self.0.id()
     }
 }
 
+#[allow(dead_code)]
 /// A `cq worker` of the broker at `url` with its own data directory and `extra` arguments.
 pub fn cq_worker(url: &str, dir: &std::path::Path, extra: &[&str]) -> Killed {
     let child = Command::new(env!("CARGO_BIN_EXE_cq"))
