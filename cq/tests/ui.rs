@@ -953,6 +953,75 @@ async fn a_second_attempt_is_set_apart_in_the_log() {
     c.close().await.unwrap();
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_show_below_the_log_and_the_form_keeps_its_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_dev, url) = cq_dev_with(dir.path(), &[]);
+    let (_driver, c) = browser().await;
+    c.goto(&format!("{url}/#queue=local")).await.unwrap();
+    // The form: building hides the image; a text input keeps its remove button on its row; the
+    // file picker does not say "No file chosen" (the native control is transparent).
+    click(&c, "#use-build").await;
+    assert!(!displayed(&c, "#image").await, "no image to give when building");
+    click(&c, "#use-build").await;
+    assert!(displayed(&c, "#image").await);
+    click(&c, "#more summary").await;
+    click(&c, "#add-text-input").await;
+    let one_row = script(
+        &c,
+        "const r = document.querySelector('.text-input'); const x = r.querySelector('.ti-remove').getBoundingClientRect(); \
+         const t = r.querySelector('.ti-value').getBoundingClientRect(); return x.top < t.bottom && x.left >= t.right;",
+    )
+    .await;
+    assert_eq!(one_row, json!(true), "the remove button beside its input");
+    assert_eq!(script(&c, "return getComputedStyle(document.querySelector('#file-inputs')).opacity").await, json!("0"));
+    script(&c, "document.querySelector('.ti-remove').click(); document.querySelector('#more').open = false;").await;
+
+    fill(&c, "#image", "cq-test/busybox").await;
+    fill(&c, "#command", "sh -c 'seq 1 500; echo hello > /outputs/a.txt'").await;
+    click(&c, "#run").await;
+    until("the first lines", || async {
+        (script(&c, "return window.cq.log.length").await.as_u64()? > 0).then_some(())
+    })
+    .await;
+    let search_at =
+        script(&c, "const r = document.querySelector('#log-search').getBoundingClientRect(); return [r.left, r.width]")
+            .await;
+    state_is(&c, "succeeded").await;
+    until("every line counted", || async { (text(&c, "#log-count").await == "500 lines").then_some(()) }).await;
+    let search_now =
+        script(&c, "const r = document.querySelector('#log-search').getBoundingClientRect(); return [r.left, r.width]")
+            .await;
+    assert_eq!(search_at, search_now, "the search box stays put as the count grows");
+    // The outputs are on screen without scrolling, below the log.
+    let fits = until("the outputs", || async {
+        let v = script(
+            &c,
+            "const b = document.querySelector('#outputs-box'); if (b.hidden) return null; \
+             return b.querySelector('li').getBoundingClientRect().bottom <= window.innerHeight;",
+        )
+        .await;
+        v.as_bool()
+    })
+    .await;
+    assert!(fits, "the outputs' first row is within the window");
+    click(&c, "#outputs button").await;
+    let shown = until("the preview", || async {
+        let v = script(
+            &c,
+            "const p = document.querySelector('#preview'); const pre = p.querySelector('pre'); if (!pre) return null; \
+             const r = pre.getBoundingClientRect(); \
+             return [p.querySelector('.preview-title').textContent, pre.textContent, r.top >= 0 && r.bottom <= window.innerHeight];",
+        )
+        .await;
+        v.as_array().map(|a| a.to_vec())
+    })
+    .await;
+    assert_eq!(shown, vec![json!("a.txt"), json!("hello\n"), json!(true)], "the preview names its file and is in view");
+    screenshot("ui-outputs.png", &c.screenshot().await.unwrap());
+    c.close().await.unwrap();
+}
+
 /// The page under load, measured (not asserted): `cargo test -p cq --test ui benchmark --
 /// --ignored --nocapture`. Streams 100,000 lines at about 10,000 lines a second from a real
 /// job and prints the long tasks (the Long Tasks API), the time to the first drawn line, the
