@@ -445,6 +445,8 @@ async function submit(definition, force) {
     const view = answer.data.job;
     tellHost('cq:submitted', { jobId: view.id, outcome: answer.data.outcome });
     showJob(view.id, { view, definition, outcome: answer.data.outcome });
+    // A run that waited for the broker (its note opened the folded form) shows its job now.
+    setEditing(false);
     if (queue.name !== config.queue) switchQueue(config.queue);
   } catch (err) {
     showError(err.message);
