@@ -1051,9 +1051,15 @@ function renderQueue() {
   // Rows are kept while their job is unchanged, so the row under the pointer stays the same
   // element; only the running durations tick (in place, see the timer below).
   const rows = shown.map((j) => {
-    const key = `${j.version}|${j.state}|${j.id === job.id}|${describe(j.id)}`;
+    const key = `${j.version}|${j.state}|${j.id === job.id}`;
     const kept = queueRows.get(j.id);
-    if (kept && kept.key === key) return kept.tr;
+    if (kept && kept.key === key) {
+      // A description that arrived since is written into the kept row.
+      const what = kept.tr.querySelector('td.what');
+      const text = describe(j.id);
+      if (what.textContent !== text) { what.textContent = text; what.title = text; }
+      return kept.tr;
+    }
     const tr = jobRow(j);
     queueRows.set(j.id, { key, tr });
     return tr;
