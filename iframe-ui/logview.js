@@ -208,8 +208,14 @@ export class LogView {
 
   onScroll() {
     const top = this.el.scrollTop;
-    if (this.settingScroll) {
-      this.settingScroll = false;
+    // A scroll the viewer set lands where it was set (or at the end, where the browser clamps
+    // it). The reader's own scroll in the same frame is coalesced into the same event: it is
+    // told apart by where it landed, so scrolling up while lines stream always stops following.
+    const ours = this.settingScroll && (Math.abs(top - this.lastScrollTop) < 1
+      || Math.abs(top - (this.el.scrollHeight - this.el.clientHeight)) < 1);
+    this.settingScroll = false;
+    if (ours) {
+      // nothing to decide
     } else if (top < this.lastScrollTop - 1 && this.follow) {
       // The reader scrolled up: stop following, and keep the position from now on.
       this.follow = false;
