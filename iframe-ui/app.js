@@ -912,10 +912,10 @@ function switchQueue(name) {
   renderQueue();
 }
 
-/** A job of the queue changed state, so a worker's used slots did. A broker that says so sends
- * `queueWorkers`; without one shortly, the page asks for the queue again (`watchQueue` answers
- * a fresh snapshot, workers included), at most about once a second and only while the table
- * is on screen. */
+/** A job of the queue changed state, so a worker's used slots did. The broker sends
+ * `queueWorkers` when `busy` changes; an older one does not, so without one shortly the page
+ * asks for the queue again (`watchQueue` answers a fresh snapshot, workers included), at most
+ * about once a second and only while the table is on screen. */
 function workersMayHaveChanged() {
   if (queue.refreshWorkers || $('#view-queue').hidden) return;
   queue.refreshWorkers = setTimeout(() => {
