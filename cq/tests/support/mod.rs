@@ -56,6 +56,9 @@ pub fn cq_worker(url: &str, dir: &std::path::Path, extra: &[&str]) -> Killed {
 
 /// chromedriver on a free port, and a headless Chromium session through it.
 pub async fn browser() -> (Killed, Client) {
+    // Two rustls crypto providers are in the build (ring and aws-lc-rs): name one for the
+    // WebDriver client, which asks for the process default. A second test installing it is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut driver = Command::new("chromedriver")
         .arg(format!("--port={port}"))
