@@ -623,6 +623,9 @@ struct CancelArgs {
 }
 
 fn main() -> ExitCode {
+    // Two rustls crypto providers are in the build (ring and aws-lc-rs); name one so a TLS client
+    // that asks for the process default finds it. Fails only when one is already installed.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => return usage_error(e),
