@@ -7,14 +7,16 @@
 //! from scripts/nats-server.sh), else `.cache/venv/bin/nats-server` in the workspace is used.
 //! Without either they say so and pass without running.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::time::Instant;
+
+mod support;
+use support::{Killed, cq_listening};
 
 /// Longest a test waits for any one condition.
 const WAIT: Duration = Duration::from_secs(60);
@@ -35,19 +37,9 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Three nats-server processes forming one JetStream cluster on 127.0.0.1.
 struct Nats {
-    _servers: Vec<Proc>,
+    _servers: Vec<Killed>,
     urls: Vec<String>,
     _dir: tempfile::TempDir,
 }
@@ -79,7 +71,7 @@ impl Nats {
                 .stderr(log)
                 .spawn()
                 .expect("starting nats-server");
-            servers.push(Proc(child));
+            servers.push(Killed(child));
         }
         let urls: Vec<String> = clients.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
         let nats = Nats { _servers: servers, urls, _dir: dir };
@@ -125,21 +117,20 @@ impl Nats {
 }
 
 /// `cq broker --nats …` on a fresh port with `cluster` as its cluster name; returns it and its URL.
-fn cq_broker(nats: &Nats, data_dir: &Path, cluster: &str) -> (Proc, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cq"))
-        .args(["broker", "--listen", "127.0.0.1:0", "--shared-blob-dir", "--nats-cluster", cluster, "--nats"])
-        .arg(nats.url_list())
-        .arg("--data-dir")
-        .arg(data_dir)
-        .env("CQ_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("listening on ").expect("the first line names the address").to_string();
-    (Proc(child), url)
+fn cq_broker(nats: &Nats, data_dir: &Path, cluster: &str) -> (Killed, String) {
+    let urls = nats.url_list();
+    cq_listening(&[
+        "broker",
+        "--listen",
+        "127.0.0.1:0",
+        "--shared-blob-dir",
+        "--nats-cluster",
+        cluster,
+        "--nats",
+        &urls,
+        "--data-dir",
+        data_dir.to_str().unwrap(),
+    ])
 }
 
 /// Waits until the broker at `url` has recovered its log.

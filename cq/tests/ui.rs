@@ -187,6 +187,17 @@ fn urlencode(s: &str) -> String {
         .collect()
 }
 
+/// Opens a host page on another origin framing `src` at 400×300, and enters the frame.
+async fn enter_small_embed(c: &Client, src: &str) {
+    let page = format!(
+        r#"<!doctype html><body style="margin:0"><iframe id="cq" style="width:400px;height:300px;border:0"
+        src="{src}"></iframe>"#
+    );
+    let port = host_page(page);
+    c.goto(&format!("http://127.0.0.1:{port}/")).await.unwrap();
+    c.find(Locator::Css("#cq")).await.unwrap().enter_frame().await.unwrap();
+}
+
 /// Serves `page` as HTML on 127.0.0.1 at a port of its own (so another origin than the
 /// broker's) from a thread; returns the port.
 fn host_page(page: String) -> u16 {
@@ -654,14 +665,7 @@ async fn a_small_embed_is_mostly_log() {
     let (_dev, url) = cq_dev_with(dir.path(), &[]);
     let (_driver, c) = browser().await;
     let job = json!({ "image": "cq-test/busybox", "command": ["sh", "-c", "seq 1 50"] });
-    let page = format!(
-        r#"<!doctype html><body style="margin:0"><iframe id="cq" style="width:400px;height:300px;border:0"
-        src="{url}/#queue=local&autostart=1&job={}"></iframe>"#,
-        urlencode(&job.to_string())
-    );
-    let port = host_page(page);
-    c.goto(&format!("http://127.0.0.1:{port}/")).await.unwrap();
-    c.find(Locator::Css("#cq")).await.unwrap().enter_frame().await.unwrap();
+    enter_small_embed(&c, &format!("{url}/#queue=local&autostart=1&job={}", urlencode(&job.to_string()))).await;
     state_is(&c, "succeeded").await;
     let visible = until("the log drawn", || async {
         let v = script(
@@ -704,14 +708,7 @@ async fn a_small_embed_runs_and_cancels_next_to_its_summary() {
     let (_dev, url) = cq_dev_with(dir.path(), &[]);
     let (_driver, c) = browser().await;
     let job = json!({ "image": "cq-test/busybox", "command": ["sh", "-c", "echo tick; sleep 60"] });
-    let page = format!(
-        r#"<!doctype html><body style="margin:0"><iframe id="cq" style="width:400px;height:300px;border:0"
-        src="{url}/#queue=local&job={}"></iframe>"#,
-        urlencode(&job.to_string())
-    );
-    let port = host_page(page);
-    c.goto(&format!("http://127.0.0.1:{port}/")).await.unwrap();
-    c.find(Locator::Css("#cq")).await.unwrap().enter_frame().await.unwrap();
+    enter_small_embed(&c, &format!("{url}/#queue=local&job={}", urlencode(&job.to_string()))).await;
     // Folded: Run is beside the summary, no need to open the form.
     until("the summary's Run", || async { displayed(&c, "#sum-run").await.then_some(()) }).await;
     assert!(!displayed(&c, "#job-form").await, "the form is folded");
@@ -875,13 +872,7 @@ async fn a_small_queue_view_fits_and_leads_back_to_the_queue() {
         .await
         .unwrap();
     let id = submitted["job"]["id"].as_str().unwrap().to_string();
-    let page = format!(
-        r#"<!doctype html><body style="margin:0"><iframe id="cq" style="width:400px;height:300px;border:0"
-        src="{url}/#queue=local&view=queue"></iframe>"#
-    );
-    let port = host_page(page);
-    c.goto(&format!("http://127.0.0.1:{port}/")).await.unwrap();
-    c.find(Locator::Css("#cq")).await.unwrap().enter_frame().await.unwrap();
+    enter_small_embed(&c, &format!("{url}/#queue=local&view=queue")).await;
     until("the job's row, described", || async {
         text(&c, "#jobs tbody").await.contains("cq-test/busybox").then_some(())
     })

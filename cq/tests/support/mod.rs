@@ -1,5 +1,8 @@
-//! What the page's browser tests share: `cq dev` as a child process and a headless Chromium
-//! session through chromedriver, both stopped when dropped.
+//! What cq's process tests share: `cq` commands as child processes and a headless Chromium
+//! session through chromedriver, all stopped when dropped.
+
+// Each test crate compiles this module and uses only some of it.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -7,7 +10,8 @@ use std::process::{Child, Command, Stdio};
 use fantoccini::{Client, ClientBuilder};
 use serde_json::json;
 
-pub struct Killed(Child);
+/// A child process, killed and reaped when dropped.
+pub struct Killed(pub Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -16,11 +20,11 @@ impl Drop for Killed {
     }
 }
 
-/// `cq dev` on a free port with its own data directory and `extra` arguments; returns its URL.
-pub fn cq_dev_with(dir: &std::path::Path, extra: &[&str]) -> (Killed, String) {
+/// `cq ARGS` for a command that prints `listening on ADDR` first (dev, broker); returns it and
+/// its URL.
+pub fn cq_listening(args: &[&str]) -> (Killed, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cq"))
-        .args(["dev", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()])
-        .args(extra)
+        .args(args)
         .env("CQ_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -28,19 +32,23 @@ pub fn cq_dev_with(dir: &std::path::Path, extra: &[&str]) -> (Killed, String) {
         .unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
-    let url = line.trim().strip_prefix("listening on ").unwrap().to_string();
+    let url = line.trim().strip_prefix("listening on ").expect("the first line names the address").to_string();
     (Killed(child), url)
 }
 
+/// `cq dev` on a free port with its own data directory and `extra` arguments; returns its URL.
+pub fn cq_dev_with(dir: &std::path::Path, extra: &[&str]) -> (Killed, String) {
+    let mut args = vec!["dev", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    cq_listening(&args)
+}
+
 impl Killed {
-    // Each test crate compiles this module; not every one stops processes or starts workers.
-    #[allow(dead_code)]
     pub fn id(&self) -> u32 {
         self.0.id()
     }
 }
 
-#[allow(dead_code)]
 /// A `cq worker` of the broker at `url` with its own data directory and `extra` arguments.
 pub fn cq_worker(url: &str, dir: &std::path::Path, extra: &[&str]) -> Killed {
     let child = Command::new(env!("CARGO_BIN_EXE_cq"))
