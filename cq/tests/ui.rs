@@ -820,7 +820,7 @@ async fn the_queue_table_follows_worker_load_and_keeps_its_rows() {
     let http = reqwest::Client::new();
     let submitted: Value = http
         .post(format!("{url}/q/local/j"))
-        .json(&json!({ "definition": { "image": "cq-test/busybox", "command": ["sh", "-c", "echo go; sleep 4"] } }))
+        .json(&json!({ "definition": { "image": "cq-test/busybox", "command": ["sh", "-c", "echo go; sleep 120"] } }))
         .send()
         .await
         .unwrap()
@@ -848,6 +848,9 @@ async fn the_queue_table_follows_worker_load_and_keeps_its_rows() {
     let same =
         script(&c, "return document.querySelector('#jobs tbody tr') === window.kept && window.kept.isConnected").await;
     assert_eq!(same, json!(true), "the row was updated in place");
+    // The job runs until cancelled, so its duration cannot stop ticking before the test looks.
+    let r = http.post(format!("{url}/j/{id}/cancel")).json(&json!({})).send().await.unwrap();
+    assert!(r.status().is_success(), "cancel: {}", r.status());
     until("the slot freed", || async {
         let t = text(&c, "#workers tbody").await;
         (t == idle && job_view(&url, &id).await["state"] == "finished").then_some(())
