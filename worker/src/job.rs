@@ -512,7 +512,9 @@ async fn supervise(ctx: &Ctx, container: &str, record: &Record, since_ns: u128) 
             return finish(ctx, ExitStatus::Error { message: e.message, retryable: e.retryable }, Vec::new());
         }
     };
-    if exit.oom_killed {
+    // The engine's OOMKilled flag comes from a cgroup event that can arrive after the exit is
+    // read, so a SIGKILL no stop of cq's caused (exit code 137) is named as the likely cause too.
+    if exit.oom_killed || exit.code == 137 {
         let limit = record
             .definition
             .resources
@@ -523,8 +525,12 @@ async fn supervise(ctx: &Ctx, container: &str, record: &Record, since_ns: u128) 
             })
             .map(|b| format!(" of {} MiB", b >> 20))
             .unwrap_or_default();
-        ctx.send(ctx.system_line(format!("cq: the container was killed for exceeding its memory limit{limit}\n")))
-            .await;
+        let note = if exit.oom_killed {
+            format!("cq: the container was killed for exceeding its memory limit{limit}\n")
+        } else {
+            format!("cq: the container was killed (SIGKILL), most likely for exceeding its memory limit{limit}\n")
+        };
+        ctx.send(ctx.system_line(note)).await;
     }
     ctx.progress(Phase::Uploading, None);
     let outputs = collect_outputs(ctx).await;
