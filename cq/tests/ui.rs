@@ -294,8 +294,18 @@ async fn fill(c: &Client, css: &str, text: &str) {
     e.send_keys(text).await.unwrap();
 }
 
+/// Clicks the element `css`. An element the page redraws between finding and clicking it (a
+/// queue row whose job changed) is stale: it is found again.
 async fn click(c: &Client, css: &str) {
-    c.find(Locator::Css(css)).await.unwrap().click().await.unwrap();
+    until(&format!("a click on {css}"), || async {
+        let e = c.find(Locator::Css(css)).await.ok()?;
+        match e.click().await {
+            Ok(()) => Some(()),
+            Err(err) if format!("{err:?}").contains("StaleElementReference") => None,
+            Err(err) => panic!("clicking {css}: {err}"),
+        }
+    })
+    .await
 }
 
 async fn state_is(c: &Client, want: &str) {
