@@ -308,8 +308,24 @@ async fn click(c: &Client, css: &str) {
     .await
 }
 
+/// Waits for the job on screen to be in the state `want`. On a timeout it says what the page
+/// showed instead (state, details, error, connection), so a failure explains itself.
 async fn state_is(c: &Client, want: &str) {
-    until(&format!("the state {want}"), || async { (text(c, "#state").await == want).then_some(()) }).await;
+    let started = Instant::now();
+    while text(c, "#state").await != want {
+        if started.elapsed() >= WAIT {
+            let shown = script(
+                c,
+                "const t = s => (document.querySelector(s) || {}).textContent; \
+                 return { state: t('#state'), details: t('#details'), error: t('#form-error'), \
+                 connection: t('#conn'), job: window.cq.job.id || null };",
+            )
+            .await;
+            screenshot("ui-state-timeout.png", &c.screenshot().await.unwrap_or_default());
+            panic!("timed out waiting for the state {want}; the page shows {shown}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 async fn job_view(url: &str, id: &str) -> Value {

@@ -61,15 +61,23 @@ pub async fn connect() -> Result<Docker, JobError> {
 
 /// Makes sure the jobs' network exists.
 pub async fn ensure_network(docker: &Docker) -> Result<(), JobError> {
-    if docker.inspect_network(NETWORK, None).await.is_ok() {
+    ensure_bridge(docker, NETWORK, BRIDGE).await
+}
+
+/// Makes sure the isolated bridge network `name` (Linux bridge `bridge`) exists. Several workers
+/// starting at once on one host race to create it: Docker refuses all but one (409 for the name,
+/// or 403 for the bridge name, depending on how far the others got), so a refused create that
+/// leaves the network in place is success.
+pub async fn ensure_bridge(docker: &Docker, name: &str, bridge: &str) -> Result<(), JobError> {
+    if docker.inspect_network(name, None).await.is_ok() {
         return Ok(());
     }
     let options = HashMap::from([
         ("com.docker.network.bridge.enable_icc".to_string(), "false".to_string()),
-        ("com.docker.network.bridge.name".to_string(), BRIDGE.to_string()),
+        ("com.docker.network.bridge.name".to_string(), bridge.to_string()),
     ]);
     let request = NetworkCreateRequest {
-        name: NETWORK.into(),
+        name: name.into(),
         driver: Some("bridge".into()),
         options: Some(options),
         labels: Some(HashMap::from([("cq.network".to_string(), "jobs".to_string())])),
@@ -77,9 +85,13 @@ pub async fn ensure_network(docker: &Docker) -> Result<(), JobError> {
     };
     match docker.create_network(request).await {
         Ok(_) => Ok(()),
-        // Another worker on this host created it first.
-        Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
-        Err(e) => Err(JobError::infra(format!("cannot create the `{NETWORK}` network: {e}"))),
+        Err(e) => {
+            // Another worker on this host created it first.
+            if docker.inspect_network(name, None).await.is_ok() {
+                return Ok(());
+            }
+            Err(JobError::infra(format!("cannot create the `{name}` network: {e}")))
+        }
     }
 }
 

@@ -189,6 +189,36 @@ async fn two_workers_on_one_host_leave_each_other_s_containers_alone() {
     remove_containers_of(&a.id).await;
 }
 
+/// Workers started together on a fresh host race to create the jobs' network; every one of them
+/// must come up (a network of this test's own, so running jobs keep theirs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_starting_together_share_the_network_one_of_them_creates() {
+    let d = docker().await;
+    let name = unique("net");
+    let bridge = format!("cqt{:x}", std::process::id() & 0xfffff);
+    let racers: Vec<_> = (0..4)
+        .map(|_| {
+            let (d, name, bridge) = (d.clone(), name.clone(), bridge.clone());
+            tokio::spawn(async move { worker::docker::ensure_bridge(&d, &name, &bridge).await })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for r in racers {
+        results.push(r.await.unwrap());
+    }
+    let networks = d
+        .list_networks(Some(bollard::query_parameters::ListNetworksOptions {
+            filters: Some(std::collections::HashMap::from([("name".to_string(), vec![name.clone()])])),
+        }))
+        .await
+        .unwrap();
+    d.remove_network(&name).await.unwrap();
+    for r in results {
+        r.unwrap_or_else(|e| panic!("a racing worker could not start: {e:?}"));
+    }
+    assert_eq!(networks.len(), 1, "one network, not one per worker: {networks:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_worker_hands_back_what_it_cannot_finish() {
     docker().await;
