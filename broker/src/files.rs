@@ -77,6 +77,9 @@ pub fn error(body: ErrorBody) -> Response<Body> {
     if body.code == ErrorCode::Unauthorized {
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
+    if body.code == ErrorCode::Unavailable {
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     resp
 }
 

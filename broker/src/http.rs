@@ -60,6 +60,9 @@ fn error_reply(body: ErrorBody) -> warp::reply::Response {
     if body.code == ErrorCode::Unauthorized {
         resp.headers_mut().insert("www-authenticate", warp::http::HeaderValue::from_static("Bearer"));
     }
+    if body.code == ErrorCode::Unavailable {
+        resp.headers_mut().insert("retry-after", warp::http::HeaderValue::from_static("1"));
+    }
     resp
 }
 
@@ -107,6 +110,8 @@ pub fn routes(
     let readyz = warp::path!("readyz").and(warp::get()).and(with_ctx.clone()).map(|ctx: Arc<Context>| {
         if ctx.handle.is_ready() {
             warp::reply::with_status("ready\n", StatusCode::OK).into_response()
+        } else if ctx.handle.is_standby() {
+            warp::reply::with_status("standby\n", StatusCode::SERVICE_UNAVAILABLE).into_response()
         } else {
             warp::reply::with_status("recovering\n", StatusCode::SERVICE_UNAVAILABLE).into_response()
         }

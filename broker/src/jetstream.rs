@@ -1,5 +1,5 @@
-//! The log of one shard in a NATS JetStream stream, for cluster mode (experimental: one broker,
-//! one shard so far).
+//! The log of one shard in a NATS JetStream stream, for cluster mode (experimental: one shard,
+//! owned by one broker at a time under a lease, [`crate::lease`]).
 //!
 //! - **Stream** `<CLUSTER>_LOG_<shard>` on subject `<cluster>.log.<shard>`, file storage,
 //!   replicated (3 by default). One commit of the writer (one group of batches) is one message
@@ -59,12 +59,29 @@ pub struct NatsConfig {
     pub replicas: usize,
     /// The shard this log belongs to (0 while a broker serves one shard).
     pub shard: u32,
+    /// This broker's name in the lease and the log's owner markers.
+    pub node: String,
+    /// Where other brokers and clients reach this broker, kept in its lease.
+    pub advertise_url: Option<String>,
+    /// Take the log only while holding its lease ([`crate::lease`]); `None` takes it over at
+    /// once, fenced by the log alone (tests of the fence use that).
+    pub lease: Option<crate::ownership::LeaseTimes>,
 }
 
 impl NatsConfig {
-    /// Settings for `urls` with the defaults: cluster `cq`, 3 replicas, shard 0.
+    /// Settings for `urls` with the defaults: cluster `cq`, 3 replicas, shard 0, node `broker`,
+    /// the default lease.
     pub fn new(urls: Vec<String>) -> NatsConfig {
-        NatsConfig { urls, creds_file: None, cluster: "cq".into(), replicas: 3, shard: 0 }
+        NatsConfig {
+            urls,
+            creds_file: None,
+            cluster: "cq".into(),
+            replicas: 3,
+            shard: 0,
+            node: "broker".into(),
+            advertise_url: None,
+            lease: Some(crate::ownership::LeaseTimes::default()),
+        }
     }
 
     pub fn stream_name(&self) -> String {
@@ -153,7 +170,13 @@ impl std::fmt::Debug for JetStreamLog {
 impl JetStreamLog {
     /// Connects, creates the stream and bucket if missing, restores the newest snapshot into
     /// `core`, replays the stream after it and appends this writer's owner marker.
-    pub async fn recover(config: &NatsConfig, core: &mut Core) -> Result<(JetStreamLog, RecoveryReport), LogError> {
+    /// `owner` names the writer in its marker (`<node>/<epoch>` under a lease); `None` picks a
+    /// random name.
+    pub async fn recover(
+        config: &NatsConfig,
+        core: &mut Core,
+        owner: Option<String>,
+    ) -> Result<(JetStreamLog, RecoveryReport), LogError> {
         config.validate().map_err(|m| LogError::Nats { context: "cluster settings".into(), message: m })?;
         let client = connect(config).await?;
         let max_payload = client.server_info().max_payload;
@@ -228,8 +251,9 @@ impl JetStreamLog {
             replayed_bytes = bytes;
         }
 
-        let mut writer = [0u8; 8];
-        getrandom::fill(&mut writer).map_err(|e| nats_err("choosing a writer id")(&e))?;
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random).map_err(|e| nats_err("choosing a writer id")(&e))?;
+        let writer = owner.unwrap_or_else(|| hex::encode(random));
         let mut log = JetStreamLog {
             runtime: Runtime::current(),
             js,
@@ -238,7 +262,7 @@ impl JetStreamLog {
             config: config.clone(),
             stream_name,
             subject,
-            writer: hex::encode(writer),
+            writer,
             last_seq: last,
             pending: Vec::new(),
             max_message: max_payload.saturating_sub(HEADER_ROOM).max(1024),

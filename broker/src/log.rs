@@ -54,6 +54,9 @@ pub enum LogError {
         "stream {stream}: another writer appended after sequence {expected}; this broker is no longer the log's owner and steps down"
     )]
     Fenced { stream: String, expected: u64 },
+    /// The lease of the log was not renewed in time or was taken ([`crate::lease`]).
+    #[error("lost the lease of shard {shard}'s log; this broker is no longer its owner and steps down")]
+    LeaseLost { shard: u32 },
     /// The replicated log holds something replay cannot accept (a gap, a bad record).
     #[error("stream {stream}, sequence {seq}: {why}; the log is damaged, restore it from a backup")]
     CorruptStream { stream: String, seq: u64, why: String },

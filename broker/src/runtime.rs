@@ -19,6 +19,7 @@ use crate::backend::{LocalLog, LogBackend};
 use crate::core::{Command, ConnId, Core, CoreConfig, Effect, Reply};
 use crate::event::SnapshotV1;
 use crate::jetstream::{JetStreamLog, NatsConfig};
+use crate::lease::{Holder, Lease};
 use crate::log::{Log, LogError, SNAPSHOT_AFTER_BYTES, encode_event};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
@@ -70,6 +71,7 @@ pub struct Handle {
     pub outbox: Arc<Outbox>,
     pub metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
+    standby: Arc<AtomicBool>,
 }
 
 impl Handle {
@@ -91,6 +93,11 @@ impl Handle {
     /// True once recovery has finished and commands are being applied.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
+    }
+
+    /// True while the broker waits for the lease of a log another broker owns (cluster mode).
+    pub fn is_standby(&self) -> bool {
+        self.standby.load(Ordering::Acquire)
     }
 }
 
@@ -160,10 +167,64 @@ pub fn start(
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let outbox = Arc::new(Outbox::default());
     let ready = Arc::new(AtomicBool::new(false));
+    let standby = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(Metrics::default());
-    let handle = Handle { tx, outbox: outbox.clone(), metrics: metrics.clone(), ready: ready.clone() };
-    let task = tokio::spawn(core_task(config, rx, outbox, metrics, ready, shutdown));
+    let handle =
+        Handle { tx, outbox: outbox.clone(), metrics: metrics.clone(), ready: ready.clone(), standby: standby.clone() };
+    let task = tokio::spawn(core_task(config, rx, outbox, metrics, Flags { ready, standby }, shutdown));
     (handle, task)
+}
+
+/// What the core task tells the handles about itself.
+struct Flags {
+    ready: Arc<AtomicBool>,
+    standby: Arc<AtomicBool>,
+}
+
+/// Recovers the JetStream log, under its lease when the settings ask for one. Returns `None`
+/// if `shutdown` came while this broker waited as a standby.
+async fn recover_cluster(
+    nats: &NatsConfig,
+    core_config: &CoreConfig,
+    standby: &AtomicBool,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<(Core, JetStreamLog, crate::log::RecoveryReport, Option<Lease>)>, LogError> {
+    let lease = match nats.lease {
+        Some(times) => {
+            let holder =
+                Holder { node: nats.node.clone(), advertise_url: nats.advertise_url.clone(), nonce: String::new() };
+            let acquired = tokio::select! {
+                lease = crate::lease::acquire(nats, times, holder, standby) => lease,
+                _ = stopped(shutdown) => return Ok(None),
+            };
+            standby.store(false, Ordering::Release);
+            Some(acquired?)
+        }
+        None => None,
+    };
+    let owner = lease.as_ref().map(Lease::owner_name);
+    let mut tries = 0;
+    loop {
+        let mut core = Core::new(core_config.clone());
+        match JetStreamLog::recover(nats, &mut core, owner.clone()).await {
+            Ok((log, report)) => return Ok(Some((core, log, report, lease))),
+            // The former owner, paused past its lease, appended while this one replayed: its
+            // append is in the log (and may have been acknowledged), so replay again.
+            Err(LogError::Fenced { .. }) if lease.is_some() && tries < 5 => {
+                tries += 1;
+                tracing::warn!("the former owner appended while this broker recovered; recovering again");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Resolves when a held lease is lost; never without one.
+async fn lease_lost(lease: &mut Option<Lease>) {
+    match lease {
+        Some(lease) => lease.lost().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn core_task(
@@ -171,24 +232,25 @@ async fn core_task(
     mut rx: mpsc::Receiver<Request>,
     outbox: Arc<Outbox>,
     metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
+    flags: Flags,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), LogError> {
+    let Flags { ready, standby } = flags;
     let StoreConfig { data_dir, fsync, core: core_config, nats } = config;
     let started = std::time::Instant::now();
-    let (mut core, log, report): (Core, Box<dyn LogBackend>, _) = match nats {
+    let shard = nats.as_ref().map(|n| n.shard).unwrap_or(0);
+    let (mut core, log, report, mut lease): (Core, Box<dyn LogBackend>, _, _) = match nats {
         None => tokio::task::spawn_blocking(move || {
             let mut core = Core::new(core_config);
             let (log, report) = Log::recover(&data_dir, &mut core)?;
-            Ok::<_, LogError>((core, Box::new(LocalLog { log, fsync }) as Box<dyn LogBackend>, report))
+            Ok::<_, LogError>((core, Box::new(LocalLog { log, fsync }) as Box<dyn LogBackend>, report, None))
         })
         .await
         .expect("recovery does not panic")?,
-        Some(nats) => {
-            let mut core = Core::new(core_config);
-            let (log, report) = JetStreamLog::recover(&nats, &mut core).await?;
-            (core, Box::new(log), report)
-        }
+        Some(nats) => match recover_cluster(&nats, &core_config, &standby, &mut shutdown).await? {
+            Some((core, log, report, lease)) => (core, Box::new(log), report, lease),
+            None => return Ok(()),
+        },
     };
     let clock = Clock::new();
     core.finish_recovery(clock.now());
@@ -216,6 +278,7 @@ async fn core_task(
         log_bytes = 0;
     }
     ready.store(true, Ordering::Release);
+    let mut deposed = false;
 
     loop {
         let deadline = core.next_deadline().map(|d| clock.instant(d));
@@ -233,6 +296,12 @@ async fn core_task(
             // The writer stopped on a storage failure (or, on JetStream, because another writer
             // took the log over): stop now rather than at the next command.
             _ = writer.stopped() => break,
+            // Another broker may take the log over now: stop at once, writing nothing more (a
+            // final snapshot could race the new owner's recovery).
+            _ = lease_lost(&mut lease) => {
+                deposed = true;
+                break;
+            }
         };
         let mut batch = Batch::default();
         match first {
@@ -261,25 +330,36 @@ async fn core_task(
         }
     }
     ready.store(false, Ordering::Release);
-    // Commands already queued came from peers before the shutdown (a worker's last release or
-    // finish, say): apply them, so they are kept, then write the final snapshot with them.
     rx.close();
-    let mut last = Batch::default();
-    while let Ok(req) = rx.try_recv() {
-        apply(&mut core, &clock, req, &mut last);
+    if !deposed {
+        // Commands already queued came from peers before the shutdown (a worker's last release
+        // or finish, say): apply them, so they are kept, then write the final snapshot with them.
+        let mut last = Batch::default();
+        while let Ok(req) = rx.try_recv() {
+            apply(&mut core, &clock, req, &mut last);
+        }
+        last.snapshot = Some(core.snapshot());
+        writer.send(last).await;
     }
-    last.snapshot = Some(core.snapshot());
-    writer.send(last).await;
     writer.tx = None;
     let thread = writer.thread.take().expect("joined once");
     // A runtime shutting down cancels this join; the writer thread then ends on its own.
-    match tokio::task::spawn_blocking(move || thread.join().expect("the log writer does not panic")).await {
+    let written = match tokio::task::spawn_blocking(move || thread.join().expect("the log writer does not panic")).await
+    {
         Ok(written) => written,
         Err(e) => {
             tracing::warn!(error = %e, "the log writer was not joined: the runtime is shutting down");
             Ok(())
         }
+    };
+    if deposed {
+        return Err(LogError::LeaseLost { shard });
     }
+    // Everything is in the log: hand the lease over now rather than when it expires.
+    if let Some(lease) = lease {
+        lease.release().await;
+    }
+    written
 }
 
 /// The log writer thread and the channel to it. If the core task is dropped before it ends

@@ -238,6 +238,15 @@ async fn route(
     req: hyper::Request<TimedBody>,
     ctx: Arc<Context>,
 ) -> Result<hyper::Response<files::Body>, hyper::Request<TimedBody>> {
+    // A standby holds no queue: everything but its health answers "come back later" at once
+    // (its core would otherwise hold the request until this broker takes the log over).
+    if ctx.handle.is_standby() && !matches!(req.uri().path(), "/healthz" | "/readyz") {
+        let body = protocol::messages::ErrorBody::new(
+            protocol::messages::ErrorCode::Unavailable,
+            "this broker is a standby: another broker owns the log; try again",
+        );
+        return Ok(files::error(body));
+    }
     if files::claims(req.uri().path()) {
         return Ok(files::handle(ctx, req).await);
     }

@@ -257,16 +257,36 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
                  --shared-blob-dir if the blob directory is shared storage"
             );
         }
+        let ttl = args.cluster.lease_ttl;
+        let times = broker::ownership::LeaseTimes {
+            ttl,
+            renew_every: ttl / 5,
+            margin: ttl / 10,
+            retry_every: (ttl / 5).min(std::time::Duration::from_secs(1)),
+        };
+        times.validate().map_err(|e| anyhow::anyhow!("--lease-ttl: {e}"))?;
+        let node = match args.cluster.node_id {
+            Some(node) => node,
+            None => {
+                let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+                let host = host.trim();
+                if host.is_empty() { "broker".to_string() } else { host.to_string() }
+            }
+        };
         let nats = broker::jetstream::NatsConfig {
             creds_file: args.cluster.nats_creds,
             cluster: args.cluster.nats_cluster,
             replicas: args.cluster.nats_replicas,
+            node,
+            advertise_url: args.cluster.advertise_url,
+            lease: Some(times),
             ..broker::jetstream::NatsConfig::new(args.cluster.nats)
         };
         nats.validate().map_err(|e| anyhow::anyhow!("--nats: {e}"))?;
         tracing::warn!(
             stream = %nats.stream_name(),
-            "cluster mode is experimental: this broker keeps its one shard's log in NATS JetStream; run only one broker per cluster name"
+            node = %nats.node,
+            "cluster mode is experimental: one shard whose log is in NATS JetStream, owned by one broker at a time"
         );
         Some(nats)
     };

@@ -381,12 +381,13 @@ struct BrokerArgs {
 
 /// Cluster mode: the log in NATS JetStream instead of the data directory.
 #[derive(Debug, Args)]
-#[command(next_help_heading = "Cluster (experimental: one broker, one shard)")]
+#[command(next_help_heading = "Cluster (experimental: one shard, one active broker and standbys)")]
 pub struct ClusterArgs {
     /// Keep the log in a NATS JetStream stream on these servers (nats://host:port, comma-separated)
-    /// instead of the data directory. Experimental: a single broker with one shard; leases,
-    /// several brokers and routing are not there yet. See docs/operations.md for the NATS settings
-    /// this needs (3 servers, sync_interval: always, max_payload).
+    /// instead of the data directory. Experimental: one shard, owned under a lease by one broker
+    /// at a time; further brokers of the cluster wait as standbys and take over when the owner
+    /// dies or stops (no routing between brokers yet). See docs/operations.md for the NATS
+    /// settings this needs (3 servers, sync_interval: always, max_payload).
     #[arg(long, env = "CQ_NATS", value_delimiter = ',', value_name = "URL")]
     pub nats: Vec<String>,
     /// NATS credentials file (JWT and NKey seed).
@@ -396,9 +397,20 @@ pub struct ClusterArgs {
     /// (`<name>.log.0`) and the snapshot bucket (`<name>_snapshots`).
     #[arg(long, env = "CQ_NATS_CLUSTER", default_value = "cq", value_name = "NAME", requires = "nats")]
     pub nats_cluster: String,
-    /// Replicas of the log stream and the snapshot bucket.
+    /// Replicas of the log stream, the snapshot bucket and the lease bucket.
     #[arg(long, env = "CQ_NATS_REPLICAS", default_value_t = 3, requires = "nats")]
     pub nats_replicas: usize,
+    /// This broker's name in its lease and the log's owner markers [default: the host name]
+    #[arg(long, env = "CQ_NODE_ID", value_name = "NAME", requires = "nats")]
+    pub node_id: Option<String>,
+    /// The URL other brokers and clients reach this broker at, kept in its lease (shown by
+    /// standbys; used for routing later).
+    #[arg(long, env = "CQ_ADVERTISE_URL", value_name = "URL", requires = "nats")]
+    pub advertise_url: Option<String>,
+    /// How long the lease of the log outlives its owner's last renewal (renewed every fifth of
+    /// it): a dead owner is replaced after about this long.
+    #[arg(long, env = "CQ_LEASE_TTL", default_value = "5s", value_parser = humantime::parse_duration, requires = "nats")]
+    pub lease_ttl: std::time::Duration,
     /// The blob directory (--blob-dir or DATA_DIR/blobs) is storage every broker of the cluster
     /// shares (e.g. a network file system); without it cluster mode needs --s3-bucket.
     #[arg(long, env = "CQ_SHARED_BLOB_DIR", requires = "nats")]

@@ -118,8 +118,13 @@ impl Nats {
 
 /// `cq broker --nats …` on a fresh port with `cluster` as its cluster name; returns it and its URL.
 fn cq_broker(nats: &Nats, data_dir: &Path, cluster: &str) -> (Killed, String) {
+    cq_broker_with(nats, data_dir, cluster, &[])
+}
+
+/// [`cq_broker`] with `extra` arguments.
+fn cq_broker_with(nats: &Nats, data_dir: &Path, cluster: &str, extra: &[&str]) -> (Killed, String) {
     let urls = nats.url_list();
-    cq_listening(&[
+    let mut args = vec![
         "broker",
         "--listen",
         "127.0.0.1:0",
@@ -130,7 +135,9 @@ fn cq_broker(nats: &Nats, data_dir: &Path, cluster: &str) -> (Killed, String) {
         &urls,
         "--data-dir",
         data_dir.to_str().unwrap(),
-    ])
+    ];
+    args.extend_from_slice(extra);
+    cq_listening(&args)
 }
 
 /// Waits until the broker at `url` has recovered its log.
@@ -211,7 +218,8 @@ async fn kill_9_of_a_broker_on_jetstream_loses_no_acknowledged_submission() {
     eprintln!("{} acknowledged submissions survived kill -9 of a broker on a 3-node JetStream", acked.len());
 }
 
-/// An in-process broker on the JetStream log, as a task whose result is the broker's.
+/// An in-process broker on the JetStream log without a lease, as a task whose result is the
+/// broker's.
 fn in_process(
     nats: &Nats,
     cluster: &str,
@@ -225,8 +233,11 @@ fn in_process(
             data_dir: data_dir.to_path_buf(),
             fsync: broker::runtime::FsyncMode::Always,
             core: broker::core::CoreConfig::default(),
+            // No lease: each of these brokers takes the log over at once, as a broker whose
+            // lease went wrong would, so that only the log's fence stands between them.
             nats: Some(broker::jetstream::NatsConfig {
                 cluster: cluster.into(),
+                lease: None,
                 ..broker::jetstream::NatsConfig::new(nats.urls.clone())
             }),
         },
@@ -357,4 +368,130 @@ fn cluster_mode_refuses_a_blob_directory_not_said_to_be_shared() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--shared-blob-dir") && stderr.contains("--s3-bucket"), "{stderr}");
     assert!(out.stdout.is_empty(), "it must not start listening");
+}
+
+/// What `/readyz` of the broker at `url` says (empty if it does not answer).
+async fn readyz(http: &reqwest::Client, url: &str) -> String {
+    match http.get(format!("{url}/readyz")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Waits until the broker at `url` says it is a standby.
+async fn wait_standby(http: &reqwest::Client, url: &str) {
+    let deadline = Instant::now() + WAIT;
+    while readyz(http, url).await != "standby\n" {
+        assert!(Instant::now() < deadline, "the broker at {url} did not become a standby");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const LEASE: &[&str] = &["--lease-ttl", "2s"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_from_a_killed_owner_and_a_stopped_one_hands_over() {
+    let Some(bin) = nats_server() else { return };
+    let nats = Nats::start(&bin).await;
+    let http = reqwest::Client::new();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut a, a_url) = cq_broker_with(&nats, dir_a.path(), "lease", &[&["--node-id", "a"], LEASE].concat());
+    wait_ready(&a_url).await;
+    let (b, b_url) = cq_broker_with(&nats, dir_b.path(), "lease", &[&["--node-id", "b"], LEASE].concat());
+    wait_standby(&http, &b_url).await;
+    // The standby serves nothing and says when to come back.
+    let r = http.post(format!("{b_url}/q/q/j")).json(&job("to the standby")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    let r = http
+        .get(format!("{b_url}/ws/client"))
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503, "a standby does not take sockets");
+
+    // Submissions to the owner until it is killed.
+    let mut acked = Vec::new();
+    for i in 0..50 {
+        acked.push(submit(&http, &a_url, &format!("a-{i}")).await.expect("the owner acknowledges"));
+    }
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    let killed = Instant::now();
+    wait_ready(&b_url).await;
+    eprintln!("the standby served {} ms after the owner's kill -9 (lease 2 s)", killed.elapsed().as_millis());
+    for id in &acked {
+        assert_eq!(http.get(format!("{b_url}/j/{id}")).send().await.unwrap().status(), 200, "job {id} lost");
+    }
+    let after = submit(&http, &b_url, "b-0").await.expect("the new owner acknowledges");
+
+    // A comes back as a standby; B stops gracefully and hands the lease over at once.
+    let (_a, a_url) = cq_broker_with(&nats, dir_a.path(), "lease", &[&["--node-id", "a"], LEASE].concat());
+    wait_standby(&http, &a_url).await;
+    let mut b = b;
+    let stopping = Instant::now();
+    nix_signal(b.id(), "TERM");
+    let status = b.0.wait().unwrap();
+    assert!(status.success(), "a graceful stop of the owner exits 0: {status}");
+    wait_ready(&a_url).await;
+    eprintln!("handover on SIGTERM: {} ms from the signal to the standby serving", stopping.elapsed().as_millis());
+    for id in acked.iter().chain([&after]) {
+        assert_eq!(http.get(format!("{a_url}/j/{id}")).send().await.unwrap().status(), 200, "job {id} lost");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_owner_wakes_deposed_and_acknowledges_nothing() {
+    let Some(bin) = nats_server() else { return };
+    let nats = Nats::start(&bin).await;
+    let http = reqwest::Client::new();
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut a, a_url) = cq_broker_with(&nats, dir_a.path(), "zombie", &[&["--node-id", "a"], LEASE].concat());
+    wait_ready(&a_url).await;
+    let (_b, b_url) = cq_broker_with(&nats, dir_b.path(), "zombie", &[&["--node-id", "b"], LEASE].concat());
+    wait_standby(&http, &b_url).await;
+    let before = submit(&http, &a_url, "before").await.expect("the owner acknowledges");
+
+    // A freezes (a SIGSTOP: a long GC pause, a frozen VM) past its lease; B takes over.
+    nix_signal(a.id(), "STOP");
+    wait_ready(&b_url).await;
+    let during = submit(&http, &b_url, "during").await.expect("the new owner acknowledges");
+    // A request for A while it is frozen: A finds it when it wakes (or a moment later).
+    let stale = {
+        let (http, a_url) = (http.clone(), a_url.clone());
+        tokio::spawn(async move { http.post(format!("{a_url}/q/q/j")).json(&job("stale")).send().await })
+    };
+    nix_signal(a.id(), "CONT");
+    // No answer at all (A stopped first) is no acknowledgement either.
+    if let Ok(r) = stale.await.unwrap() {
+        assert!(!r.status().is_success(), "a deposed owner acknowledged a submission: {}", r.status());
+    }
+    // A steps down: it exits with an error on its own.
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = a.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the deposed owner did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!status.success(), "stepping down is an error exit: {status}");
+
+    // B has everything acknowledged, and nothing of A's stale attempt.
+    for id in [&before, &during] {
+        assert_eq!(http.get(format!("{b_url}/j/{id}")).send().await.unwrap().status(), 200, "job {id} lost");
+    }
+    let again: Value =
+        http.post(format!("{b_url}/q/q/j")).json(&job("stale")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(again["outcome"], "created", "the deposed owner's submission must not be in the log");
+}
+
+/// Sends `SIGNAL` (TERM, STOP, CONT) to `pid`.
+fn nix_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
+    assert!(status.success(), "kill -{signal} {pid}");
 }

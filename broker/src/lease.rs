@@ -1,0 +1,263 @@
+//! The lease of a shard's log in a NATS KV bucket: [`acquire`] waits (as a standby) until this
+//! broker holds it, then a task renews it as [`crate::ownership::Ownership`] says, and reports
+//! its loss; [`Lease::release`] hands it over on a graceful stop.
+//!
+//! - **Bucket** `<cluster>_owners`, one key per shard (`shard.<s>`), history 1, replicated like
+//!   the log. The bucket's `max_age` is the lease's time to live: every write (a take or a
+//!   renewal) lives that long on the servers' clock, so the key of a dead owner vanishes on its
+//!   own and a standby's `create` then succeeds.
+//! - **Value**: `{"node", "advertiseUrl", "nonce"}`. The nonce is this process's, so a renewal
+//!   whose answer was lost is recognised when the key is read back.
+//! - **Epoch**: the revision of the write that took the lease; it names the owner in the log's
+//!   owner marker (`<node>/<epoch>`).
+//! - **Release** deletes the key at the held revision; standbys watch the key and try at once.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch};
+use tokio::time::Instant;
+
+use crate::jetstream::{NatsConfig, connect};
+use crate::log::LogError;
+use crate::ownership::{Created, LeaseTimes, Ownership, Renewed, Step};
+
+/// Longest wait for one answer of the lease store before it counts as unknown.
+const ANSWER_WITHIN: Duration = Duration::from_secs(2);
+
+/// What the key of a held lease says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Holder {
+    pub node: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_url: Option<String>,
+    #[serde(default)]
+    pub nonce: String,
+}
+
+/// A held lease, renewed by a task of its own until it is released or lost.
+#[derive(Debug)]
+pub struct Lease {
+    epoch: u64,
+    node: String,
+    lost: watch::Receiver<bool>,
+    release: Option<oneshot::Sender<oneshot::Sender<()>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    /// The revision that took the lease.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// How the owner signs its marker in the log.
+    pub fn owner_name(&self) -> String {
+        format!("{}/{}", self.node, self.epoch)
+    }
+
+    /// Resolves once the lease is lost (not renewed in time, or taken): the broker must stop
+    /// acting as the owner.
+    pub async fn lost(&mut self) {
+        while !*self.lost.borrow_and_update() {
+            if self.lost.changed().await.is_err() {
+                // The renewing task ended without a loss: it was released.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Gives the lease up, deleting the key if it is still held, so a standby takes over at once.
+    pub async fn release(mut self) {
+        if let Some(release) = self.release.take() {
+            let (done_tx, done) = oneshot::channel();
+            if release.send(done_tx).is_ok() {
+                let _ = tokio::time::timeout(ANSWER_WITHIN * 2, done).await;
+            }
+        }
+        self.task.abort();
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn kv_err(context: impl Into<String>) -> impl FnOnce(&dyn std::fmt::Display) -> LogError {
+    let context = context.into();
+    move |e| LogError::Nats { context, message: e.to_string() }
+}
+
+/// The bucket of leases of `config`'s cluster, created if missing.
+async fn bucket(js: &jetstream::Context, config: &NatsConfig, times: &LeaseTimes) -> Result<kv::Store, LogError> {
+    let name = format!("{}_owners", config.cluster);
+    if let Ok(store) = js.get_key_value(&name).await {
+        return Ok(store);
+    }
+    js.create_key_value(kv::Config {
+        bucket: name.clone(),
+        description: format!("owners of the shards of cq cluster {}", config.cluster),
+        history: 1,
+        max_age: times.ttl,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: config.replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| kv_err(format!("creating the lease bucket {name}"))(&e))
+}
+
+/// Waits until this broker holds the lease of `config`'s shard, saying once who holds it
+/// meanwhile; `standby` is true while it waits.
+pub async fn acquire(
+    config: &NatsConfig,
+    times: LeaseTimes,
+    holder: Holder,
+    standby: &std::sync::atomic::AtomicBool,
+) -> Result<Lease, LogError> {
+    times.validate().map_err(|m| LogError::Nats { context: "lease settings".into(), message: m })?;
+    let client = connect(config).await?;
+    let js = jetstream::new(client);
+    let store = bucket(&js, config, &times).await?;
+    let key = format!("shard.{}", config.shard);
+    let mut holder = holder;
+    let mut nonce = [0u8; 8];
+    getrandom::fill(&mut nonce).map_err(|e| kv_err("choosing a lease nonce")(&e))?;
+    holder.nonce = hex::encode(nonce);
+    let value = Bytes::from(serde_json::to_vec(&holder).expect("a holder serialises"));
+    let mut watch = store.watch(&key).await.map_err(|e| kv_err(format!("watching lease {key}"))(&e))?;
+    let mut ownership = Ownership::new(times, Instant::now());
+    let mut told: Option<String> = None;
+    standby.store(true, std::sync::atomic::Ordering::Release);
+    let epoch = loop {
+        if let Some(epoch) = ownership.owner_epoch(Instant::now()) {
+            break epoch;
+        }
+        match ownership.poll(Instant::now()) {
+            Step::Create => {
+                let answer = match tokio::time::timeout(ANSWER_WITHIN, store.create(&key, value.clone())).await {
+                    Ok(Ok(revision)) => Created::Yes(revision),
+                    Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => Created::Taken,
+                    Ok(Err(e)) => {
+                        tracing::warn!(key = %key, error = %e, "could not take the lease; retrying");
+                        Created::Unknown
+                    }
+                    Err(_) => Created::Unknown,
+                };
+                if answer == Created::Taken {
+                    let owner = current_holder(&store, &key).await;
+                    if owner.is_some() && owner != told {
+                        tracing::info!(
+                            shard = config.shard,
+                            owner = owner.as_deref().unwrap_or("?"),
+                            "standby: another broker owns this shard's log; taking over when its lease ends"
+                        );
+                        told = owner;
+                    }
+                }
+                ownership.created(answer, Instant::now());
+            }
+            Step::Wait(until) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => {}
+                    entry = watch.next() => match entry {
+                        Some(Ok(e)) if matches!(e.operation, kv::Operation::Delete | kv::Operation::Purge) => {
+                            ownership.key_freed(Instant::now());
+                        }
+                        Some(_) => {}
+                        None => {
+                            // The watch ended (a reconnect): fall back to trying on the timer.
+                            watch = store.watch(&key).await.map_err(|e| kv_err(format!("watching lease {key}"))(&e))?;
+                        }
+                    },
+                }
+            }
+            Step::Renew { .. } | Step::StepDown => unreachable!("a standby neither renews nor steps down"),
+        }
+    };
+    standby.store(false, std::sync::atomic::Ordering::Release);
+    tracing::info!(shard = config.shard, epoch, node = %holder.node, "took the lease of this shard's log");
+    let (lost_tx, lost) = watch::channel(false);
+    let (release_tx, release_rx) = oneshot::channel();
+    let task = tokio::spawn(keep(store, key, value, ownership, lost_tx, release_rx));
+    Ok(Lease { epoch, node: holder.node, lost, release: Some(release_tx), task })
+}
+
+/// Who holds `key`, as `node (url)`, if anyone.
+async fn current_holder(store: &kv::Store, key: &str) -> Option<String> {
+    let entry = store.entry(key).await.ok()??;
+    if entry.operation != kv::Operation::Put {
+        return None;
+    }
+    let holder: Holder = serde_json::from_slice(&entry.value).ok()?;
+    Some(match holder.advertise_url {
+        Some(url) => format!("{} ({url})", holder.node),
+        None => holder.node,
+    })
+}
+
+/// Renews the lease until it is released or lost.
+async fn keep(
+    store: kv::Store,
+    key: String,
+    value: Bytes,
+    mut ownership: Ownership,
+    lost: watch::Sender<bool>,
+    mut release: oneshot::Receiver<oneshot::Sender<()>>,
+) {
+    loop {
+        match ownership.poll(Instant::now()) {
+            Step::Renew { revision } => {
+                let answer =
+                    match tokio::time::timeout(ANSWER_WITHIN, store.update(&key, value.clone(), revision)).await {
+                        Ok(Ok(revision)) => Renewed::Yes(revision),
+                        Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                            // Ours at another revision (an earlier renewal landed unanswered), or lost.
+                            match store.entry(&key).await {
+                                Ok(Some(entry)) if entry.operation == kv::Operation::Put && entry.value == value => {
+                                    Renewed::Behind(entry.revision)
+                                }
+                                Ok(_) => Renewed::Lost,
+                                Err(_) => Renewed::Unknown,
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(key = %key, error = %e, "could not renew the lease; retrying");
+                            Renewed::Unknown
+                        }
+                        Err(_) => Renewed::Unknown,
+                    };
+                ownership.renewed(answer, Instant::now());
+            }
+            Step::Wait(until) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => {}
+                    done = &mut release => {
+                        if let Some(revision) = ownership.release(Instant::now()) {
+                            match store.delete_expect_revision(&key, Some(revision)).await {
+                                Ok(()) => tracing::info!(key = %key, "released the lease"),
+                                Err(e) => tracing::warn!(key = %key, error = %e, "could not release the lease; it ends on its own"),
+                            }
+                        }
+                        if let Ok(done) = done {
+                            let _ = done.send(());
+                        }
+                        return;
+                    }
+                }
+            }
+            Step::StepDown => {
+                tracing::error!(key = %key, "lost the lease of this shard's log: stepping down");
+                let _ = lost.send(true);
+                return;
+            }
+            Step::Create => unreachable!("an owner does not create"),
+        }
+    }
+}
