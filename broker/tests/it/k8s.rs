@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{Container, PodSpec, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, PodSpec, Secret, Service};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -142,6 +142,7 @@ struct Objects {
     statefulsets: Vec<StatefulSet>,
     deployments: Vec<Deployment>,
     secrets: Vec<Secret>,
+    config_maps: Vec<ConfigMap>,
     scaled: Vec<ScaledObject>,
     trigger_auths: Vec<TriggerAuthentication>,
 }
@@ -163,6 +164,7 @@ fn load(dir: &Path, objects: &mut Objects) -> Kustomization {
                 "StatefulSet" => objects.statefulsets.push(typed(&doc, &what)),
                 "Deployment" => objects.deployments.push(typed(&doc, &what)),
                 "Secret" => objects.secrets.push(typed(&doc, &what)),
+                "ConfigMap" => objects.config_maps.push(typed(&doc, &what)),
                 "ScaledObject" => objects.scaled.push(serde_json::from_value(doc).expect(&what)),
                 "TriggerAuthentication" => objects.trigger_auths.push(serde_json::from_value(doc).expect(&what)),
                 other => panic!("{what}: unexpected kind {other}"),
@@ -368,4 +370,101 @@ async fn check_trigger(b: &TestBroker, trigger: &Trigger, broker_url: &str, queu
     assert!(answer[location.as_str()].is_u64(), "{answer} has {location}");
     assert_eq!(trigger.metadata["authMode"], "bearer");
     assert_eq!(trigger.metadata["targetValue"], "1");
+}
+
+/// nats-server, where the tests have one (scripts/test.sh sets CQ_NATS_SERVER).
+fn nats_server() -> Option<PathBuf> {
+    std::env::var_os("CQ_NATS_SERVER").map(PathBuf::from).or_else(|| {
+        let local = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/venv/bin/nats-server");
+        local.exists().then_some(local)
+    })
+}
+
+#[test]
+fn the_cluster_overlay_runs_brokers_on_a_nats_cluster_they_can_use() {
+    let dir = k8s_dir().join("overlays/cluster");
+    let mut o = Objects::default();
+    let k = load(&dir, &mut o);
+    let base_broker = o.statefulsets.iter().find(|s| name_of(&s.metadata) == "cq-broker").expect("the base broker");
+
+    // NATS: a StatefulSet under a headless Service, its config from a ConfigMap.
+    let nats = o.statefulsets.iter().find(|s| name_of(&s.metadata) == "cq-nats").expect("a NATS StatefulSet");
+    let nspec = nats.spec.as_ref().unwrap();
+    let servers = nspec.replicas.unwrap();
+    assert_eq!(servers, 3, "three NATS servers, so a replicated log survives losing one");
+    let nsvc_name = nspec.service_name.as_deref().unwrap();
+    let nsvc = o.services.iter().find(|s| name_of(&s.metadata) == nsvc_name).expect("NATS's Service");
+    let nsvc_spec = nsvc.spec.as_ref().unwrap();
+    assert_eq!(nsvc_spec.cluster_ip.as_deref(), Some("None"), "headless, so each server has a name");
+    let port = |name: &str| nsvc_spec.ports.iter().flatten().find(|p| p.name.as_deref() == Some(name)).unwrap().port;
+    let npod = pod(&nspec.template);
+    let nc = container(npod, "nats");
+    let config_arg = nc.args.iter().flatten().find_map(|a| a.strip_prefix("--config=")).expect("--config");
+    let (config_dir, config_file) = config_arg.rsplit_once('/').unwrap();
+    let mount = nc.volume_mounts.iter().flatten().find(|m| m.mount_path == config_dir).expect("the config mount");
+    let volume = npod.volumes.iter().flatten().find(|v| v.name == mount.name).unwrap();
+    let map_name = volume.config_map.as_ref().unwrap().name.as_str();
+    let map = o.config_maps.iter().find(|m| name_of(&m.metadata) == map_name).expect("the NATS ConfigMap");
+    let conf = &map.data.as_ref().unwrap()[config_file];
+    for setting in ["sync_interval: always", "max_payload: 8MB"] {
+        assert!(conf.contains(setting), "the NATS config has `{setting}` (docs/operations.md says why)");
+    }
+    let store = conf.lines().find_map(|l| l.trim().strip_prefix("store_dir: ")).unwrap();
+    assert!(nc.volume_mounts.iter().flatten().any(|m| m.mount_path == store), "JetStream stores on the volume");
+    let pod_names: Vec<String> = (0..servers).map(|i| format!("{}-{i}.{nsvc_name}", name_of(&nats.metadata))).collect();
+    for name in &pod_names {
+        assert!(conf.contains(&format!("nats-route://{name}:{}", port("cluster"))), "a route to {name}");
+    }
+    // The config is one nats-server accepts.
+    if let Some(bin) = nats_server() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(config_file);
+        std::fs::write(&path, conf).unwrap();
+        let out = std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&path)
+            .arg("-t")
+            .env("POD_NAME", "cq-nats-0")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "nats-server refuses the config: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    // The brokers: three, on every NATS server, with S3 for blobs and the secrets they name.
+    let [patch] = &k.patches[..] else { panic!("one patch") };
+    let [doc] = &documents(&dir.join(&patch.path))[..] else { panic!("one object in {}", patch.path) };
+    let broker: StatefulSet = typed(doc, &patch.path);
+    assert_eq!(name_of(&broker.metadata), name_of(&base_broker.metadata), "patches the base broker");
+    let bspec = broker.spec.as_ref().unwrap();
+    assert_eq!(bspec.replicas, Some(3), "an owner and two standbys");
+    let bpod = pod(&bspec.template);
+    let bc = container(bpod, "broker");
+    let urls = flag(bc, "nats").expect("--nats");
+    let want: Vec<String> = pod_names.iter().map(|n| format!("nats://{n}:{}", port("client"))).collect();
+    assert_eq!(urls.split(',').collect::<Vec<_>>(), want, "the brokers know every NATS server");
+    let replicas: i32 = flag(bc, "nats-replicas").unwrap().parse().unwrap();
+    assert!(replicas <= servers, "{replicas} replicas on {servers} servers");
+    assert!(flag(bc, "s3-bucket").is_some(), "cluster mode needs shared blob storage");
+    let env = |name: &str| bc.env.iter().flatten().find(|e| e.name == name);
+    for var in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
+        assert!(env(var).is_some(), "{var} for S3");
+    }
+    for (name, key) in secret_refs(bpod) {
+        assert!(secret_has(&o, &name, key.as_deref()), "secret {name} {key:?} exists");
+    }
+    // Kubernetes expands $(VAR) in args from the container's env.
+    for arg in bc.args.iter().flatten() {
+        for var in arg.split("$(").skip(1).filter_map(|rest| rest.split_once(')').map(|(v, _)| v)) {
+            assert!(env(var).is_some(), "{arg} uses ${var}, which the container's env defines");
+        }
+    }
+    // The base's flags are all still there (a patch replaces the whole list).
+    let base_args = container(pod(&base_broker.spec.as_ref().unwrap().template), "broker").args.clone().unwrap();
+    for a in &base_args {
+        assert!(bc.args.iter().flatten().any(|b| b == a), "the patch keeps {a}");
+    }
+    // Standbys answer /readyz with 503, so the base's readiness probe keeps the Service on the owner.
+    let probe = container(pod(&base_broker.spec.as_ref().unwrap().template), "broker").readiness_probe.as_ref();
+    assert_eq!(probe.unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/readyz"));
+    assert!(bc.readiness_probe.is_none(), "the patch keeps the base's probe");
 }
