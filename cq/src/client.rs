@@ -13,6 +13,20 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// Reconnects tried while following a job before giving up.
 const FOLLOW_RECONNECTS: u32 = 10;
+/// How long a request answered "unavailable" (503) is tried again: a standby taking over, a
+/// broker recovering its log.
+const UNAVAILABLE_RETRY_FOR: Duration = Duration::from_secs(30);
+
+/// The wait a 503 answer asks for (`Retry-After` in seconds), 1 to 10 s.
+fn retry_after(resp: &reqwest::Response) -> Duration {
+    let secs = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1);
+    Duration::from_secs(secs.clamp(1, 10))
+}
 
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -44,9 +58,31 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let resp = req.send().await.map_err(|e| connection_error(&self.base, &e))?;
-        let status = resp.status();
-        let text = resp.text().await.context("reading the broker's answer")?;
+        let give_up = tokio::time::Instant::now() + UNAVAILABLE_RETRY_FOR;
+        let mut told = false;
+        let (status, text) = loop {
+            let req = req.try_clone().expect("JSON bodies can be sent again");
+            let resp = req.send().await.map_err(|e| connection_error(&self.base, &e))?;
+            let status = resp.status();
+            let wait = retry_after(&resp);
+            let text = resp.text().await.context("reading the broker's answer")?;
+            // A standby, or a broker still recovering its log: it serves in a moment. Every
+            // request of the CLI may be sent twice (a submission is found by its content).
+            if status == reqwest::StatusCode::SERVICE_UNAVAILABLE && tokio::time::Instant::now() + wait < give_up {
+                if !told {
+                    eprintln!(
+                        "cq: {} is not serving yet ({}); retrying for up to {} s",
+                        self.base,
+                        worker::blobs::error_message(&text),
+                        UNAVAILABLE_RETRY_FOR.as_secs()
+                    );
+                    told = true;
+                }
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            break (status, text);
+        };
         if status.is_success() {
             if text.is_empty() {
                 return Ok(Value::Null);
@@ -145,12 +181,26 @@ impl Client {
                 .insert("authorization", format!("Bearer {t}").parse().context("token is not a valid header value")?);
         }
         let url = self.ws_url("/ws/client");
-        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.map_err(|e| match &e {
+        let mut upgrade_status = None;
+        let socket = tokio_tungstenite::connect_async(request).await.map_err(|e| match &e {
+            tokio_tungstenite::tungstenite::Error::Http(resp) if resp.status() == 503 => {
+                upgrade_status = Some(503);
+                anyhow!("{url}: the broker is not serving yet")
+            }
             tokio_tungstenite::tungstenite::Error::Http(resp) if resp.status() == 404 => {
                 no_such_endpoint(&url, &self.base)
             }
             _ => connection_error(&self.base, &e),
-        })?;
+        });
+        let mut socket = match socket {
+            Ok((socket, _)) => socket,
+            // Not serving yet (a standby taking over): like a dropped connection, tried again.
+            Err(_) if matches!(&upgrade_status, Some(503)) => {
+                tracing::debug!("the broker is not serving yet; retrying");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
         *connected = true;
         let hello = ClientToBroker::Hello(ClientHello {
             protocol: PROTOCOL_VERSION,

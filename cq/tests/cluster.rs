@@ -432,6 +432,17 @@ async fn a_standby_takes_over_from_a_killed_owner_and_a_stopped_one_hands_over()
     // A comes back as a standby; B stops gracefully and hands the lease over at once.
     let (_a, a_url) = cq_broker_with(&nats, dir_a.path(), "lease", &[&["--node-id", "a"], LEASE].concat());
     wait_standby(&http, &a_url).await;
+    // A user submits to the standby meanwhile: cq waits for it to serve instead of failing.
+    let mut waiting = Command::new(env!("CARGO_BIN_EXE_cq"))
+        .args(["submit", "--url", &a_url, "--image", "busybox", "--", "echo", "waited"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = std::io::BufReader::new(waiting.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+    assert!(line.contains("not serving yet") && line.contains("retrying"), "{line}");
     let mut b = b;
     let stopping = Instant::now();
     nix_signal(b.id(), "TERM");
@@ -442,6 +453,10 @@ async fn a_standby_takes_over_from_a_killed_owner_and_a_stopped_one_hands_over()
     for id in acked.iter().chain([&after]) {
         assert_eq!(http.get(format!("{a_url}/j/{id}")).send().await.unwrap().status(), 200, "job {id} lost");
     }
+    let out = waiting.wait_with_output().unwrap();
+    assert!(out.status.success(), "the waiting submission went through after the handover");
+    let id = String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string();
+    assert_eq!(http.get(format!("{a_url}/j/{id}")).send().await.unwrap().status(), 200, "{id} is on the new owner");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
