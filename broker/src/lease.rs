@@ -11,6 +11,9 @@
 //! - **Epoch**: the revision of the write that took the lease; it names the owner in the log's
 //!   owner marker (`<node>/<epoch>`).
 //! - **Release** deletes the key at the held revision; standbys watch the key and try at once.
+//!
+//! [`shared_link_key`] keeps the one other thing every broker of a cluster must agree on, the
+//! read-link signing key, in the bucket `<cluster>_config`.
 
 use std::time::Duration;
 
@@ -259,5 +262,48 @@ async fn keep(
             }
             Step::Create => unreachable!("an owner does not create"),
         }
+    }
+}
+
+/// The cluster's read-link signing key (`link-key` in the bucket `<cluster>_config`): the first
+/// broker to start makes it, every other one reads it, so a link made by one broker is honoured
+/// by any other (after a takeover, say).
+pub async fn shared_link_key(config: &NatsConfig) -> Result<[u8; 32], LogError> {
+    let client = connect(config).await?;
+    let js = jetstream::new(client);
+    let name = format!("{}_config", config.cluster);
+    let store = match js.get_key_value(&name).await {
+        Ok(store) => store,
+        Err(_) => js
+            .create_key_value(kv::Config {
+                bucket: name.clone(),
+                description: format!("settings every broker of cq cluster {} shares", config.cluster),
+                history: 1,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: config.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| kv_err(format!("creating the settings bucket {name}"))(&e))?,
+    };
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(|e| kv_err("making the link key")(&e))?;
+    match store.create("link-key", Bytes::copy_from_slice(&key)).await {
+        Ok(_) => return Ok(key),
+        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+        Err(e) => return Err(kv_err(format!("storing the link key in {name}"))(&e)),
+    }
+    let stored = store.get("link-key").await.map_err(|e| kv_err(format!("reading the link key from {name}"))(&e))?;
+    match stored {
+        Some(bytes) if bytes.len() == key.len() => {
+            key.copy_from_slice(&bytes);
+            Ok(key)
+        }
+        _ => Err(LogError::Nats {
+            context: format!("reading the link key from {name}"),
+            message:
+                "`link-key` is not a 32-byte key; delete it to make a new one (every link made so far stops working)"
+                    .into(),
+        }),
     }
 }

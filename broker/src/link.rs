@@ -4,7 +4,8 @@
 //! A link is the query `expires=<unix seconds>&sig=<signature>` appended to a job's read URLs.
 //! The signature is HMAC-SHA256 over the job id and the expiry, under a key the broker generates
 //! once and keeps in its data directory (so links survive a restart; deleting the file revokes
-//! every link).
+//! every link), or, in cluster mode, in NATS for every broker of the cluster
+//! ([`crate::lease::shared_link_key`]).
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -99,7 +100,7 @@ impl LinkKey {
         Ok(LinkKey(key))
     }
 
-    /// A key from fixed bytes (tests).
+    /// A key from bytes kept elsewhere (cluster mode keeps it in NATS; tests).
     pub fn from_bytes(key: [u8; KEY_LEN]) -> LinkKey {
         LinkKey(key)
     }

@@ -63,7 +63,11 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let policy = Arc::new(Policy::new(&config.access, config.tokens.is_open()).map_err(ServeError::Access)?);
-    let links = Arc::new(crate::link::LinkKey::load_or_create(&config.store.data_dir).map_err(ServeError::LinkKey)?);
+    let links = Arc::new(match &config.store.nats {
+        // Every broker of a cluster signs and checks links with the same key.
+        Some(nats) => crate::link::LinkKey::from_bytes(crate::lease::shared_link_key(nats).await?),
+        None => crate::link::LinkKey::load_or_create(&config.store.data_dir).map_err(ServeError::LinkKey)?,
+    });
     if config.tokens.is_open() {
         tracing::warn!(
             "no tokens: anyone who can reach this broker can run jobs and read every job (browsers only from allowed origins)"

@@ -419,6 +419,7 @@ async fn a_standby_takes_over_from_a_killed_owner_and_a_stopped_one_hands_over()
     for i in 0..50 {
         acked.push(submit(&http, &a_url, &format!("a-{i}")).await.expect("the owner acknowledges"));
     }
+    let link: Value = http.post(format!("{a_url}/j/{}/link", acked[0])).send().await.unwrap().json().await.unwrap();
     a.0.kill().unwrap();
     a.0.wait().unwrap();
     let killed = Instant::now();
@@ -428,6 +429,9 @@ async fn a_standby_takes_over_from_a_killed_owner_and_a_stopped_one_hands_over()
         assert_eq!(http.get(format!("{b_url}/j/{id}")).send().await.unwrap().status(), 200, "job {id} lost");
     }
     let after = submit(&http, &b_url, "b-0").await.expect("the new owner acknowledges");
+    // A read link A made before it died is honoured by B: the brokers share the signing key.
+    let r = http.get(format!("{b_url}{}", link["job"].as_str().unwrap())).send().await.unwrap();
+    assert_eq!(r.status(), 200, "a read link made by the former owner");
 
     // A comes back as a standby; B stops gracefully and hands the lease over at once.
     let (_a, a_url) = cq_broker_with(&nats, dir_a.path(), "lease", &[&["--node-id", "a"], LEASE].concat());
