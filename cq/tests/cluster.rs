@@ -387,18 +387,32 @@ async fn wait_standby(http: &reqwest::Client, url: &str) {
     }
 }
 
-const LEASE: &[&str] = &["--lease-ttl", "2s"];
+/// `cq broker` named `node` in `cluster`, with a 2 s lease.
+fn leased_broker(nats: &Nats, dir: &Path, cluster: &str, node: &str) -> (Killed, String) {
+    cq_broker_with(nats, dir, cluster, &["--node-id", node, "--lease-ttl", "2s"])
+}
+
+/// Broker `a`, which takes the lease, and broker `b`, its standby.
+async fn owner_and_standby(
+    nats: &Nats,
+    http: &reqwest::Client,
+    cluster: &str,
+    dirs: &(tempfile::TempDir, tempfile::TempDir),
+) -> ((Killed, String), (Killed, String)) {
+    let a = leased_broker(nats, dirs.0.path(), cluster, "a");
+    wait_ready(&a.1).await;
+    let b = leased_broker(nats, dirs.1.path(), cluster, "b");
+    wait_standby(http, &b.1).await;
+    (a, b)
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_takes_over_from_a_killed_owner_and_a_stopped_one_hands_over() {
     let Some(bin) = nats_server() else { return };
     let nats = Nats::start(&bin).await;
     let http = reqwest::Client::new();
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (mut a, a_url) = cq_broker_with(&nats, dir_a.path(), "lease", &[&["--node-id", "a"], LEASE].concat());
-    wait_ready(&a_url).await;
-    let (b, b_url) = cq_broker_with(&nats, dir_b.path(), "lease", &[&["--node-id", "b"], LEASE].concat());
-    wait_standby(&http, &b_url).await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ((mut a, a_url), (b, b_url)) = owner_and_standby(&nats, &http, "lease", &dirs).await;
     // The standby serves nothing and says when to come back.
     let r = http.post(format!("{b_url}/q/q/j")).json(&job("to the standby")).send().await.unwrap();
     assert_eq!(r.status(), 503);
@@ -434,7 +448,7 @@ async fn a_standby_takes_over_from_a_killed_owner_and_a_stopped_one_hands_over()
     assert_eq!(r.status(), 200, "a read link made by the former owner");
 
     // A comes back as a standby; B stops gracefully and hands the lease over at once.
-    let (_a, a_url) = cq_broker_with(&nats, dir_a.path(), "lease", &[&["--node-id", "a"], LEASE].concat());
+    let (_a, a_url) = leased_broker(&nats, dirs.0.path(), "lease", "a");
     wait_standby(&http, &a_url).await;
     // A user submits to the standby meanwhile: cq waits for it to serve instead of failing.
     let mut waiting = Command::new(env!("CARGO_BIN_EXE_cq"))
@@ -468,11 +482,8 @@ async fn a_paused_owner_wakes_deposed_and_acknowledges_nothing() {
     let Some(bin) = nats_server() else { return };
     let nats = Nats::start(&bin).await;
     let http = reqwest::Client::new();
-    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let (mut a, a_url) = cq_broker_with(&nats, dir_a.path(), "zombie", &[&["--node-id", "a"], LEASE].concat());
-    wait_ready(&a_url).await;
-    let (_b, b_url) = cq_broker_with(&nats, dir_b.path(), "zombie", &[&["--node-id", "b"], LEASE].concat());
-    wait_standby(&http, &b_url).await;
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ((mut a, a_url), (_b, b_url)) = owner_and_standby(&nats, &http, "zombie", &dirs).await;
     let before = submit(&http, &a_url, "before").await.expect("the owner acknowledges");
 
     // A freezes (a SIGSTOP: a long GC pause, a frozen VM) past its lease; B takes over.
