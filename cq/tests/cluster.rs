@@ -1,7 +1,9 @@
-//! Tests of the JetStream log (cluster mode, one broker): against a real 3-node NATS JetStream
-//! cluster on loopback (`sync_interval: always`, as docs/operations.md requires), a `kill -9`
-//! of the broker loses no acknowledged submission, a writer whose view of the stream is stale is
-//! refused and stops, and snapshots go to the object store with the stream purged below them.
+//! Tests of cluster mode (one shard): against a real 3-node NATS JetStream cluster on loopback
+//! (`sync_interval: always`, as docs/operations.md requires), a `kill -9` of the broker or of the
+//! stream's leader loses no acknowledged submission, a writer whose view of the stream is stale
+//! is refused and stops, snapshots go to the object store with the stream purged below them, a
+//! standby takes over from a killed or stopped owner, and an owner paused past its lease wakes
+//! deposed.
 //!
 //! They need `nats-server` 2.11 or later: `CQ_NATS_SERVER` names it (scripts/test.sh sets it
 //! from scripts/nats-server.sh), else `.cache/venv/bin/nats-server` in the workspace is used.
@@ -9,6 +11,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -39,7 +43,7 @@ fn free_port() -> u16 {
 
 /// Three nats-server processes forming one JetStream cluster on 127.0.0.1.
 struct Nats {
-    _servers: Vec<Killed>,
+    servers: Vec<Killed>,
     urls: Vec<String>,
     _dir: tempfile::TempDir,
 }
@@ -74,7 +78,7 @@ impl Nats {
             servers.push(Killed(child));
         }
         let urls: Vec<String> = clients.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
-        let nats = Nats { _servers: servers, urls, _dir: dir };
+        let nats = Nats { servers, urls, _dir: dir };
         nats.wait_ready().await;
         nats
     }
@@ -524,4 +528,69 @@ async fn a_paused_owner_wakes_deposed_and_acknowledges_nothing() {
 fn nix_signal(pid: u32, signal: &str) {
     let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status().unwrap();
     assert!(status.success(), "kill -{signal} {pid}");
+}
+
+/// Submits `tag-0`, `tag-1`, … to `url` until `stop` is set; returns the acknowledged ids. A
+/// refused or failed submission is not acknowledged, and the next one is tried.
+async fn submit_until(http: reqwest::Client, url: String, tag: String, stop: Arc<AtomicBool>) -> Vec<String> {
+    let mut acked = Vec::new();
+    let mut i = 0;
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(id) = submit(&http, &url, &format!("{tag}-{i}")).await {
+            acked.push(id);
+        }
+        i += 1;
+    }
+    acked
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_stream_leader_mid_run_loses_no_acknowledged_submission() {
+    let Some(bin) = nats_server() else { return };
+    let mut nats = Nats::start(&bin).await;
+    let http = reqwest::Client::new();
+    let dir = tempfile::tempdir().unwrap();
+    let (_broker, url) = cq_broker(&nats, dir.path(), "leader");
+    wait_ready(&url).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let submitters: Vec<_> =
+        (0..3).map(|t| tokio::spawn(submit_until(http.clone(), url.clone(), format!("s{t}"), stop.clone()))).collect();
+    let deadline = Instant::now() + WAIT;
+    while queued(&http, &url).await < 100 {
+        assert!(Instant::now() < deadline, "submissions did not get through");
+    }
+    // kill -9 the server leading the log's stream, mid-run.
+    let js = nats.jetstream().await;
+    let info = js.get_stream("LEADER_LOG_0").await.unwrap().info().await.unwrap().clone();
+    let leader = info.cluster.and_then(|c| c.leader).expect("the stream has a leader");
+    let index: usize = leader.strip_prefix('n').unwrap().parse().unwrap();
+    let before = queued(&http, &url).await;
+    nats.servers[index].0.kill().unwrap();
+    nats.servers[index].0.wait().unwrap();
+    let killed = Instant::now();
+    // The remaining two elect a new leader; the broker's publishes get through again.
+    while queued(&http, &url).await < before + 100 {
+        assert!(Instant::now() < deadline, "no submission got through after the leader ({leader}) died");
+    }
+    eprintln!(
+        "100 more submissions acknowledged {} ms after the stream leader's kill -9",
+        killed.elapsed().as_millis()
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for s in submitters {
+        acked.extend(s.await.unwrap());
+    }
+    assert_eq!(readyz(&http, &url).await, "ready\n", "the broker kept serving");
+    for id in &acked {
+        assert_eq!(http.get(format!("{url}/j/{id}")).send().await.unwrap().status(), 200, "acknowledged {id} lost");
+    }
+    // And they are in the stream, not only in the broker's memory: a restart replays them.
+    drop(_broker);
+    let (_broker, url) = cq_broker(&nats, dir.path(), "leader");
+    wait_ready(&url).await;
+    for id in &acked {
+        assert_eq!(http.get(format!("{url}/j/{id}")).send().await.unwrap().status(), 200, "{id} not in the log");
+    }
+    eprintln!("{} acknowledged submissions survived the stream leader's kill -9", acked.len());
 }
