@@ -217,9 +217,15 @@ pub async fn all_removed(id: &str) {
         ("label".to_string(), vec![format!("cq.worker={id}")]),
     ]);
     let d = docker().await;
-    // Subscribe before looking, so a removal between the two is not missed.
-    let mut events =
-        d.events(Some(bollard::query_parameters::EventsOptions { filters: Some(filters), ..Default::default() }));
+    // Docker is asked for the events only when the stream is first polled, after the first look
+    // below: events since a second before that look replay a removal that falls in between.
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap() - Duration::from_secs(1);
+    let since = Some(format!("{}.{:09}", before.as_secs(), before.subsec_nanos()));
+    let mut events = d.events(Some(bollard::query_parameters::EventsOptions {
+        filters: Some(filters),
+        since,
+        ..Default::default()
+    }));
     while !containers_of(id).await.is_empty() {
         events.next().await.expect("Docker's event stream ended").unwrap();
     }
