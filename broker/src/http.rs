@@ -110,8 +110,9 @@ pub fn routes(
     let readyz = warp::path!("readyz").and(warp::get()).and(with_ctx.clone()).map(|ctx: Arc<Context>| {
         if ctx.handle.is_ready() {
             warp::reply::with_status("ready\n", StatusCode::OK).into_response()
-        } else if ctx.handle.is_standby() {
-            warp::reply::with_status("standby\n", StatusCode::SERVICE_UNAVAILABLE).into_response()
+        } else if let Some(owner) = ctx.handle.standby_for() {
+            let text = format!("standby\nowner: {owner}\n");
+            warp::reply::with_status(text, StatusCode::SERVICE_UNAVAILABLE).into_response()
         } else {
             warp::reply::with_status("recovering\n", StatusCode::SERVICE_UNAVAILABLE).into_response()
         }

@@ -43,6 +43,8 @@ pub const SNAPSHOT_HEADER: &str = "Cq-Snapshot";
 pub const COMMIT_RETRY_FOR: Duration = Duration::from_secs(30);
 /// Room left in a message for the headers.
 const HEADER_ROOM: usize = 4096;
+/// The largest record of a broker with the default `--max-body` (4 MiB), with room for framing.
+pub const DEFAULT_MAX_RECORD: usize = (4 << 20) + (64 << 10);
 
 /// Where the log of a shard lives in NATS.
 #[derive(Debug, Clone)]
@@ -66,6 +68,9 @@ pub struct NatsConfig {
     /// Take the log only while holding its lease ([`crate::lease`]); `None` takes it over at
     /// once, fenced by the log alone (tests of the fence use that).
     pub lease: Option<crate::ownership::LeaseTimes>,
+    /// The largest log record this broker can write (a submission of `--max-body` and its
+    /// framing): the NATS servers' `max_payload` must take it, or the broker refuses to start.
+    pub max_record: usize,
 }
 
 impl NatsConfig {
@@ -81,6 +86,7 @@ impl NatsConfig {
             node: "broker".into(),
             advertise_url: None,
             lease: Some(crate::ownership::LeaseTimes::default()),
+            max_record: DEFAULT_MAX_RECORD,
         }
     }
 
@@ -123,6 +129,19 @@ fn nats_err(context: impl Into<String>) -> impl FnOnce(&dyn std::fmt::Display) -
     move |e| LogError::Nats { context, message: e.to_string() }
 }
 
+/// Like `nats_err`, for creating a stream or bucket: says what to do about a replica count one
+/// NATS server cannot hold.
+pub(crate) fn create_err(context: impl Into<String>) -> impl FnOnce(&dyn std::fmt::Display) -> LogError {
+    let context = context.into();
+    move |e| {
+        let mut message = e.to_string();
+        if message.contains("replicas > 1 not supported") {
+            message.push_str("; with a single NATS server, pass --nats-replicas 1");
+        }
+        LogError::Nats { context, message }
+    }
+}
+
 /// Connects to NATS with the settings' credentials.
 pub async fn connect(config: &NatsConfig) -> Result<async_nats::Client, LogError> {
     let mut options = async_nats::ConnectOptions::new().name("cq-broker");
@@ -132,10 +151,15 @@ pub async fn connect(config: &NatsConfig) -> Result<async_nats::Client, LogError
             source: e,
         })?;
     }
-    options
+    let client = options
         .connect(config.urls.clone())
         .await
-        .map_err(|e| nats_err(format!("connecting to NATS at {}", config.urls.join(",")))(&e))
+        .map_err(|e| nats_err(format!("connecting to NATS at {}", config.urls.join(",")))(&e))?;
+    let max_payload = client.server_info().max_payload;
+    if max_payload < config.max_record + HEADER_ROOM {
+        return Err(LogError::PayloadTooSmall { max_payload, needed: config.max_record + HEADER_ROOM });
+    }
+    Ok(client)
 }
 
 /// The JetStream log of one shard, positioned after its last message.
@@ -193,7 +217,7 @@ impl JetStreamLog {
                 ..Default::default()
             })
             .await
-            .map_err(|e| nats_err(format!("creating or opening stream {stream_name}"))(&e))?;
+            .map_err(|e| create_err(format!("creating or opening stream {stream_name}"))(&e))?;
         let bucket = config.bucket();
         let store = match js.get_object_store(&bucket).await {
             Ok(store) => store,
@@ -206,7 +230,7 @@ impl JetStreamLog {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| nats_err(format!("creating object store {bucket}"))(&e))?,
+                .map_err(|e| create_err(format!("creating object store {bucket}"))(&e))?,
         };
         let state =
             stream.info().await.map_err(|e| nats_err(format!("reading stream {stream_name}"))(&e))?.state.clone();

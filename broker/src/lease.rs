@@ -113,16 +113,20 @@ async fn bucket(js: &jetstream::Context, config: &NatsConfig, times: &LeaseTimes
         ..Default::default()
     })
     .await
-    .map_err(|e| kv_err(format!("creating the lease bucket {name}"))(&e))
+    .map_err(|e| crate::jetstream::create_err(format!("creating the lease bucket {name}"))(&e))
 }
 
-/// Waits until this broker holds the lease of `config`'s shard, saying once who holds it
-/// meanwhile; `standby` is true while it waits.
+/// Where a standby says who owns the log: `Some(owner)` while it waits (`node (url)`, or
+/// "another broker" until it knows), `None` once this broker holds the lease.
+pub type StandbyNote = std::sync::Mutex<Option<String>>;
+
+/// Waits until this broker holds the lease of `config`'s shard, saying who holds it meanwhile
+/// (in the log once per owner, and in `standby`).
 pub async fn acquire(
     config: &NatsConfig,
     times: LeaseTimes,
     holder: Holder,
-    standby: &std::sync::atomic::AtomicBool,
+    standby: &StandbyNote,
 ) -> Result<Lease, LogError> {
     times.validate().map_err(|m| LogError::Nats { context: "lease settings".into(), message: m })?;
     let client = connect(config).await?;
@@ -137,7 +141,8 @@ pub async fn acquire(
     let mut watch = store.watch(&key).await.map_err(|e| kv_err(format!("watching lease {key}"))(&e))?;
     let mut ownership = Ownership::new(times, Instant::now());
     let mut told: Option<String> = None;
-    standby.store(true, std::sync::atomic::Ordering::Release);
+    let mut failing = false;
+    set_note(standby, Some("another broker".into()));
     let epoch = loop {
         if let Some(epoch) = ownership.owner_epoch(Instant::now()) {
             break epoch;
@@ -147,12 +152,16 @@ pub async fn acquire(
                 let answer = match tokio::time::timeout(ANSWER_WITHIN, store.create(&key, value.clone())).await {
                     Ok(Ok(revision)) => Created::Yes(revision),
                     Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => Created::Taken,
+                    // Said once per streak of failures: NATS without a quorum fails every second.
                     Ok(Err(e)) => {
-                        tracing::warn!(key = %key, error = %e, "could not take the lease; retrying");
+                        if !failing {
+                            tracing::warn!(key = %key, error = %e, "could not take the lease (is NATS up, with a quorum?); retrying every second");
+                        }
                         Created::Unknown
                     }
                     Err(_) => Created::Unknown,
                 };
+                failing = answer == Created::Unknown;
                 if answer == Created::Taken {
                     let owner = current_holder(&store, &key).await;
                     if owner.is_some() && owner != told {
@@ -161,6 +170,7 @@ pub async fn acquire(
                             owner = owner.as_deref().unwrap_or("?"),
                             "standby: another broker owns this shard's log; taking over when its lease ends"
                         );
+                        set_note(standby, owner.clone());
                         told = owner;
                     }
                 }
@@ -184,12 +194,16 @@ pub async fn acquire(
             Step::Renew { .. } | Step::StepDown => unreachable!("a standby neither renews nor steps down"),
         }
     };
-    standby.store(false, std::sync::atomic::Ordering::Release);
+    set_note(standby, None);
     tracing::info!(shard = config.shard, epoch, node = %holder.node, "took the lease of this shard's log");
     let (lost_tx, lost) = watch::channel(false);
     let (release_tx, release_rx) = oneshot::channel();
     let task = tokio::spawn(keep(store, key, value, ownership, lost_tx, release_rx));
     Ok(Lease { epoch, node: holder.node, lost, release: Some(release_tx), task })
+}
+
+fn set_note(note: &StandbyNote, owner: Option<String>) {
+    *note.lock().unwrap_or_else(|e| e.into_inner()) = owner;
 }
 
 /// Who holds `key`, as `node (url)`, if anyone.
@@ -214,28 +228,36 @@ async fn keep(
     lost: watch::Sender<bool>,
     mut release: oneshot::Receiver<oneshot::Sender<()>>,
 ) {
+    let mut failing = false;
     loop {
         match ownership.poll(Instant::now()) {
             Step::Renew { revision } => {
-                let answer =
-                    match tokio::time::timeout(ANSWER_WITHIN, store.update(&key, value.clone(), revision)).await {
-                        Ok(Ok(revision)) => Renewed::Yes(revision),
-                        Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                            // Ours at another revision (an earlier renewal landed unanswered), or lost.
-                            match store.entry(&key).await {
-                                Ok(Some(entry)) if entry.operation == kv::Operation::Put && entry.value == value => {
-                                    Renewed::Behind(entry.revision)
-                                }
-                                Ok(_) => Renewed::Lost,
-                                Err(_) => Renewed::Unknown,
+                let answer = match tokio::time::timeout(ANSWER_WITHIN, store.update(&key, value.clone(), revision))
+                    .await
+                {
+                    Ok(Ok(revision)) => Renewed::Yes(revision),
+                    Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                        // Ours at another revision (an earlier renewal landed unanswered), or lost.
+                        match store.entry(&key).await {
+                            Ok(Some(entry)) if entry.operation == kv::Operation::Put && entry.value == value => {
+                                Renewed::Behind(entry.revision)
                             }
+                            Ok(_) => Renewed::Lost,
+                            Err(_) => Renewed::Unknown,
                         }
-                        Ok(Err(e)) => {
-                            tracing::warn!(key = %key, error = %e, "could not renew the lease; retrying");
-                            Renewed::Unknown
+                    }
+                    Ok(Err(e)) => {
+                        if !failing {
+                            tracing::warn!(key = %key, error = %e, "could not renew the lease (is NATS up, with a quorum?); retrying until it ends");
                         }
-                        Err(_) => Renewed::Unknown,
-                    };
+                        Renewed::Unknown
+                    }
+                    Err(_) => Renewed::Unknown,
+                };
+                if failing && matches!(answer, Renewed::Yes(_) | Renewed::Behind(_)) {
+                    tracing::info!(key = %key, "renewed the lease again");
+                }
+                failing = answer == Renewed::Unknown;
                 ownership.renewed(answer, Instant::now());
             }
             Step::Wait(until) => {
@@ -284,7 +306,7 @@ pub async fn shared_link_key(config: &NatsConfig) -> Result<[u8; 32], LogError> 
                 ..Default::default()
             })
             .await
-            .map_err(|e| kv_err(format!("creating the settings bucket {name}"))(&e))?,
+            .map_err(|e| crate::jetstream::create_err(format!("creating the settings bucket {name}"))(&e))?,
     };
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).map_err(|e| kv_err("making the link key")(&e))?;

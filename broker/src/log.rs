@@ -54,6 +54,11 @@ pub enum LogError {
         "stream {stream}: another writer appended after sequence {expected}; this broker is no longer the log's owner and steps down"
     )]
     Fenced { stream: String, expected: u64 },
+    /// The NATS servers cannot take a record this broker may write.
+    #[error(
+        "the NATS server's max_payload is {max_payload} bytes, but one log record can take {needed} (a submission of --max-body and its framing): set max_payload to at least that in the NATS server configuration (docs/operations.md), or lower --max-body"
+    )]
+    PayloadTooSmall { max_payload: usize, needed: usize },
     /// The lease of the log was not renewed in time or was taken ([`crate::lease`]).
     #[error("lost the lease of shard {shard}'s log; this broker is no longer its owner and steps down")]
     LeaseLost { shard: u32 },

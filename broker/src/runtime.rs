@@ -19,7 +19,7 @@ use crate::backend::{LocalLog, LogBackend};
 use crate::core::{Command, ConnId, Core, CoreConfig, Effect, Reply};
 use crate::event::SnapshotV1;
 use crate::jetstream::{JetStreamLog, NatsConfig};
-use crate::lease::{Holder, Lease};
+use crate::lease::{Holder, Lease, StandbyNote};
 use crate::log::{Log, LogError, SNAPSHOT_AFTER_BYTES, encode_event};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
@@ -71,7 +71,7 @@ pub struct Handle {
     pub outbox: Arc<Outbox>,
     pub metrics: Arc<Metrics>,
     ready: Arc<AtomicBool>,
-    standby: Arc<AtomicBool>,
+    standby: Arc<StandbyNote>,
 }
 
 impl Handle {
@@ -95,9 +95,10 @@ impl Handle {
         self.ready.load(Ordering::Acquire)
     }
 
-    /// True while the broker waits for the lease of a log another broker owns (cluster mode).
-    pub fn is_standby(&self) -> bool {
-        self.standby.load(Ordering::Acquire)
+    /// While the broker waits for the lease of a log another broker owns (cluster mode), who
+    /// owns it (`node (url)` once known).
+    pub fn standby_for(&self) -> Option<String> {
+        self.standby.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -167,7 +168,7 @@ pub fn start(
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let outbox = Arc::new(Outbox::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let standby = Arc::new(AtomicBool::new(false));
+    let standby = Arc::new(StandbyNote::default());
     let metrics = Arc::new(Metrics::default());
     let handle =
         Handle { tx, outbox: outbox.clone(), metrics: metrics.clone(), ready: ready.clone(), standby: standby.clone() };
@@ -178,45 +179,71 @@ pub fn start(
 /// What the core task tells the handles about itself.
 struct Flags {
     ready: Arc<AtomicBool>,
-    standby: Arc<AtomicBool>,
+    standby: Arc<StandbyNote>,
 }
 
+/// A recovered cluster log: the core, its log, the report, the lease it is held under, and when
+/// recovery began (after the lease was taken).
+type Recovered = (Core, JetStreamLog, crate::log::RecoveryReport, Option<Lease>, std::time::Instant);
+
 /// Recovers the JetStream log, under its lease when the settings ask for one. Returns `None`
-/// if `shutdown` came while this broker waited as a standby.
+/// if `shutdown` came first.
 async fn recover_cluster(
     nats: &NatsConfig,
     core_config: &CoreConfig,
-    standby: &AtomicBool,
+    standby: &StandbyNote,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<Option<(Core, JetStreamLog, crate::log::RecoveryReport, Option<Lease>)>, LogError> {
-    let lease = match nats.lease {
+) -> Result<Option<Recovered>, LogError> {
+    let mut lease = match nats.lease {
         Some(times) => {
             let holder =
                 Holder { node: nats.node.clone(), advertise_url: nats.advertise_url.clone(), nonce: String::new() };
-            let acquired = tokio::select! {
-                lease = crate::lease::acquire(nats, times, holder, standby) => lease,
+            tokio::select! {
+                lease = crate::lease::acquire(nats, times, holder, standby) => Some(lease?),
                 _ = stopped(shutdown) => return Ok(None),
-            };
-            standby.store(false, Ordering::Release);
-            Some(acquired?)
+            }
         }
         None => None,
     };
+    let started = std::time::Instant::now();
     let owner = lease.as_ref().map(Lease::owner_name);
-    let mut tries = 0;
+    let (mut fenced, mut wait) = (0, Duration::from_millis(200));
     loop {
         let mut core = Core::new(core_config.clone());
-        match JetStreamLog::recover(nats, &mut core, owner.clone()).await {
-            Ok((log, report)) => return Ok(Some((core, log, report, lease))),
+        let error = tokio::select! {
+            recovered = JetStreamLog::recover(nats, &mut core, owner.clone()) => match recovered {
+                Ok((log, report)) => return Ok(Some((core, log, report, lease, started))),
+                Err(e) => e,
+            },
+            _ = lease_lost(&mut lease) => return Err(LogError::LeaseLost { shard: nats.shard }),
+            _ = stopped(shutdown) => break,
+        };
+        match error {
             // The former owner, paused past its lease, appended while this one replayed: its
             // append is in the log (and may have been acknowledged), so replay again.
-            Err(LogError::Fenced { .. }) if lease.is_some() && tries < 5 => {
-                tries += 1;
+            LogError::Fenced { .. } if lease.is_some() && fenced < 5 => {
+                fenced += 1;
                 tracing::warn!("the former owner appended while this broker recovered; recovering again");
             }
-            Err(e) => return Err(e),
+            // NATS answering "temporarily unavailable" (a quorum coming back, say): the lease is
+            // held and renewed meanwhile, so try again rather than leave the shard to nobody.
+            e @ LogError::Nats { .. } if lease.is_some() => {
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot recover the log yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = lease_lost(&mut lease) => return Err(LogError::LeaseLost { shard: nats.shard }),
+                    _ = stopped(shutdown) => break,
+                }
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            e => return Err(e),
         }
     }
+    // Stopped while recovering: hand the lease on rather than let it run out.
+    if let Some(lease) = lease {
+        lease.release().await;
+    }
+    Ok(None)
 }
 
 /// Resolves when a held lease is lost; never without one.
@@ -237,18 +264,18 @@ async fn core_task(
 ) -> Result<(), LogError> {
     let Flags { ready, standby } = flags;
     let StoreConfig { data_dir, fsync, core: core_config, nats } = config;
-    let started = std::time::Instant::now();
     let shard = nats.as_ref().map(|n| n.shard).unwrap_or(0);
-    let (mut core, log, report, mut lease): (Core, Box<dyn LogBackend>, _, _) = match nats {
+    let (mut core, log, report, mut lease, started): (Core, Box<dyn LogBackend>, _, _, _) = match nats {
         None => tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
             let mut core = Core::new(core_config);
             let (log, report) = Log::recover(&data_dir, &mut core)?;
-            Ok::<_, LogError>((core, Box::new(LocalLog { log, fsync }) as Box<dyn LogBackend>, report, None))
+            Ok::<_, LogError>((core, Box::new(LocalLog { log, fsync }) as Box<dyn LogBackend>, report, None, started))
         })
         .await
         .expect("recovery does not panic")?,
         Some(nats) => match recover_cluster(&nats, &core_config, &standby, &mut shutdown).await? {
-            Some((core, log, report, lease)) => (core, Box::new(log), report, lease),
+            Some((core, log, report, lease, started)) => (core, Box::new(log), report, lease, started),
             None => return Ok(()),
         },
     };
@@ -342,6 +369,12 @@ async fn core_task(
         writer.send(last).await;
     }
     writer.tx = None;
+    if deposed {
+        // Not joined: the writer may be retrying a publish for a while, and nothing it does can
+        // be acknowledged past the new owner's marker. It ends on its own.
+        writer.thread = None;
+        return Err(LogError::LeaseLost { shard });
+    }
     let thread = writer.thread.take().expect("joined once");
     // A runtime shutting down cancels this join; the writer thread then ends on its own.
     let written = match tokio::task::spawn_blocking(move || thread.join().expect("the log writer does not panic")).await
@@ -352,9 +385,6 @@ async fn core_task(
             Ok(())
         }
     };
-    if deposed {
-        return Err(LogError::LeaseLost { shard });
-    }
     // Everything is in the log: hand the lease over now rather than when it expires.
     if let Some(lease) = lease {
         lease.release().await;

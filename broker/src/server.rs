@@ -244,10 +244,10 @@ async fn route(
 ) -> Result<hyper::Response<files::Body>, hyper::Request<TimedBody>> {
     // A standby holds no queue: everything but its health answers "come back later" at once
     // (its core would otherwise hold the request until this broker takes the log over).
-    if ctx.handle.is_standby() && !matches!(req.uri().path(), "/healthz" | "/readyz") {
+    if let Some(owner) = ctx.handle.standby_for().filter(|_| !matches!(req.uri().path(), "/healthz" | "/readyz")) {
         let body = protocol::messages::ErrorBody::new(
             protocol::messages::ErrorCode::Unavailable,
-            "this broker is a standby: another broker owns the log; try again",
+            format!("this broker is a standby: {owner} owns the log; try again, or send this there"),
         );
         return Ok(files::error(body));
     }

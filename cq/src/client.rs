@@ -11,8 +11,9 @@ use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-/// Reconnects tried while following a job before giving up.
-const FOLLOW_RECONNECTS: u32 = 10;
+/// How long following a job keeps reconnecting to a broker that is away (restarting, or a
+/// standby taking over) before it gives up.
+const FOLLOW_RECONNECT_FOR: Duration = Duration::from_secs(60);
 /// How long a request answered "unavailable" (503) is tried again: a standby taking over, a
 /// broker recovering its log.
 const UNAVAILABLE_RETRY_FOR: Duration = Duration::from_secs(30);
@@ -147,22 +148,36 @@ impl Client {
         mut on_log: impl FnMut(&LogLine),
         mut on_update: impl FnMut(&JobView),
     ) -> Result<JobView> {
-        let mut failures = 0;
-        let mut connected = false;
+        let mut failures = 0u64;
+        // Connections made so far, and since when none has been (a broker restarting, a standby
+        // taking over).
+        let mut connects = 0u64;
+        let mut down_since: Option<tokio::time::Instant> = None;
         loop {
-            match self.follow_once(job, &mut since, &mut connected, &mut on_log, &mut on_update).await {
+            let before = connects;
+            let result = self.follow_once(job, &mut since, &mut connects, &mut on_log, &mut on_update).await;
+            match result {
                 Ok(Some(view)) => return Ok(view),
                 Ok(None) => {}
                 // A broker that was never reached is reported at once; a dropped connection is retried.
-                Err(e) if !connected => return Err(e),
-                Err(e) if failures < FOLLOW_RECONNECTS => tracing::debug!(error = %e, "following failed; reconnecting"),
-                Err(e) => return Err(e),
+                Err(e) if connects == 0 => return Err(e),
+                Err(e) => tracing::debug!(error = %e, "following failed; reconnecting"),
+            }
+            if connects > before {
+                (failures, down_since) = (0, None);
+            }
+            let down = *down_since.get_or_insert_with(tokio::time::Instant::now);
+            if down.elapsed() >= FOLLOW_RECONNECT_FOR {
+                bail!(
+                    "lost the connection to the broker at {} for {} s; the job goes on there: follow it again with `cq logs -f {}`, or see `cq status {}`",
+                    self.base,
+                    FOLLOW_RECONNECT_FOR.as_secs(),
+                    job,
+                    job
+                );
             }
             failures += 1;
-            if failures > FOLLOW_RECONNECTS {
-                bail!("lost the connection to the broker {FOLLOW_RECONNECTS} times; giving up");
-            }
-            tokio::time::sleep(Duration::from_millis(200 * u64::from(failures).min(25))).await;
+            tokio::time::sleep(Duration::from_millis(200 * failures.min(10))).await;
         }
     }
 
@@ -170,7 +185,7 @@ impl Client {
         &self,
         job: JobId,
         since: &mut u64,
-        connected: &mut bool,
+        connects: &mut u64,
         on_log: &mut impl FnMut(&LogLine),
         on_update: &mut impl FnMut(&JobView),
     ) -> Result<Option<JobView>> {
@@ -201,7 +216,7 @@ impl Client {
             }
             Err(e) => return Err(e),
         };
-        *connected = true;
+        *connects += 1;
         let hello = ClientToBroker::Hello(ClientHello {
             protocol: PROTOCOL_VERSION,
             token: None,
@@ -238,7 +253,7 @@ impl Client {
                 }
                 // A refusal (unknown job, wrong token) will not change on a retry.
                 BrokerToClient::Error(e) => {
-                    *connected = false;
+                    *connects = 0;
                     bail!("{}", e.message)
                 }
                 _ => {}

@@ -280,6 +280,7 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
             node,
             advertise_url: args.cluster.advertise_url,
             lease: Some(times),
+            max_record: args.max_body as usize + (64 << 10),
             ..broker::jetstream::NatsConfig::new(args.cluster.nats)
         };
         nats.validate().map_err(|e| anyhow::anyhow!("--nats: {e}"))?;

@@ -382,11 +382,16 @@ async fn readyz(http: &reqwest::Client, url: &str) -> String {
     }
 }
 
-/// Waits until the broker at `url` says it is a standby.
-async fn wait_standby(http: &reqwest::Client, url: &str) {
+/// Waits until the broker at `url` says it is a standby and names the owner; returns what its
+/// `/readyz` says.
+async fn wait_standby(http: &reqwest::Client, url: &str) -> String {
     let deadline = Instant::now() + WAIT;
-    while readyz(http, url).await != "standby\n" {
-        assert!(Instant::now() < deadline, "the broker at {url} did not become a standby");
+    loop {
+        let said = readyz(http, url).await;
+        if said.starts_with("standby\n") && !said.contains("another broker") {
+            return said;
+        }
+        assert!(Instant::now() < deadline, "the broker at {url} did not become a standby: {said:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -417,10 +422,13 @@ async fn a_standby_takes_over_from_a_killed_owner_and_a_stopped_one_hands_over()
     let http = reqwest::Client::new();
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let ((mut a, a_url), (b, b_url)) = owner_and_standby(&nats, &http, "lease", &dirs).await;
-    // The standby serves nothing and says when to come back.
+    // The standby serves nothing, says who does and when to come back.
+    assert_eq!(wait_standby(&http, &b_url).await, "standby\nowner: a\n");
     let r = http.post(format!("{b_url}/q/q/j")).json(&job("to the standby")).send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "1");
+    let refusal: Value = r.json().await.unwrap();
+    assert!(refusal["error"]["message"].as_str().unwrap().contains("a owns the log"), "{refusal}");
     let r = http
         .get(format!("{b_url}/ws/client"))
         .header("upgrade", "websocket")
@@ -593,4 +601,39 @@ async fn killing_the_stream_leader_mid_run_loses_no_acknowledged_submission() {
         assert_eq!(http.get(format!("{url}/j/{id}")).send().await.unwrap().status(), 200, "{id} not in the log");
     }
     eprintln!("{} acknowledged submissions survived the stream leader's kill -9", acked.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_server_that_cannot_hold_the_log_is_refused_at_start_with_what_to_change() {
+    let Some(bin) = nats_server() else { return };
+    // One server with JetStream and the default max_payload (1 MB).
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let conf = dir.path().join("single.conf");
+    let store = dir.path().join("js");
+    std::fs::write(&conf, format!("listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\n", store.display()))
+        .unwrap();
+    let quiet = || std::process::Stdio::null();
+    let _server = Killed(Command::new(bin).arg("-c").arg(&conf).stdout(quiet()).stderr(quiet()).spawn().unwrap());
+    let url = format!("nats://127.0.0.1:{port}");
+    let deadline = Instant::now() + WAIT;
+    while async_nats::connect(&url).await.is_err() {
+        assert!(Instant::now() < deadline, "nats-server did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let broker = |extra: &[&str]| {
+        let data = tempfile::tempdir().unwrap();
+        let mut args = vec!["broker", "--listen", "127.0.0.1:0", "--shared-blob-dir", "--nats", &url];
+        args.extend_from_slice(extra);
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_cq")).args(&args).arg("--data-dir").arg(data.path()).output().unwrap();
+        assert!(!out.status.success(), "{args:?} started");
+        String::from_utf8(out.stderr).unwrap()
+    };
+    // A 4 MiB submission (the default --max-body) does not fit a 1 MB message.
+    let said = broker(&["--nats-replicas", "1"]);
+    assert!(said.contains("max_payload is 1048576 bytes") && said.contains("lower --max-body"), "{said}");
+    // Three replicas on one server.
+    let said = broker(&["--max-body", "65536"]);
+    assert!(said.contains("pass --nats-replicas 1"), "{said}");
 }
