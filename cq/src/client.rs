@@ -52,6 +52,7 @@ impl Client {
     /// Sends a request and returns its JSON body; API errors become readable errors.
     pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value> {
         let url = format!("{}{path}", self.base);
+        let post = method == reqwest::Method::POST;
         let mut req = self.http.request(method, &url);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
@@ -95,7 +96,14 @@ impl Client {
         if status == reqwest::StatusCode::NOT_FOUND && !is_api_error(&text, "notFound") {
             return Err(no_such_endpoint(&url, &self.base));
         }
-        Err(anyhow!("{} (HTTP {status})", worker::blobs::error_message(&text)))
+        let mut message = format!("{} (HTTP {status})", worker::blobs::error_message(&text));
+        if status == reqwest::StatusCode::SERVICE_UNAVAILABLE && post {
+            // The broker may have stored it and failed to say so (its log unreachable, say).
+            message.push_str(
+                "; it may have been recorded all the same: sending it again is safe (a job is found by its content)",
+            );
+        }
+        Err(anyhow!(message))
     }
 
     /// The job a full id or an abbreviated one (6 or more of its first hex digits) names;
