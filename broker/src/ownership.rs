@@ -29,18 +29,21 @@ pub struct LeaseTimes {
 }
 
 impl Default for LeaseTimes {
-    /// A 5 s lease renewed every second: a dead owner is replaced within about 5 s.
+    /// A 15 s lease renewed every 1.5 s: a dead owner is replaced after about 15 s, and the
+    /// owner rides out the lease store being away while NATS elects a new leader for it (its
+    /// Raft election timeout is 4 to 9 s), which happens whenever a NATS server restarts.
     fn default() -> LeaseTimes {
-        LeaseTimes {
-            ttl: Duration::from_secs(5),
-            renew_every: Duration::from_secs(1),
-            margin: Duration::from_millis(500),
-            retry_every: Duration::from_secs(1),
-        }
+        LeaseTimes::for_ttl(Duration::from_secs(15))
     }
 }
 
 impl LeaseTimes {
+    /// A lease of `ttl`, renewed every tenth of it, a tenth of it as the margin, and standbys
+    /// trying every tenth of it (at most every second).
+    pub fn for_ttl(ttl: Duration) -> LeaseTimes {
+        LeaseTimes { ttl, renew_every: ttl / 10, margin: ttl / 10, retry_every: (ttl / 10).min(Duration::from_secs(1)) }
+    }
+
     /// Checks that renewals fit inside the lease.
     pub fn validate(&self) -> Result<(), String> {
         if self.margin >= self.ttl || self.renew_every * 2 > self.ttl - self.margin {
@@ -310,9 +313,18 @@ mod tests {
         wait_until: Instant,
     }
 
+    /// The lease the simulation runs: 5 s renewed every second (shorter than the default, so
+    /// pauses of up to 15 s outlast it often).
+    const SIM: LeaseTimes = LeaseTimes {
+        ttl: Duration::from_secs(5),
+        renew_every: Duration::from_secs(1),
+        margin: Duration::from_millis(500),
+        retry_every: Duration::from_secs(1),
+    };
+
     /// Runs `seed` for ten minutes of virtual time; returns how long some node owned the lease.
     fn simulate(seed: u64) -> Duration {
-        let times = LeaseTimes::default();
+        let times = SIM;
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let start = Instant::now();
         let mut store = Store { key: None, revision: 0, ttl: times.ttl };
@@ -440,6 +452,7 @@ mod tests {
     #[test]
     fn an_owner_that_cannot_renew_steps_down_before_its_lease_ends_in_the_store() {
         let times = LeaseTimes::default();
+        assert!(times.validate().is_ok());
         let t0 = Instant::now();
         let mut o = Ownership::new(times, t0);
         assert_eq!(o.poll(t0), Step::Create);
@@ -465,7 +478,7 @@ mod tests {
 
     #[test]
     fn a_renewal_that_landed_unanswered_is_picked_up_not_mistaken_for_a_loss() {
-        let times = LeaseTimes::default();
+        let times = SIM;
         let t0 = Instant::now();
         let mut o = Ownership::new(times, t0);
         o.poll(t0);

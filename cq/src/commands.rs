@@ -258,12 +258,7 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
             );
         }
         let ttl = args.cluster.lease_ttl;
-        let times = broker::ownership::LeaseTimes {
-            ttl,
-            renew_every: ttl / 5,
-            margin: ttl / 10,
-            retry_every: (ttl / 5).min(std::time::Duration::from_secs(1)),
-        };
+        let times = broker::ownership::LeaseTimes::for_ttl(ttl);
         times.validate().map_err(|e| anyhow::anyhow!("--lease-ttl: {e}"))?;
         let node = match args.cluster.node_id {
             Some(node) => node,

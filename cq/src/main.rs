@@ -407,9 +407,10 @@ pub struct ClusterArgs {
     /// it in /readyz and in their refusals; routing will use it).
     #[arg(long, env = "CQ_ADVERTISE_URL", value_name = "URL", requires = "nats")]
     pub advertise_url: Option<String>,
-    /// How long the lease of the log outlives its owner's last renewal (renewed every fifth of
-    /// it): a dead owner is replaced after about this long.
-    #[arg(long, env = "CQ_LEASE_TTL", default_value = "5s", value_parser = humantime::parse_duration, requires = "nats")]
+    /// How long the lease of the log outlives its owner's last renewal (renewed every tenth of
+    /// it): a dead owner is replaced after about this long. Keep it well above NATS's leader
+    /// election (4 to 9 s), or a NATS server's restart deposes the owner.
+    #[arg(long, env = "CQ_LEASE_TTL", default_value = "15s", value_parser = humantime::parse_duration, requires = "nats")]
     pub lease_ttl: std::time::Duration,
     /// The blob directory (--blob-dir or DATA_DIR/blobs) is storage every broker of the cluster
     /// shares (e.g. a network file system); without it cluster mode needs --s3-bucket.
