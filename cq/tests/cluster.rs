@@ -1,6 +1,7 @@
 //! Tests of cluster mode (one shard): against a real 3-node NATS JetStream cluster on loopback
 //! (`sync_interval: always`, as docs/operations.md requires), a `kill -9` of the broker or of the
-//! stream's leader loses no acknowledged submission, a writer whose view of the stream is stale
+//! NATS server leading the lease bucket (and maybe the log) loses no acknowledged submission and,
+//! for the latter, deposes nobody, a writer whose view of the stream is stale
 //! is refused and stops, snapshots go to the object store with the stream purged below them, a
 //! standby takes over from a killed or stopped owner, and an owner paused past its lease wakes
 //! deposed.
