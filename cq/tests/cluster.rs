@@ -38,8 +38,22 @@ fn nats_server() -> Option<PathBuf> {
     None
 }
 
+/// A free port for a nats-server, below Linux's ephemeral range (32768 and up): a port the OS
+/// picked for `bind(0)` and freed again could be handed to another test's broker, which binds
+/// port 0, before this nats-server binds it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    loop {
+        let seed = NEXT.fetch_add(1, Ordering::Relaxed)
+            ^ u64::from(std::process::id()) << 20
+            ^ u64::from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos());
+        let mixed = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40;
+        let port = 20_000 + (mixed % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Three nats-server processes forming one JetStream cluster on 127.0.0.1.
@@ -55,13 +69,16 @@ impl Nats {
         let clients: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let routes: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let route_list = routes.iter().map(|p| format!("nats-route://127.0.0.1:{p}")).collect::<Vec<_>>().join(", ");
+        // A name of its own: should a port still be shared with another test's cluster, their
+        // servers refuse each other's routes instead of merging into one cluster.
+        let name = format!("cqtest{}", routes[0]);
         let mut servers = Vec::new();
         for i in 0..3 {
             let store = dir.path().join(format!("n{i}"));
             let conf = format!(
                 "server_name: n{i}\nlisten: 127.0.0.1:{}\nmax_payload: 8MB\n\
                  jetstream {{ store_dir: \"{}\", sync_interval: always }}\n\
-                 cluster {{ name: cqtest, listen: 127.0.0.1:{}, routes: [{route_list}] }}\n",
+                 cluster {{ name: {name}, listen: 127.0.0.1:{}, routes: [{route_list}] }}\n",
                 clients[i],
                 store.display(),
                 routes[i]
