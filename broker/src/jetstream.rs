@@ -391,10 +391,21 @@ impl JetStreamLog {
             description: Some(format!("cq snapshot of {} up to sequence {seq}", self.stream_name)),
             ..Default::default()
         };
-        self.store
-            .put(meta, &mut bytes.as_slice())
-            .await
-            .map_err(|e| nats_err(format!("storing snapshot {name}"))(&e))?;
+        // A bucket whose replicas are still electing a leader (just created, or a NATS server
+        // restarting) answers "no stream found" for a while: retried like a publish.
+        let give_up = tokio::time::Instant::now() + COMMIT_RETRY_FOR;
+        let mut wait = Duration::from_millis(50);
+        loop {
+            match self.store.put(meta.clone(), &mut bytes.as_slice()).await {
+                Ok(_) => break,
+                Err(e) if tokio::time::Instant::now() + wait < give_up => {
+                    tracing::warn!(snapshot = %name, error = %e, "could not store the snapshot; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(nats_err(format!("storing snapshot {name}"))(&e)),
+            }
+        }
         // Only the log's owner may drop what the snapshot covers: the fenced marker proves it.
         self.publish_fenced(Bytes::new(), (SNAPSHOT_HEADER, seq.to_string())).await?;
         self.bytes_since_snapshot = 0;

@@ -310,10 +310,19 @@ pub async fn shared_link_key(config: &NatsConfig) -> Result<[u8; 32], LogError> 
     };
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).map_err(|e| kv_err("making the link key")(&e))?;
-    match store.create("link-key", Bytes::copy_from_slice(&key)).await {
-        Ok(_) => return Ok(key),
-        Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
-        Err(e) => return Err(kv_err(format!("storing the link key in {name}"))(&e)),
+    // A bucket just created (or whose servers are electing a leader) answers "no stream found"
+    // for a moment: tried again for up to 30 s.
+    let give_up = Instant::now() + crate::jetstream::COMMIT_RETRY_FOR;
+    loop {
+        match store.create("link-key", Bytes::copy_from_slice(&key)).await {
+            Ok(_) => return Ok(key),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => break,
+            Err(e) if Instant::now() < give_up => {
+                tracing::debug!(error = %e, "could not store the link key yet; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(kv_err(format!("storing the link key in {name}"))(&e)),
+        }
     }
     let stored = store.get("link-key").await.map_err(|e| kv_err(format!("reading the link key from {name}"))(&e))?;
     match stored {
