@@ -90,13 +90,6 @@ pub fn routes(
     let client = with_ctx.clone().and(client_auth(ctx.clone()));
     // The job's read endpoints also open to a read link for that job (`crate::link`).
     let reader = with_ctx.clone().and(read_auth(ctx.clone()));
-    let ready = with_ctx.clone().and_then(|ctx: Arc<Context>| async move {
-        if ctx.handle.is_ready() {
-            Ok(ctx)
-        } else {
-            Err(reject(ErrorCode::Unavailable, "the broker is still recovering its log"))
-        }
-    });
 
     let healthz = warp::path!("healthz").and(warp::get()).and(with_ctx.clone()).map(|ctx: Arc<Context>| {
         // A broker opened to everyone on purpose says so wherever its health is looked at.
@@ -117,7 +110,9 @@ pub fn routes(
             warp::reply::with_status("recovering\n", StatusCode::SERVICE_UNAVAILABLE).into_response()
         }
     });
-    let metrics = warp::path!("metrics").and(warp::get()).and(ready.clone()).then(metrics);
+    // A standby answers too (its shards' gauges say it owns none), so it can be scraped and
+    // alerted on like any broker.
+    let metrics = warp::path!("metrics").and(warp::get()).and(with_ctx.clone()).then(metrics);
 
     let submit =
         warp::path!("q" / String / "j").and(warp::post()).and(client.clone()).and(body_limited(max_body)).and_then(
@@ -657,8 +652,15 @@ impl Drop for Unwatch {
 }
 
 async fn metrics(ctx: Arc<Context>) -> warp::reply::Response {
-    let CoreReply::Overview(o) = ctx.handle.call(Command::Overview).await else {
-        return error_reply(ErrorBody::new(ErrorCode::Unavailable, "no metrics"));
+    let o = if ctx.handle.is_ready() {
+        match ctx.handle.call(Command::Overview).await {
+            CoreReply::Overview(o) => o,
+            _ => return error_reply(ErrorBody::new(ErrorCode::Unavailable, "no metrics")),
+        }
+    } else if ctx.handle.standby_for().is_some() {
+        crate::core::Overview::default()
+    } else {
+        return error_reply(ErrorBody::new(ErrorCode::Unavailable, "the broker is still recovering its log"));
     };
     let text = ctx.handle.metrics.render(&o);
     warp::reply::with_header(text, "content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")

@@ -116,9 +116,38 @@ async fn bucket(js: &jetstream::Context, config: &NatsConfig, times: &LeaseTimes
     .map_err(|e| crate::jetstream::create_err(format!("creating the lease bucket {name}"))(&e))
 }
 
-/// Where a standby says who owns the log: `Some(owner)` while it waits (`node (url)`, or
-/// "another broker" until it knows), `None` once this broker holds the lease.
-pub type StandbyNote = std::sync::Mutex<Option<String>>;
+/// Who owns the log, as a standby knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Standby {
+    /// Another broker holds the lease, or will: not known yet which.
+    Unknown,
+    /// What the owner's key says.
+    Owner(Holder),
+}
+
+impl Standby {
+    /// The owner's advertised URL, where requests can be forwarded.
+    pub fn url(&self) -> Option<&str> {
+        match self {
+            Standby::Owner(h) => h.advertise_url.as_deref(),
+            Standby::Unknown => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Standby {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Standby::Unknown => f.write_str("another broker"),
+            Standby::Owner(Holder { node, advertise_url: Some(url), .. }) => write!(f, "{node} ({url})"),
+            Standby::Owner(Holder { node, .. }) => f.write_str(node),
+        }
+    }
+}
+
+/// Where a standby says who owns the log: `Some` while it waits, `None` once this broker holds
+/// the lease.
+pub type StandbyNote = std::sync::Mutex<Option<Standby>>;
 
 /// Waits until this broker holds the lease of `config`'s shard, saying who holds it meanwhile
 /// (in the log once per owner, and in `standby`).
@@ -140,9 +169,9 @@ pub async fn acquire(
     let value = Bytes::from(serde_json::to_vec(&holder).expect("a holder serialises"));
     let mut watch = store.watch(&key).await.map_err(|e| kv_err(format!("watching lease {key}"))(&e))?;
     let mut ownership = Ownership::new(times, Instant::now());
-    let mut told: Option<String> = None;
+    let mut told: Option<Holder> = None;
     let mut failing = false;
-    set_note(standby, Some("another broker".into()));
+    set_note(standby, Some(Standby::Unknown));
     let epoch = loop {
         if let Some(epoch) = ownership.owner_epoch(Instant::now()) {
             break epoch;
@@ -163,15 +192,8 @@ pub async fn acquire(
                 };
                 failing = answer == Created::Unknown;
                 if answer == Created::Taken {
-                    let owner = current_holder(&store, &key).await;
-                    if owner.is_some() && owner != told {
-                        tracing::info!(
-                            shard = config.shard,
-                            owner = owner.as_deref().unwrap_or("?"),
-                            "standby: another broker owns this shard's log; taking over when its lease ends"
-                        );
-                        set_note(standby, owner.clone());
-                        told = owner;
+                    if let Some(owner) = current_holder(&store, &key).await {
+                        tell(config.shard, standby, owner, &mut told);
                     }
                 }
                 ownership.created(answer, Instant::now());
@@ -183,7 +205,15 @@ pub async fn acquire(
                         Some(Ok(e)) if matches!(e.operation, kv::Operation::Delete | kv::Operation::Purge) => {
                             ownership.key_freed(Instant::now());
                         }
-                        Some(_) => {}
+                        // Another standby took over: forward to it from now on.
+                        Some(Ok(e)) => {
+                            if let Ok(owner) = serde_json::from_slice::<Holder>(&e.value) {
+                                if owner.nonce != holder.nonce {
+                                    tell(config.shard, standby, owner, &mut told);
+                                }
+                            }
+                        }
+                        Some(Err(_)) => {}
                         None => {
                             // The watch ended (a reconnect): fall back to trying on the timer.
                             watch = store.watch(&key).await.map_err(|e| kv_err(format!("watching lease {key}"))(&e))?;
@@ -202,21 +232,28 @@ pub async fn acquire(
     Ok(Lease { epoch, node: holder.node, lost, release: Some(release_tx), task })
 }
 
-fn set_note(note: &StandbyNote, owner: Option<String>) {
+fn set_note(note: &StandbyNote, owner: Option<Standby>) {
     *note.lock().unwrap_or_else(|e| e.into_inner()) = owner;
 }
 
-/// Who holds `key`, as `node (url)`, if anyone.
-async fn current_holder(store: &kv::Store, key: &str) -> Option<String> {
+/// Notes `owner` as the owner, logging it once per owner.
+fn tell(shard: u32, standby: &StandbyNote, owner: Holder, told: &mut Option<Holder>) {
+    if told.as_ref() == Some(&owner) {
+        return;
+    }
+    let said = Standby::Owner(owner.clone());
+    tracing::info!(shard, owner = %said, "standby: another broker owns this shard's log; taking over when its lease ends");
+    set_note(standby, Some(said));
+    *told = Some(owner);
+}
+
+/// Who holds `key`, if anyone.
+async fn current_holder(store: &kv::Store, key: &str) -> Option<Holder> {
     let entry = store.entry(key).await.ok()??;
     if entry.operation != kv::Operation::Put {
         return None;
     }
-    let holder: Holder = serde_json::from_slice(&entry.value).ok()?;
-    Some(match holder.advertise_url {
-        Some(url) => format!("{} ({url})", holder.node),
-        None => holder.node,
-    })
+    serde_json::from_slice(&entry.value).ok()
 }
 
 /// Renews the lease until it is released or lost.

@@ -5,12 +5,14 @@
 //! [`submission`] normalises definitions) → [`runtime`] (the core task and the log writer) →
 //! [`core`] (the state machine) → [`event`] records written through [`backend`] to [`log`] (or,
 //! in cluster mode, [`jetstream`]) → [`outbox`] (delivery to connections). File bytes go through [`files`] to the [`blob`] store.
+//! In cluster mode a standby (waiting in [`lease`]) passes requests to the owner through [`edge`].
 
 pub mod access;
 pub mod auth;
 pub mod backend;
 pub mod blob;
 pub mod core;
+pub mod edge;
 pub mod event;
 pub mod files;
 pub mod http;

@@ -31,6 +31,11 @@ struct FinishedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShardLabels {
+    shard: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RoleLabels {
     role: String,
 }
@@ -47,6 +52,9 @@ pub struct Metrics {
     /// Bytes of job output received from workers.
     pub log_bytes: Counter,
     connections: Family<RoleLabels, Gauge>,
+    shard_owned: Family<ShardLabels, Gauge>,
+    shard_epoch: Family<ShardLabels, Gauge>,
+    takeovers: Family<ShardLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -59,6 +67,9 @@ impl Default for Metrics {
             log_file_bytes: Gauge::default(),
             log_bytes: Counter::default(),
             connections: Family::default(),
+            shard_owned: Family::default(),
+            shard_epoch: Family::default(),
+            takeovers: Family::default(),
         }
     }
 }
@@ -79,6 +90,24 @@ impl Metrics {
         let gauge = self.connections.get_or_create(&RoleLabels { role: role.to_string() }).clone();
         gauge.inc();
         ConnectionGuard(gauge)
+    }
+
+    /// Notes that this broker serves `shard` from now on, under the lease taken at `epoch` (0
+    /// without a lease: a broker with a local log owns its only shard).
+    pub fn shard_serving(&self, shard: u32, epoch: Option<u64>) {
+        let label = ShardLabels { shard: shard.to_string() };
+        self.shard_owned.get_or_create(&label).set(1);
+        self.shard_epoch.get_or_create(&label).set(epoch.unwrap_or(0) as i64);
+        let takeovers = self.takeovers.get_or_create(&label);
+        if epoch.is_some() {
+            takeovers.inc();
+        }
+    }
+
+    /// Notes that this broker no longer serves `shard` (it stopped, or lost the lease), or does
+    /// not yet (a standby).
+    pub fn shard_not_serving(&self, shard: u32) {
+        self.shard_owned.get_or_create(&ShardLabels { shard: shard.to_string() }).set(0);
     }
 
     /// The text exposition of every metric, with the per-queue ones taken from `o`.
@@ -126,6 +155,21 @@ impl Metrics {
             "cq_log_file_bytes",
             "Bytes in the current snapshot log file since the last snapshot",
             self.log_file_bytes.clone(),
+        );
+        r.register(
+            "cq_shard_owned",
+            "1 while this broker serves the shard (owns its log), else 0",
+            self.shard_owned.clone(),
+        );
+        r.register(
+            "cq_shard_epoch",
+            "Epoch (lease revision) under which this broker last took the shard's log; 0 without a lease",
+            self.shard_epoch.clone(),
+        );
+        r.register(
+            "cq_shard_takeovers",
+            "Times this broker took the shard's lease and served it",
+            self.takeovers.clone(),
         );
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &r).expect("writing to a String cannot fail");

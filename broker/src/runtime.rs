@@ -96,8 +96,8 @@ impl Handle {
     }
 
     /// While the broker waits for the lease of a log another broker owns (cluster mode), who
-    /// owns it (`node (url)` once known).
-    pub fn standby_for(&self) -> Option<String> {
+    /// owns it.
+    pub fn standby_for(&self) -> Option<crate::lease::Standby> {
         self.standby.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
@@ -170,6 +170,9 @@ pub fn start(
     let ready = Arc::new(AtomicBool::new(false));
     let standby = Arc::new(StandbyNote::default());
     let metrics = Arc::new(Metrics::default());
+    if let Some(nats) = &config.nats {
+        metrics.shard_not_serving(nats.shard);
+    }
     let handle =
         Handle { tx, outbox: outbox.clone(), metrics: metrics.clone(), ready: ready.clone(), standby: standby.clone() };
     let task = tokio::spawn(core_task(config, rx, outbox, metrics, Flags { ready, standby }, shutdown));
@@ -304,6 +307,7 @@ async fn core_task(
         writer.send(Batch { snapshot: Some(core.snapshot()), ..Default::default() }).await;
         log_bytes = 0;
     }
+    metrics.shard_serving(shard, lease.as_ref().map(Lease::epoch));
     ready.store(true, Ordering::Release);
     let mut deposed = false;
 
@@ -357,6 +361,7 @@ async fn core_task(
         }
     }
     ready.store(false, Ordering::Release);
+    metrics.shard_not_serving(shard);
     rx.close();
     if !deposed {
         // Commands already queued came from peers before the shutdown (a worker's last release

@@ -24,8 +24,10 @@ use crate::access::{self, AccessConfig, ConnectionCounter, Policy, TimedBody, Ve
 use crate::auth::Role;
 use crate::auth::Tokens;
 use crate::blob::{BlobConfig, BlobStore};
+use crate::edge;
 use crate::files::{self, BoxError};
 use crate::http;
+use crate::lease::Standby;
 use crate::log::LogError;
 use crate::runtime::{self, StoreConfig};
 use crate::ws::{self, Context};
@@ -84,6 +86,7 @@ pub async fn run(
     }
     let blobs = Arc::new(BlobStore::open(&config.blobs, &config.store.data_dir)?);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let node = config.store.nats.as_ref().map(|n| n.node.clone()).unwrap_or_default();
     let (handle, core) = runtime::start(config.store, stop_rx.clone());
     let outbox = handle.outbox.clone();
     let ctx = Arc::new(Context {
@@ -94,6 +97,7 @@ pub async fn run(
         policy,
         links,
         access: config.access.clone(),
+        node,
     });
     let counter = ConnectionCounter::new(config.access.max_connections_per_address);
     let header_read_timeout = config.access.header_read_timeout;
@@ -242,14 +246,24 @@ async fn route(
     req: hyper::Request<TimedBody>,
     ctx: Arc<Context>,
 ) -> Result<hyper::Response<files::Body>, hyper::Request<TimedBody>> {
-    // A standby holds no queue: everything but its health answers "come back later" at once
-    // (its core would otherwise hold the request until this broker takes the log over).
-    if let Some(owner) = ctx.handle.standby_for().filter(|_| !matches!(req.uri().path(), "/healthz" | "/readyz")) {
-        let body = protocol::messages::ErrorBody::new(
-            protocol::messages::ErrorCode::Unavailable,
-            format!("this broker is a standby: {owner} owns the log; try again, or send this there"),
-        );
-        return Ok(files::error(body));
+    // A standby holds no queue: it relays requests to the owner, redirects workers there, or
+    // answers "come back later" at once while it cannot (its core would otherwise hold the
+    // request until this broker takes the log over). Its health and metrics are its own.
+    let local = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
+    if let Some(standby) = ctx.handle.standby_for().filter(|_| !local) {
+        let owner = match standby {
+            Standby::Owner(owner) => owner,
+            Standby::Unknown => {
+                return Ok(edge::unavailable(
+                    "this broker is a standby and does not yet know which broker owns the log; try again".into(),
+                ));
+            }
+        };
+        return Ok(match edge::route(req.uri().path(), req.headers(), &owner) {
+            edge::Route::Relay => edge::relay(req, &ctx.node, &owner).await,
+            edge::Route::Redirect(location) => edge::redirect(&location),
+            edge::Route::Refuse(message) => edge::unavailable(message),
+        });
     }
     if files::claims(req.uri().path()) {
         return Ok(files::handle(ctx, req).await);

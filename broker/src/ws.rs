@@ -51,6 +51,8 @@ pub struct Context {
     pub policy: Arc<crate::access::Policy>,
     pub links: Arc<crate::link::LinkKey>,
     pub access: crate::access::AccessConfig,
+    /// This broker's name in its cluster (empty without one).
+    pub node: String,
 }
 
 /// A server-side websocket over an upgraded HTTP connection.

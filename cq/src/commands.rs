@@ -268,6 +268,14 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
                 if host.is_empty() { "broker".to_string() } else { host.to_string() }
             }
         };
+        if let Some(url) = &args.cluster.advertise_url {
+            if url.strip_prefix("http://").is_none_or(|rest| rest.is_empty() || rest.starts_with('/')) {
+                bail!(
+                    "--advertise-url must be an http:// URL with a host, like http://10.0.0.5:8000 (the address \
+                     this broker listens on, as other brokers reach it), got `{url}`"
+                );
+            }
+        }
         let nats = broker::jetstream::NatsConfig {
             creds_file: args.cluster.nats_creds,
             cluster: args.cluster.nats_cluster,
@@ -297,6 +305,19 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let mut config = config;
+    if let Some(nats) = config.store.nats.as_mut() {
+        // Listening on one address (not all of them): that is where other brokers reach this one.
+        if nats.advertise_url.is_none() && !addr.ip().is_unspecified() {
+            nats.advertise_url = Some(format!("http://{addr}"));
+        }
+        if nats.advertise_url.is_none() {
+            tracing::warn!(
+                "no --advertise-url: while this broker is a standby it cannot relay requests to the owner, and the \
+                 owner's standbys cannot relay to it"
+            );
+        }
+    }
     tracing::info!(%addr, "broker listening");
     // The first line on stdout names the address, for scripts that listen on port 0.
     outln!("listening on http://{addr}");

@@ -403,8 +403,9 @@ pub struct ClusterArgs {
     /// This broker's name in its lease and the log's owner markers [default: the host name]
     #[arg(long, env = "CQ_NODE_ID", value_name = "NAME", requires = "nats")]
     pub node_id: Option<String>,
-    /// The URL other brokers and clients reach this broker at, kept in its lease (standbys name
-    /// it in /readyz and in their refusals; routing will use it).
+    /// The URL other brokers reach this broker at (http:// only), kept in its lease: standbys
+    /// relay clients' requests there and redirect workers there [default: http://LISTEN when
+    /// --listen names one address]
     #[arg(long, env = "CQ_ADVERTISE_URL", value_name = "URL", requires = "nats")]
     pub advertise_url: Option<String>,
     /// How long the lease of the log outlives its owner's last renewal (renewed every tenth of

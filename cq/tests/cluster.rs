@@ -439,29 +439,25 @@ async fn a_standby_takes_over_from_a_killed_owner_and_a_stopped_one_hands_over()
     let nats = Nats::start(&bin).await;
     let http = reqwest::Client::new();
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let ((mut a, a_url), (b, b_url)) = owner_and_standby(&nats, &http, "lease", &dirs).await;
-    // The standby serves nothing, says who does and when to come back.
-    assert_eq!(wait_standby(&http, &b_url).await, "standby\nowner: a\n");
-    let r = http.post(format!("{b_url}/q/q/j")).json(&job("to the standby")).send().await.unwrap();
-    assert_eq!(r.status(), 503);
-    assert_eq!(r.headers()["retry-after"], "1");
-    let refusal: Value = r.json().await.unwrap();
-    assert!(refusal["error"]["message"].as_str().unwrap().contains("a owns the log"), "{refusal}");
-    let r = http
-        .get(format!("{b_url}/ws/client"))
-        .header("upgrade", "websocket")
-        .header("connection", "upgrade")
-        .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503, "a standby does not take sockets");
+    let (mut a, a_url) = leased_broker(&nats, dirs.0.path(), "lease", "a");
+    wait_ready(&a_url).await;
+    // B advertises an address where nothing listens, so that once it owns the log a standby
+    // cannot relay to it (as while an owner is unreachable) and cq's clients must wait.
+    let (b, b_url) = cq_broker_with(
+        &nats,
+        dirs.1.path(),
+        "lease",
+        &["--node-id", "b", "--lease-ttl", "2s", "--advertise-url", "http://127.0.0.1:9"],
+    );
+    // The standby says who owns the log, at the address it listens on.
+    assert_eq!(wait_standby(&http, &b_url).await, format!("standby\nowner: a ({a_url})\n"));
 
     // Submissions to the owner until it is killed.
     let mut acked = Vec::new();
     for i in 0..50 {
-        acked.push(submit(&http, &a_url, &format!("a-{i}")).await.expect("the owner acknowledges"));
+        // Half of them through the standby, which relays them.
+        let via = if i % 2 == 0 { &a_url } else { &b_url };
+        acked.push(submit(&http, via, &format!("a-{i}")).await.expect("the owner acknowledges"));
     }
     let link: Value = http.post(format!("{a_url}/j/{}/link", acked[0])).send().await.unwrap().json().await.unwrap();
     a.0.kill().unwrap();
@@ -479,8 +475,9 @@ async fn a_standby_takes_over_from_a_killed_owner_and_a_stopped_one_hands_over()
 
     // A comes back as a standby; B stops gracefully and hands the lease over at once.
     let (_a, a_url) = leased_broker(&nats, dirs.0.path(), "lease", "a");
-    wait_standby(&http, &a_url).await;
-    // A user submits to the standby meanwhile: cq waits for it to serve instead of failing.
+    assert_eq!(wait_standby(&http, &a_url).await, "standby\nowner: b (http://127.0.0.1:9)\n");
+    // A user submits to the standby meanwhile, which cannot reach the owner: cq waits for it to
+    // serve instead of failing.
     let mut waiting = Command::new(env!("CARGO_BIN_EXE_cq"))
         .args(["submit", "--url", &a_url, "--image", "busybox", "--", "echo", "waited"])
         .stdout(std::process::Stdio::piped())
@@ -505,6 +502,78 @@ async fn a_standby_takes_over_from_a_killed_owner_and_a_stopped_one_hands_over()
     assert!(out.status.success(), "the waiting submission went through after the handover");
     let id = String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_string();
     assert_eq!(http.get(format!("{a_url}/j/{id}")).send().await.unwrap().status(), 200, "{id} is on the new owner");
+}
+
+/// What the broker at `url` says in metric `name` for shard 0.
+async fn shard_metric(http: &reqwest::Client, url: &str, name: &str) -> String {
+    let text = http.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+    let prefix = format!("{name}{{shard=\"0\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&prefix)).unwrap_or_else(|| panic!("no {prefix} in {text}")).to_string()
+}
+
+/// `cq submit --wait` of `echo said` to the broker at `url`; returns the job's id and what it
+/// printed (its log).
+fn submit_and_wait(url: &str, said: &str) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cq"))
+        .args(["submit", "--url", url, "--queue", "q", "--wait", "--image", "cq-test/busybox", "--", "echo", said])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}{stderr}");
+    // `cq: job <id> (created) on queue q` comes first on stderr.
+    let id = stderr.split_whitespace().nth(2).unwrap_or_default().to_string();
+    (id, stdout.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_relays_clients_redirects_workers_and_serves_them_after_a_takeover() {
+    let Some(bin) = nats_server() else { return };
+    let nats = Nats::start(&bin).await;
+    let http = reqwest::Client::new();
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ((mut a, a_url), (_b, b_url)) = owner_and_standby(&nats, &http, "edge", &dirs).await;
+
+    // A worker told to use the standby is sent to the owner; it shows on the owner's queue,
+    // read through the standby.
+    let worker_dir = tempfile::tempdir().unwrap();
+    let _worker = support::cq_worker(&b_url, worker_dir.path(), &["--queue", "q", "--slots", "1"]);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = http.get(format!("{b_url}/q/q")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "the standby relays reads");
+        let q: Value = r.json().await.unwrap();
+        if q["slots"] == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the worker did not reach the owner: {q}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let direct: Value = http.get(format!("{a_url}/q/q")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(direct["slots"], 1, "the worker is attached to the owner itself: {direct}");
+
+    // A job submitted to the standby runs; `--wait` follows its log over a relayed websocket.
+    let (id, stdout) = submit_and_wait(&b_url, "relayed");
+    assert!(stdout.contains("relayed"), "{stdout}");
+    let job: Value = http.get(format!("{b_url}/j/{id}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(job["state"], "finished", "{job}");
+    let on_owner: Value = http.get(format!("{a_url}/j/{id}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(on_owner, job, "the standby relayed the owner's record");
+    // Each broker's metrics are its own.
+    assert_eq!(shard_metric(&http, &a_url, "cq_shard_owned").await, "1");
+    assert_eq!(shard_metric(&http, &b_url, "cq_shard_owned").await, "0");
+    assert_ne!(shard_metric(&http, &a_url, "cq_shard_epoch").await, "0");
+
+    // The owner dies: the standby takes over, and the worker (whose URL is the standby's)
+    // comes back to it.
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    wait_ready(&b_url).await;
+    assert_eq!(shard_metric(&http, &b_url, "cq_shard_owned").await, "1");
+    assert_eq!(shard_metric(&http, &b_url, "cq_shard_takeovers_total").await, "1");
+    let (_, stdout) = submit_and_wait(&b_url, "after the takeover");
+    assert!(stdout.contains("after the takeover"), "{stdout}");
+    let r: Value = http.get(format!("{b_url}/j/{id}")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(r["state"], "finished", "the first job survived the takeover: {r}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -411,21 +411,53 @@ fn spawn_job(
 
 /// Opens the socket, says hello and waits for the welcome; returns the heartbeat interval.
 async fn connect(config: &Config, held: Vec<HeldJob>) -> Result<(Socket, Duration)> {
-    let ws_url = match config.broker_url.split_once("://") {
+    let mut ws_url = match config.broker_url.split_once("://") {
         Some(("https", rest)) => format!("wss://{}/ws/worker", rest.trim_end_matches('/')),
         Some(("http", rest)) => format!("ws://{}/ws/worker", rest.trim_end_matches('/')),
         _ => bail!("the broker URL must start with http:// or https://, got `{}`", config.broker_url),
     };
-    let mut request = ws_url.as_str().into_client_request()?;
-    if let Some(t) = &config.token {
-        request.headers_mut().insert("authorization", format!("Bearer {t}").parse()?);
-    }
-    let (mut ws, _) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async_with_config(request, None, true),
-    )
-    .await
-    .context("timed out connecting")??;
+    // A standby of a cluster redirects workers to the broker that owns the queues (once; a
+    // second redirect means the brokers disagree, and the next attempt starts over).
+    let mut redirected = false;
+    let mut ws = loop {
+        let mut request = ws_url.as_str().into_client_request()?;
+        if let Some(t) = &config.token {
+            request.headers_mut().insert("authorization", format!("Bearer {t}").parse()?);
+        }
+        let connected = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async_with_config(request, None, true),
+        )
+        .await
+        .with_context(|| format!("timed out connecting to {ws_url}"))?;
+        match connected {
+            Ok((ws, _)) => break ws,
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp))
+                if resp.status().is_redirection() && !redirected && resp.headers().contains_key("location") =>
+            {
+                let location = resp.headers()["location"].to_str().unwrap_or_default();
+                let to = match location.split_once("://") {
+                    Some(("http", rest)) => format!("ws://{rest}"),
+                    Some(("https", rest)) => format!("wss://{rest}"),
+                    Some(("ws" | "wss", _)) => location.to_string(),
+                    _ => bail!("{ws_url} redirected to `{location}`, which is not a broker URL"),
+                };
+                tracing::info!(from = %ws_url, to = %to, "redirected to the broker that owns the queues");
+                ws_url = to;
+                redirected = true;
+            }
+            // Say why: a standby's 503 names the owner, a 401 the token.
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+                let said = resp
+                    .body()
+                    .as_deref()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
+                    .and_then(|v| v["error"]["message"].as_str().map(str::to_string));
+                bail!("{ws_url} answered {}{}", resp.status(), said.map(|m| format!(": {m}")).unwrap_or_default())
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context(format!("connecting to {ws_url}"))),
+        }
+    };
     let mut hello = crate::hello(config.worker_id.clone(), config.queues.clone(), config.slots, held);
     hello.gpus = config.gpus.len() as u32;
     hello.tags = config.tags.clone();
