@@ -19,6 +19,7 @@ mod bench_more;
 mod client;
 mod commands;
 mod files;
+mod history;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -78,6 +79,21 @@ enum Command {
     Outputs(OutputsArgs),
     /// Measure a broker: durable submissions and full job lifecycles per second over loopback.
     Bench(BenchArgs),
+    /// Check a run's history against the broker's records: no acknowledged job lost, no job
+    /// started twice, every recorded result the one its worker reported (for fault tests).
+    CheckHistory(CheckHistoryArgs),
+}
+
+#[derive(Debug, Args)]
+struct CheckHistoryArgs {
+    #[command(flatten)]
+    conn: Connection,
+    /// File of the job ids whose submission was acknowledged, one per line.
+    #[arg(long, value_name = "FILE")]
+    acknowledged: PathBuf,
+    /// A worker's log, written with `--log-format json --log info` (repeat for each worker).
+    #[arg(long = "worker-log", value_name = "FILE")]
+    worker_logs: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -669,6 +685,10 @@ fn main() -> ExitCode {
             Command::Cancel(a) => commands::cancel(a).await,
             Command::Outputs(a) => files::outputs(a).await,
             Command::Bench(a) => bench::bench(a).await,
+            Command::CheckHistory(a) => {
+                let client = client::Client::new(&a.conn.url, a.conn.token.clone())?;
+                history::check_history(&client, &a.acknowledged, &a.worker_logs).await
+            }
         }
     });
     match result {

@@ -576,6 +576,99 @@ async fn a_standby_relays_clients_redirects_workers_and_serves_them_after_a_take
     assert_eq!(r["state"], "finished", "the first job survived the takeover: {r}");
 }
 
+/// A `cq worker` of `url` on queue `q` whose JSON log (for `cq check-history`) goes to `log`.
+fn logged_worker(url: &str, dir: &Path, log: &Path) -> Killed {
+    let child = Command::new(env!("CARGO_BIN_EXE_cq"))
+        .args(["worker", "--url", url, "--queue", "q", "--slots", "2", "--log-format", "json", "--log", "info"])
+        .arg("--data-dir")
+        .arg(dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap();
+    Killed(child)
+}
+
+/// Submits job `i` of a run to `url` (`sleep`, then exit `i % 3`) until it is acknowledged;
+/// returns its id. A standby without an owner to relay to answers 503 meanwhile.
+async fn submit_until_acknowledged(http: &reqwest::Client, url: &str, i: usize) -> String {
+    let body = json!({"definition": {"image": "cq-test/busybox",
+        "command": ["sh", "-c", format!("sleep 0.5; echo job {i}; exit {}", i % 3)]}});
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Ok(r) = http.post(format!("{url}/q/q/j")).json(&body).send().await {
+            if r.status().is_success() {
+                return r.json::<Value>().await.unwrap()["jobId"].as_str().unwrap().to_string();
+            }
+        }
+        assert!(Instant::now() < deadline, "submission {i} was never acknowledged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_owner_mid_run_loses_nothing_and_starts_no_job_twice() {
+    let Some(bin) = nats_server() else { return };
+    let nats = Nats::start(&bin).await;
+    let http = reqwest::Client::new();
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ((mut a, _), (_b, b_url)) = owner_and_standby(&nats, &http, "midrun", &dirs).await;
+    // Two workers and every submission go through the standby's address, which relays to the
+    // owner, and after the kill is the owner.
+    let run = tempfile::tempdir().unwrap();
+    let logs = [run.path().join("w1.log"), run.path().join("w2.log")];
+    let _workers: Vec<Killed> =
+        logs.iter().enumerate().map(|(n, log)| logged_worker(&b_url, &run.path().join(format!("w{n}")), log)).collect();
+    let mut acked = Vec::new();
+    for i in 0..16 {
+        acked.push(submit_until_acknowledged(&http, &b_url, i).await);
+    }
+    // Kill -9 of the owner while jobs run on both workers.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let q: Value = http.get(format!("{b_url}/q/q")).send().await.unwrap().json().await.unwrap();
+        if q["running"].as_u64().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no jobs ran: {q}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    for i in 16..32 {
+        acked.push(submit_until_acknowledged(&http, &b_url, i).await);
+    }
+    // Every acknowledged job ends.
+    let deadline = Instant::now() + WAIT * 2;
+    for id in &acked {
+        loop {
+            let job: Value = http.get(format!("{b_url}/j/{id}")).send().await.unwrap().json().await.unwrap();
+            if job["state"] == "finished" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "job {id} did not finish: {job}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let acked_file = run.path().join("acknowledged");
+    std::fs::write(&acked_file, acked.join("\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cq"))
+        .args(["check-history", "--url", &b_url, "--acknowledged"])
+        .arg(&acked_file)
+        .args(logs.iter().flat_map(|l| [std::ffi::OsStr::new("--worker-log"), l.as_os_str()]))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{said}");
+    assert!(
+        out.status.success() && said.ends_with(": 0 violations\n"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.starts_with("32 acknowledged, 32 records, 32 finished, 32 attempts started"), "{said}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_owner_wakes_deposed_and_acknowledges_nothing() {
     let Some(bin) = nats_server() else { return };

@@ -326,11 +326,21 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
     }
 }
 
+/// Logs a finish with its job, attempt and exit code (`cq check-history` reads these lines).
 fn log_finish(m: &WorkerToBroker) {
-    if let WorkerToBroker::Finish { job_id, status, outputs, .. } = m {
+    if let WorkerToBroker::Finish { job_id, attempt, status, outputs } = m {
         match status {
-            ExitStatus::Error { message, .. } => tracing::warn!(job = %job_id, error = %message, "job failed to run"),
-            other => tracing::info!(job = %job_id, status = ?other, outputs = outputs.len(), "job finished"),
+            ExitStatus::Error { message, .. } => {
+                tracing::warn!(job = %job_id, attempt, error = %message, "job failed to run")
+            }
+            other => {
+                let exit_code = match other {
+                    ExitStatus::Exited { exit_code } => Some(*exit_code),
+                    ExitStatus::TimedOut { exit_code } => *exit_code,
+                    _ => None,
+                };
+                tracing::info!(job = %job_id, attempt, exit_code, status = ?other, outputs = outputs.len(), "job finished")
+            }
         }
     }
 }
