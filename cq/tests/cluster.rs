@@ -669,6 +669,57 @@ async fn killing_the_owner_mid_run_loses_nothing_and_starts_no_job_twice() {
     assert!(said.starts_with("32 acknowledged, 32 records, 32 finished, 32 attempts started"), "{said}");
 }
 
+/// Benchmark (ignored by default): failover time over 10 kills, from `kill -9` of the owner to
+/// the first acknowledged submission through the other broker, at the lease in
+/// `CQ_BENCH_LEASE` (default 5s, the design's; the broker's default is 15s). Prints each time
+/// and p50/p99. `cargo test -p cq --test cluster failover_time -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run it with --ignored --nocapture"]
+async fn failover_time_over_ten_kills() {
+    let Some(bin) = nats_server() else { return };
+    let lease = std::env::var("CQ_BENCH_LEASE").unwrap_or_else(|_| "5s".into());
+    let nats = Nats::start(&bin).await;
+    let http = reqwest::Client::new();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let start = |i: usize| {
+        let node = ["a", "b"][i];
+        cq_broker_with(&nats, dirs[i].path(), "failover", &["--node-id", node, "--lease-ttl", &lease])
+    };
+    let mut brokers = [Some(start(0)), None];
+    wait_ready(&brokers[0].as_ref().unwrap().1).await;
+    brokers[1] = Some(start(1));
+    wait_standby(&http, &brokers[1].as_ref().unwrap().1).await;
+    let mut owner = 0;
+    let mut times = Vec::new();
+    for kill in 0..10 {
+        let (mut child, _) = brokers[owner].take().unwrap();
+        let other = brokers[1 - owner].as_ref().unwrap().1.clone();
+        child.0.kill().unwrap();
+        let killed = Instant::now();
+        child.0.wait().unwrap();
+        let body = job(&format!("after kill {kill}"));
+        loop {
+            if let Ok(r) = http.post(format!("{other}/q/q/j")).json(&body).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            assert!(killed.elapsed() < WAIT, "no submission was acknowledged after kill {kill}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let took = killed.elapsed();
+        eprintln!("kill {kill}: {} ms", took.as_millis());
+        times.push(took);
+        // The killed broker comes back as the standby.
+        brokers[owner] = Some(start(owner));
+        wait_standby(&http, &brokers[owner].as_ref().unwrap().1).await;
+        owner = 1 - owner;
+    }
+    times.sort();
+    let at = |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1].as_millis();
+    eprintln!("failover with --lease-ttl {lease} over {} kills: p50 {} ms, p99 {} ms", times.len(), at(0.5), at(0.99));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_owner_wakes_deposed_and_acknowledges_nothing() {
     let Some(bin) = nats_server() else { return };
