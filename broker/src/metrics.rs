@@ -107,7 +107,11 @@ impl Metrics {
     /// Notes that this broker no longer serves `shard` (it stopped, or lost the lease), or does
     /// not yet (a standby).
     pub fn shard_not_serving(&self, shard: u32) {
-        self.shard_owned.get_or_create(&ShardLabels { shard: shard.to_string() }).set(0);
+        let label = ShardLabels { shard: shard.to_string() };
+        self.shard_owned.get_or_create(&label).set(0);
+        // Present from the start, so a standby that never served says 0 rather than nothing.
+        let _ = self.shard_epoch.get_or_create(&label);
+        let _ = self.takeovers.get_or_create(&label);
     }
 
     /// The text exposition of every metric, with the per-queue ones taken from `o`.

@@ -42,11 +42,21 @@ impl Client {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             bail!("--url must start with http:// or https://, got `{url}`");
         }
+        if let Err(e) = reqwest::Url::parse(&format!("{base}/")) {
+            bail!("--url `{url}` is not a URL ({e}); give one broker's address, like http://127.0.0.1:8000");
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .build()
             .context("building the HTTP client")?;
         Ok(Client { http, base, token })
+    }
+
+    /// ` --url URL` for a command the user is told to run next, when the broker is not the one
+    /// `cq` reaches without it (the default, or `CQ_URL`); else nothing.
+    pub fn url_flag(&self) -> String {
+        let implied = std::env::var("CQ_URL").unwrap_or_else(|_| crate::DEFAULT_URL.to_string());
+        if implied.trim_end_matches('/') == self.base { String::new() } else { format!(" --url {}", self.base) }
     }
 
     /// Sends a request and returns its JSON body; API errors become readable errors.
@@ -63,7 +73,11 @@ impl Client {
         let give_up = tokio::time::Instant::now() + UNAVAILABLE_RETRY_FOR;
         let mut told = false;
         let (status, text) = loop {
-            let req = req.try_clone().expect("JSON bodies can be sent again");
+            // Only a builder holding an error (a URL it cannot use) has nothing to clone.
+            let Some(req) = req.try_clone() else {
+                let why = req.build().err().map(|e| e.to_string()).unwrap_or_default();
+                bail!("cannot send a request to {url}: {why}");
+            };
             let resp = req.send().await.map_err(|e| connection_error(&self.base, &e))?;
             let status = resp.status();
             let wait = retry_after(&resp);
@@ -176,12 +190,11 @@ impl Client {
             }
             let down = *down_since.get_or_insert_with(tokio::time::Instant::now);
             if down.elapsed() >= FOLLOW_RECONNECT_FOR {
+                let url = self.url_flag();
                 bail!(
-                    "lost the connection to the broker at {} for {} s; the job goes on there: follow it again with `cq logs -f {}`, or see `cq status {}`",
+                    "lost the connection to the broker at {} for {} s; the job goes on there: follow it again with `cq logs -f{url} {job}`, or see `cq status{url} {job}`",
                     self.base,
                     FOLLOW_RECONNECT_FOR.as_secs(),
-                    job,
-                    job
                 );
             }
             failures += 1;

@@ -398,11 +398,12 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
             outln!("{id}");
         }
         let short = id.short();
+        let url = client.url_flag();
         if outcome == "cached" {
-            eprintln!("cq: a cached result (--force runs it again); see it with `cq status {short}`");
+            eprintln!("cq: a cached result (--force runs it again); see it with `cq status{url} {short}`");
         } else {
             eprintln!(
-                "cq: job {outcome} on queue `{}`; follow it with `cq logs -f {short}`, or `cq status {short}`",
+                "cq: job {outcome} on queue `{}`; follow it with `cq logs -f{url} {short}`, or `cq status{url} {short}`",
                 args.queue
             );
         }
@@ -433,6 +434,7 @@ fn interrupt_signal() -> Result<tokio::signal::unix::Signal> {
 /// attached mode, where Ctrl-C stops the container).
 async fn interrupted(client: &Client, id: JobId, cancel: bool, json: bool) -> Result<ExitCode> {
     let short = id.short();
+    let url = client.url_flag();
     if cancel {
         let v: JobView = serde_json::from_value(client.post(&format!("/j/{id}/cancel"), &json!({})).await?)?;
         eprintln!("\ncq: interrupted; {}", describe_end(&v));
@@ -442,7 +444,7 @@ async fn interrupted(client: &Client, id: JobId, cancel: bool, json: bool) -> Re
     } else {
         eprintln!(
             "\ncq: stopped following; job {short} is not cancelled: it stays on the broker and runs to its end.\n    \
-             follow it again: cq logs -f {short}\n    cancel it:       cq cancel {short}\n    \
+             follow it again: cq logs -f{url} {short}\n    cancel it:       cq cancel{url} {short}\n    \
              (--cancel-on-interrupt cancels on Ctrl-C instead)"
         );
     }

@@ -14,6 +14,9 @@ macro_rules! outln {
     }};
 }
 
+/// Where client commands find the broker without `--url` or `CQ_URL`.
+const DEFAULT_URL: &str = "http://127.0.0.1:8000";
+
 mod bench;
 mod bench_more;
 mod client;
@@ -161,7 +164,7 @@ pub enum Scenario {
 #[derive(Debug, Args, Clone)]
 struct Connection {
     /// Broker URL.
-    #[arg(long, env = "CQ_URL", default_value = "http://127.0.0.1:8000")]
+    #[arg(long, env = "CQ_URL", default_value = DEFAULT_URL)]
     url: String,
     /// Client token, if the broker requires one.
     #[arg(long, env = "CQ_TOKEN", hide_env_values = true)]
@@ -402,7 +405,7 @@ pub struct ClusterArgs {
     /// Keep the log in a NATS JetStream stream on these servers (nats://host:port, comma-separated)
     /// instead of the data directory. Experimental: one shard, owned under a lease by one broker
     /// at a time; further brokers of the cluster wait as standbys and take over when the owner
-    /// dies or stops (no routing between brokers yet). See docs/operations.md for the NATS
+    /// dies or stops, relaying requests to the owner meanwhile. See docs/operations.md for the NATS
     /// settings this needs (3 servers, sync_interval: always, max_payload).
     #[arg(long, env = "CQ_NATS", value_delimiter = ',', value_name = "URL")]
     pub nats: Vec<String>,

@@ -454,6 +454,14 @@ async fn connection_problems_name_the_url_and_a_hint_that_fits_the_cause() {
         assert!(err.contains("is not a broker endpoint"), "{err}");
         assert!(err.contains("takes no path"), "{err}");
     }
+    // Something that is not one URL (a list of brokers, a space) is said to be so, not a crash.
+    for bad in [format!("{url},{url}"), "http://bad host".to_string()] {
+        for args in [vec!["status", id], vec!["logs", "-f", id], vec!["submit", "--image", "busybox", "--", "true"]] {
+            let (code, _, err) = run(&bad, &args);
+            assert_eq!(code, Some(125), "{args:?}: {err}");
+            assert!(err.contains("is not a URL") && !err.contains("panicked"), "{args:?}: {err}");
+        }
+    }
     // A job the broker does not know is not mistaken for a wrong URL.
     let (code, _, err) = run(&url, &["status", id]);
     assert!(code == Some(125) && err.contains(&format!("no job {id}")) && !err.contains("endpoint"), "{err}");
@@ -498,6 +506,7 @@ async fn ctrl_c_during_wait_leaves_the_job_unless_asked_to_cancel_it() {
     let (mut broker, url) = broker(dir.path());
     for (extra, state) in [(None, "queued"), (Some("--cancel-on-interrupt"), "finished")] {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_cq"))
+            .env_remove("CQ_URL")
             .args(["submit", "--url", &url, "--wait", "--image", "busybox"])
             .args(extra)
             .args(["--", "echo", state])
@@ -526,7 +535,9 @@ async fn ctrl_c_during_wait_leaves_the_job_unless_asked_to_cancel_it() {
         if extra.is_none() {
             assert!(rest.contains("is not cancelled"), "{rest}");
             assert!(
-                rest.contains(&format!("cq logs -f {short}")) && rest.contains(&format!("cq cancel {short}")),
+                // The broker is not the default one, so the commands name it.
+                rest.contains(&format!("cq logs -f --url {url} {short}"))
+                    && rest.contains(&format!("cq cancel --url {url} {short}")),
                 "{rest}"
             );
         } else {
@@ -599,6 +610,7 @@ async fn submit_says_how_to_follow_and_json_output_is_one_document() {
     let (code, out, err) = run(&url, &["submit", "--image", "busybox", "--", "echo", "json"]);
     assert_eq!(code, Some(0), "{err}");
     let short = &out.trim()[..12];
+    // CQ_URL names the broker, so the commands need no --url; given --url, they repeat it.
     assert!(err.contains(&format!("cq logs -f {short}")), "{err}");
     let (_, out, _) = run(&url, &["submit", "--image", "busybox", "--output", "json", "--", "echo", "json"]);
     let answer: Value = serde_json::from_str(&out).unwrap();
@@ -615,6 +627,14 @@ async fn submit_says_how_to_follow_and_json_output_is_one_document() {
     let queue: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(queue["queues"][0]["queued"], 1);
     assert_eq!(queue["jobs"][0]["id"], id);
+    let named = cq()
+        .env_remove("CQ_URL")
+        .args(["submit", "--url", &url, "--image", "busybox", "--", "echo", "named"])
+        .output()
+        .unwrap();
+    let (out, err) = (String::from_utf8_lossy(&named.stdout), String::from_utf8_lossy(&named.stderr));
+    let short = &out.trim()[..12];
+    assert!(err.contains(&format!("`cq logs -f --url {url} {short}`, or `cq status --url {url} {short}`")), "{err}");
     broker.kill().unwrap();
     broker.wait().unwrap();
 }

@@ -155,11 +155,15 @@ async fn logs_resume_after_dropped_sockets_without_gap_or_repeat() {
     let hash = format!("queue=local&autostart=1&job={}", urlencode(&job.to_string()));
     c.goto(&format!("{url}/#{hash}")).await.unwrap();
     for n in [5, 25] {
-        until("some lines", || async {
-            let count = script(&c, "return window.cq.log.length").await.as_u64()?;
-            (count >= n).then_some(())
-        })
-        .await;
+        let started = Instant::now();
+        while script(&c, "return window.cq.log.length").await.as_u64().unwrap_or(0) < n {
+            if started.elapsed() >= WAIT {
+                let shown = page_shows(&c).await;
+                let queue: Value = reqwest::get(format!("{url}/q/local")).await.unwrap().json().await.unwrap();
+                panic!("timed out waiting for {n} lines; the page shows {shown}; the queue is {queue}");
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
         script(&c, "window.cq.dropConnection()").await;
     }
     until("success", || async { (text(&c, "#state").await == "succeeded").then_some(()) }).await;
@@ -314,18 +318,24 @@ async fn state_is(c: &Client, want: &str) {
     let started = Instant::now();
     while text(c, "#state").await != want {
         if started.elapsed() >= WAIT {
-            let shown = script(
-                c,
-                "const t = s => (document.querySelector(s) || {}).textContent; \
-                 return { state: t('#state'), details: t('#details'), error: t('#form-error'), \
-                 connection: t('#conn'), job: window.cq.job.id || null };",
-            )
-            .await;
-            screenshot("ui-state-timeout.png", &c.screenshot().await.unwrap_or_default());
+            let shown = page_shows(c).await;
             panic!("timed out waiting for the state {want}; the page shows {shown}");
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+}
+
+/// What the page shows (state, details, error, connection, job, log lines), with a
+/// screenshot, for a wait that timed out to explain itself.
+async fn page_shows(c: &Client) -> Value {
+    screenshot("ui-timeout.png", &c.screenshot().await.unwrap_or_default());
+    script(
+        c,
+        "const t = s => (document.querySelector(s) || {}).textContent; \
+         return { state: t('#state'), details: t('#details'), error: t('#form-error'), \
+         connection: t('#conn'), job: window.cq.job.id || null, lines: window.cq.log.length };",
+    )
+    .await
 }
 
 async fn job_view(url: &str, id: &str) -> Value {

@@ -27,6 +27,10 @@ use crate::job::{self, Assignment, JobEnv, Out, Outcome, Stop, sleep_until};
 /// First wait before reconnecting; doubles up to [`BACKOFF_MAX`], with jitter.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// For the first [`OUTAGE_EARLY`] of an outage the wait stays under this, so a worker finds a
+/// broker that comes back (a restart, a standby taking over) within seconds of it serving.
+pub const BACKOFF_MAX_EARLY: Duration = Duration::from_secs(3);
+pub const OUTAGE_EARLY: Duration = Duration::from_secs(60);
 /// A connection that lasted this long was healthy: the next reconnect starts the backoff over.
 /// Shorter ones (a broker that closes at once, say for a message it refused) keep doubling it.
 pub const HEALTHY_SESSION: Duration = Duration::from_secs(10);
@@ -68,17 +72,20 @@ struct Running {
 #[derive(Debug)]
 struct Backoff {
     next: Duration,
+    /// When the first wait of this streak was asked for.
+    since: Option<Instant>,
 }
 
 impl Backoff {
     fn new() -> Backoff {
-        Backoff { next: BACKOFF_MIN }
+        Backoff { next: BACKOFF_MIN, since: None }
     }
     fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
+        *self = Backoff::new();
     }
     fn wait(&mut self) -> Duration {
-        let cap = self.next;
+        let early = self.since.get_or_insert_with(Instant::now).elapsed() < OUTAGE_EARLY;
+        let cap = if early { self.next.min(BACKOFF_MAX_EARLY) } else { self.next };
         self.next = (self.next * 2).min(BACKOFF_MAX);
         // A fresh RandomState is seeded from the OS: good enough to spread reconnects.
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -247,7 +254,13 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                     let text = match inbound {
                         Some(Ok(Message::Text(t))) => t,
                         Some(Ok(Message::Close(frame))) => {
-                            tracing::warn!(?frame, "the broker closed the connection");
+                            let (code, reason) = frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or_default();
+                            // Going away: a broker stopping (or handing its queues over) says so.
+                            if code == protocol::close::GOING_AWAY {
+                                tracing::info!(code, reason, "the broker closed the connection; reconnecting");
+                            } else {
+                                tracing::warn!(code, reason, "the broker closed the connection");
+                            }
                             continue 'connection;
                         }
                         Some(Ok(_)) => continue,
