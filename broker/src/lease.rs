@@ -100,10 +100,7 @@ fn kv_err(context: impl Into<String>) -> impl FnOnce(&dyn std::fmt::Display) -> 
 /// The bucket of leases of `config`'s cluster, created if missing.
 async fn bucket(js: &jetstream::Context, config: &NatsConfig, times: &LeaseTimes) -> Result<kv::Store, LogError> {
     let name = format!("{}_owners", config.cluster);
-    if let Ok(store) = js.get_key_value(&name).await {
-        return Ok(store);
-    }
-    js.create_key_value(kv::Config {
+    let bucket = kv::Config {
         bucket: name.clone(),
         description: format!("owners of the shards of cq cluster {}", config.cluster),
         history: 1,
@@ -111,9 +108,35 @@ async fn bucket(js: &jetstream::Context, config: &NatsConfig, times: &LeaseTimes
         storage: jetstream::stream::StorageType::File,
         num_replicas: config.replicas,
         ..Default::default()
-    })
-    .await
-    .map_err(|e| crate::jetstream::create_err(format!("creating the lease bucket {name}"))(&e))
+    };
+    open_bucket(js, bucket, format!("creating the lease bucket {name}")).await
+}
+
+/// Opens the key-value bucket `bucket` names, creating it if missing. JetStream answering late
+/// or "temporarily unavailable" (a cluster just formed, its servers electing a leader or
+/// catching up, a busy machine) is waited out for up to 30 s, like a commit; a refusal (a single
+/// server asked for replicas, say) is not.
+async fn open_bucket(js: &jetstream::Context, bucket: kv::Config, what: String) -> Result<kv::Store, LogError> {
+    let give_up = Instant::now() + crate::jetstream::COMMIT_RETRY_FOR;
+    loop {
+        if let Ok(store) = js.get_key_value(&bucket.bucket).await {
+            return Ok(store);
+        }
+        match js.create_key_value(bucket.clone()).await {
+            Ok(store) => return Ok(store),
+            Err(e)
+                if Instant::now() < give_up
+                    && (e.kind() == jetstream::context::CreateKeyValueErrorKind::TimedOut
+                        || ["timed out", "temporarily unavailable", "no suitable peers"]
+                            .iter()
+                            .any(|m| e.to_string().contains(m))) =>
+            {
+                tracing::debug!(error = %e, "{what}: JetStream did not answer in time; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(crate::jetstream::create_err(what)(&e)),
+        }
+    }
 }
 
 /// Who owns the log, as a standby knows it.
@@ -331,20 +354,15 @@ pub async fn shared_link_key(config: &NatsConfig) -> Result<[u8; 32], LogError> 
     let client = connect(config).await?;
     let js = jetstream::new(client);
     let name = format!("{}_config", config.cluster);
-    let store = match js.get_key_value(&name).await {
-        Ok(store) => store,
-        Err(_) => js
-            .create_key_value(kv::Config {
-                bucket: name.clone(),
-                description: format!("settings every broker of cq cluster {} shares", config.cluster),
-                history: 1,
-                storage: jetstream::stream::StorageType::File,
-                num_replicas: config.replicas,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| crate::jetstream::create_err(format!("creating the settings bucket {name}"))(&e))?,
+    let bucket = kv::Config {
+        bucket: name.clone(),
+        description: format!("settings every broker of cq cluster {} shares", config.cluster),
+        history: 1,
+        storage: jetstream::stream::StorageType::File,
+        num_replicas: config.replicas,
+        ..Default::default()
     };
+    let store = open_bucket(&js, bucket, format!("creating the settings bucket {name}")).await?;
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).map_err(|e| kv_err("making the link key")(&e))?;
     // A bucket just created (or whose servers are electing a leader) answers "no stream found"

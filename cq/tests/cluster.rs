@@ -721,6 +721,41 @@ async fn failover_time_over_ten_kills() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_started_while_nats_has_no_quorum_waits_for_it() {
+    let Some(bin) = nats_server() else { return };
+    let nats = Nats::start(&bin).await;
+    let http = reqwest::Client::new();
+    let dir = tempfile::tempdir().unwrap();
+    // Two of the three servers freeze: the third has no quorum, so creating the cluster's
+    // buckets is answered late or "temporarily unavailable" (as while NATS elects a leader on
+    // a busy machine). Longer than a JetStream request's timeout (5 s).
+    for server in &nats.servers[1..] {
+        nix_signal(server.id(), "STOP");
+    }
+    // Given only the server left running, the broker's requests reach it at once.
+    let (mut broker, url) = cq_listening(&[
+        "broker",
+        "--listen",
+        "127.0.0.1:0",
+        "--shared-blob-dir",
+        "--nats-cluster",
+        "quorum",
+        "--nats",
+        &nats.urls[0],
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(broker.0.try_wait().unwrap().is_none(), "the broker gave up instead of waiting for NATS");
+    for server in &nats.servers[1..] {
+        nix_signal(server.id(), "CONT");
+    }
+    wait_ready(&url).await;
+    assert!(broker.0.try_wait().unwrap().is_none(), "the broker gave up instead of waiting for NATS");
+    submit(&http, &url, "after the quorum came back").await.expect("acknowledged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_owner_wakes_deposed_and_acknowledges_nothing() {
     let Some(bin) = nats_server() else { return };
     let nats = Nats::start(&bin).await;
