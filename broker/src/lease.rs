@@ -148,16 +148,6 @@ pub enum Standby {
     Owner(Holder),
 }
 
-impl Standby {
-    /// The owner's advertised URL, where requests can be forwarded.
-    pub fn url(&self) -> Option<&str> {
-        match self {
-            Standby::Owner(h) => h.advertise_url.as_deref(),
-            Standby::Unknown => None,
-        }
-    }
-}
-
 impl std::fmt::Display for Standby {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
