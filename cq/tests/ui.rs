@@ -876,11 +876,22 @@ async fn the_queue_table_follows_worker_load_and_keeps_its_rows() {
         v.as_str().map(str::to_string)
     })
     .await;
-    until("the duration to tick", || async {
-        let v = script(&c, "return window.kept.querySelector('td.duration').textContent").await;
-        (v.as_str()? != before).then_some(())
-    })
-    .await;
+    let started = Instant::now();
+    while script(&c, "return window.kept.querySelector('td.duration').textContent").await.as_str() == Some(&before) {
+        if started.elapsed() >= WAIT {
+            // Say whether the row was replaced (the kept one then stops ticking) or the
+            // duration stopped, and what the table shows now.
+            let rows = script(
+                &c,
+                "return { keptConnected: window.kept.isConnected, kept: window.kept.textContent, \
+                 rows: [...document.querySelectorAll('#jobs tbody tr')].map(r => r.textContent) };",
+            )
+            .await;
+            let shown = page_shows(&c).await;
+            panic!("timed out waiting for the duration to tick from {before:?}: {rows}; the page shows {shown}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
     let same =
         script(&c, "return document.querySelector('#jobs tbody tr') === window.kept && window.kept.isConnected").await;
     assert_eq!(same, json!(true), "the row was updated in place");
