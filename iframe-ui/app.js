@@ -1048,10 +1048,12 @@ function renderQueue() {
     ? `${queueView.page * PAGE_SIZE + 1}–${queueView.page * PAGE_SIZE + shown.length} of ${jobs.length.toLocaleString('en')}` : '';
   $('#jobs-prev').disabled = queueView.page === 0;
   $('#jobs-next').disabled = queueView.page >= pages - 1;
-  // Rows are kept while their job is unchanged, so the row under the pointer stays the same
-  // element; only the running durations tick (in place, see the timer below).
+  // Rows are kept while what they show of their job is unchanged (not its version, which a log
+  // line bumps), so the row under the pointer stays the same element; only the running
+  // durations tick (in place, see the timer below).
   const rows = shown.map((j) => {
-    const key = `${j.version}|${j.state}|${j.id === job.id}`;
+    const key = [j.state, stateLabel(j), j.reason, j.worker, j.submittedAt, j.startedAt, j.finishedAt, j.id === job.id]
+      .map((v) => v ?? '').join('|');
     const kept = queueRows.get(j.id);
     if (kept && kept.key === key) {
       // A description that arrived since is written into the kept row.
