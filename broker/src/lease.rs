@@ -180,7 +180,9 @@ pub async fn acquire(
     getrandom::fill(&mut nonce).map_err(|e| kv_err("choosing a lease nonce")(&e))?;
     holder.nonce = hex::encode(nonce);
     let value = Bytes::from(serde_json::to_vec(&holder).expect("a holder serialises"));
-    let mut watch = store.watch(&key).await.map_err(|e| kv_err(format!("watching lease {key}"))(&e))?;
+    // The watch only hastens a take when the owner releases; without one (NATS electing a
+    // leader, say) the standby tries on its timer and watches again at its next wait.
+    let mut watch = watch_key(&store, &key).await;
     let mut ownership = Ownership::new(times, Instant::now());
     let mut told: Option<Holder> = None;
     let mut failing = false;
@@ -212,9 +214,16 @@ pub async fn acquire(
                 ownership.created(answer, Instant::now());
             }
             Step::Wait(until) => {
+                if watch.is_none() {
+                    watch = watch_key(&store, &key).await;
+                }
+                let Some(watching) = watch.as_mut() else {
+                    tokio::time::sleep_until(until).await;
+                    continue;
+                };
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => {}
-                    entry = watch.next() => match entry {
+                    entry = watching.next() => match entry {
                         Some(Ok(e)) if matches!(e.operation, kv::Operation::Delete | kv::Operation::Purge) => {
                             ownership.key_freed(Instant::now());
                         }
@@ -227,10 +236,8 @@ pub async fn acquire(
                             }
                         }
                         Some(Err(_)) => {}
-                        None => {
-                            // The watch ended (a reconnect): fall back to trying on the timer.
-                            watch = store.watch(&key).await.map_err(|e| kv_err(format!("watching lease {key}"))(&e))?;
-                        }
+                        // The watch ended (a reconnect): watched again at the next wait.
+                        None => watch = None,
                     },
                 }
             }
@@ -243,6 +250,17 @@ pub async fn acquire(
     let (release_tx, release_rx) = oneshot::channel();
     let task = tokio::spawn(keep(store, key, value, ownership, lost_tx, release_rx));
     Ok(Lease { epoch, node: holder.node, lost, release: Some(release_tx), task })
+}
+
+/// A watch of `key`, or `None` (said in the log) if NATS does not grant one now.
+async fn watch_key(store: &kv::Store, key: &str) -> Option<kv::Watch> {
+    match store.watch(key).await {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::debug!(key, error = %e, "cannot watch the lease now; trying on the timer");
+            None
+        }
+    }
 }
 
 fn set_note(note: &StandbyNote, owner: Option<Standby>) {
