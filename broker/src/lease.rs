@@ -235,9 +235,9 @@ pub async fn acquire(
                                 }
                             }
                         }
-                        Some(Err(_)) => {}
-                        // The watch ended (a reconnect): watched again at the next wait.
-                        None => watch = None,
+                        // A failing or ended watch (a reconnect) is made again at the next wait,
+                        // rather than polled in a loop until the timer.
+                        Some(Err(_)) | None => watch = None,
                     },
                 }
             }
