@@ -9,6 +9,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use protocol::JobId;
 use protocol::definition::parse_json;
+use protocol::id::IdPrefix;
 use protocol::job::JobState;
 use protocol::messages::{ErrorBody, ErrorCode, SubmitBody, SubmitOutcome};
 use serde::Deserialize;
@@ -535,8 +536,19 @@ fn unexpected(reply: CoreReply) -> warp::reply::Response {
     error_reply(ErrorBody::new(ErrorCode::Internal, "unexpected reply"))
 }
 
+/// A job id in a path. A few hex digits are what the CLI and the page show, so a prefix is told
+/// where prefixes are looked up.
 fn parse_id(id: &str) -> Result<JobId, Rejection> {
-    id.parse().map_err(|e: protocol::id::BadDigest| reject(ErrorCode::BadMessage, format!("bad job id: {e}")))
+    id.parse().map_err(|e: protocol::id::BadDigest| {
+        let hint = match id.parse::<IdPrefix>() {
+            Ok(prefix) => format!(
+                "; the HTTP API takes whole ids, and `GET /j?prefix={prefix}` finds the jobs whose id starts \
+                 with it (the CLI does that for you)"
+            ),
+            Err(_) => String::new(),
+        };
+        reject(ErrorCode::BadMessage, format!("bad job id: {e}{hint}"))
+    })
 }
 
 /// Requires the client token, from `Authorization: Bearer` or a `token` query parameter (for

@@ -98,7 +98,12 @@ impl Handle {
     /// While the broker waits for the lease of a log another broker owns (cluster mode), who
     /// owns it.
     pub fn standby_for(&self) -> Option<crate::lease::Standby> {
-        self.standby.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.standby.borrow().clone()
+    }
+
+    /// Follows who owns the log while this broker is a standby ([`Handle::standby_for`]).
+    pub fn watch_standby(&self) -> watch::Receiver<Option<crate::lease::Standby>> {
+        self.standby.subscribe()
     }
 }
 
@@ -168,7 +173,7 @@ pub fn start(
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let outbox = Arc::new(Outbox::default());
     let ready = Arc::new(AtomicBool::new(false));
-    let standby = Arc::new(StandbyNote::default());
+    let standby = Arc::new(StandbyNote::new(None));
     let metrics = Arc::new(Metrics::default());
     if let Some(nats) = &config.nats {
         metrics.shard_not_serving(nats.shard);
@@ -363,6 +368,7 @@ async fn core_task(
     ready.store(false, Ordering::Release);
     metrics.shard_not_serving(shard);
     rx.close();
+    let mut final_jobs = 0;
     if !deposed {
         // Commands already queued came from peers before the shutdown (a worker's last release
         // or finish, say): apply them, so they are kept, then write the final snapshot with them.
@@ -370,7 +376,9 @@ async fn core_task(
         while let Ok(req) = rx.try_recv() {
             apply(&mut core, &clock, req, &mut last);
         }
-        last.snapshot = Some(core.snapshot());
+        let snapshot = core.snapshot();
+        final_jobs = snapshot.jobs.len();
+        last.snapshot = Some(snapshot);
         writer.send(last).await;
     }
     writer.tx = None;
@@ -390,6 +398,9 @@ async fn core_task(
             Ok(())
         }
     };
+    if written.is_ok() {
+        tracing::info!(shard, jobs = final_jobs, "final snapshot written");
+    }
     // Everything is in the log: hand the lease over now rather than when it expires.
     if let Some(lease) = lease {
         lease.release().await;

@@ -507,7 +507,7 @@ pub(crate) fn state_word(s: JobState) -> &'static str {
     }
 }
 
-fn describe_end(v: &JobView) -> String {
+pub(crate) fn describe_end(v: &JobView) -> String {
     let reason = v.reason.map(FinishReason::as_str).unwrap_or("finished");
     let duration = match (v.started_at, v.finished_at) {
         (Some(s), Some(f)) => format!(" in {:.1}s", f.saturating_sub(s) as f64 / 1000.0),

@@ -6,8 +6,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context as _, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use protocol::JobView;
 use protocol::definition::{DataRef, JobDefinition, validate_relative_path};
+use protocol::{JobState, JobView};
 use worker::blobs::{BlobClient, Digested};
 
 use crate::OutputsArgs;
@@ -72,7 +72,16 @@ pub async fn outputs(args: OutputsArgs) -> Result<ExitCode> {
     let id = client.resolve(&args.job).await?;
     let view: JobView = serde_json::from_value(client.get(&format!("/j/{id}")).await?)?;
     if view.outputs.is_empty() {
-        eprintln!("cq: job {id} has no outputs (state: {:?})", view.state);
+        let short = id.short();
+        if view.state == JobState::Finished {
+            eprintln!("cq: no outputs: {}", crate::commands::describe_end(&view));
+        } else {
+            eprintln!(
+                "cq: job {short} has no outputs yet: it is {}; follow it with `cq logs -f{} {short}`",
+                crate::commands::state_word(view.state),
+                client.url_flag()
+            );
+        }
         return Ok(ExitCode::SUCCESS);
     }
     for only in &args.only {

@@ -401,7 +401,7 @@ async fn short_ids_work_everywhere_and_ambiguous_ones_are_refused_with_the_candi
     let (code, _, err) = run(&url, &["logs", short]);
     assert_eq!(code, Some(0), "{err}");
     let (code, _, err) = run(&url, &["outputs", short, "-o", dir.path().join("out").to_str().unwrap()]);
-    assert!(code == Some(0) && err.contains("no outputs"), "{err}");
+    assert!(code == Some(0) && err.contains("no outputs yet: it is queued; follow it with `cq logs -f"), "{err}");
     // Six shared digits are ambiguous: refused, with both candidates.
     for cmd in ["status", "logs", "cancel", "outputs"] {
         let (code, _, err) = run(&url, &[cmd, &ids[0][..6]]);
@@ -415,6 +415,8 @@ async fn short_ids_work_everywhere_and_ambiguous_ones_are_refused_with_the_candi
     let (code, out, err) = run(&url, &["cancel", &ids[1][..12].to_uppercase()]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("cancelled"), "{out}");
+    let (code, _, err) = run(&url, &["outputs", &ids[1][..12], "-o", dir.path().join("out").to_str().unwrap()]);
+    assert!(code == Some(0) && err.contains("no outputs: job") && err.contains("cancelled"), "{err}");
     broker.kill().unwrap();
     broker.wait().unwrap();
 }
