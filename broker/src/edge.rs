@@ -7,17 +7,25 @@
 //!
 //! The owner checks the relayed request as if it came straight from the client (origin, token,
 //! limits): the edge passes the headers on unchanged, less the hop-by-hop ones.
+//!
+//! A relay lasts only while the broker it goes to owns the log, as this standby knows it: once the
+//! standby takes the log over or learns of another owner, a request still waiting for its answer
+//! gets `503` (retried by cq's clients, now to the new owner), and a relayed event stream or socket
+//! ends, so its client connects again. Without that, a relay to an owner that froze (SIGSTOP, a
+//! stalled VM) would hang for as long as the owner stays frozen.
 
 use std::time::Duration;
 
+use futures_util::{StreamExt, TryStreamExt};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, header};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, BodyStream, StreamBody};
 use hyper_util::rt::TokioIo;
 use protocol::messages::{ErrorBody, ErrorCode};
+use tokio::sync::watch;
 
 use crate::access::TimedBody;
 use crate::files::{self, BoxError};
-use crate::lease::Holder;
+use crate::lease::{Holder, Standby};
 
 /// Header of a relayed request, naming the broker that relayed it. A broker that gets a relayed
 /// request it cannot serve answers it rather than relaying it again, so two brokers that each
@@ -93,8 +101,24 @@ pub fn redirect(location: &str) -> Response<files::Body> {
     resp
 }
 
-/// Relays `req` to the owner `owner` (whose URL [`route`] checked), as broker `me`.
-pub async fn relay(mut req: Request<TimedBody>, me: &str, owner: &Holder) -> Response<files::Body> {
+/// Resolves once this standby no longer takes `owner` for the owner of the log (`standby` says
+/// who is): it took the log over, or another broker did. Never resolves while the broker is
+/// going away (the note is gone), so that what is relayed then ends on its own.
+pub async fn owner_leaves(mut standby: watch::Receiver<Option<Standby>>, owner: Holder) {
+    let still = |now: &Option<Standby>| matches!(now, Some(Standby::Owner(h)) if *h == owner);
+    if standby.wait_for(|now| !still(now)).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// Relays `req` to the owner `owner` (whose URL [`route`] checked), as broker `me`, for as long
+/// as `standby` still names `owner` as the owner.
+pub async fn relay(
+    mut req: Request<TimedBody>,
+    me: &str,
+    owner: &Holder,
+    standby: watch::Receiver<Option<Standby>>,
+) -> Response<files::Body> {
     let url = owner.advertise_url.as_deref().unwrap_or_default();
     let unreachable = |what: String| {
         unavailable(format!(
@@ -135,12 +159,23 @@ pub async fn relay(mut req: Request<TimedBody>, me: &str, owner: &Holder) -> Res
     if let Ok(me) = HeaderValue::from_str(me) {
         parts.headers.insert(RELAYED_BY, me);
     }
-    let mut resp = match sender.send_request(Request::from_parts(parts, body)).await {
-        Ok(resp) => resp,
-        Err(e) => return unreachable(e.to_string()),
+    let leaves = || owner_leaves(standby.clone(), owner.clone());
+    let mut resp = tokio::select! {
+        sent = sender.send_request(Request::from_parts(parts, body)) => match sent {
+            Ok(resp) => resp,
+            Err(e) => return unreachable(e.to_string()),
+        },
+        () = leaves() => {
+            return unavailable(format!(
+                "this broker is a standby and relayed this request to {} ({url}), which stopped owning the log \
+                 before it answered; it may have been recorded, and sending it again is safe: try again",
+                owner.node
+            ));
+        }
     };
     if let (StatusCode::SWITCHING_PROTOCOLS, Some(client_side)) = (resp.status(), client_side) {
         let owner_side = hyper::upgrade::on(&mut resp);
+        let leaves = leaves();
         tokio::spawn(async move {
             let _held = held;
             let (client, owner) = tokio::join!(client_side, owner_side);
@@ -148,15 +183,24 @@ pub async fn relay(mut req: Request<TimedBody>, me: &str, owner: &Holder) -> Res
                 return;
             };
             let (mut client, mut owner) = (TokioIo::new(client), TokioIo::new(owner));
-            // Ends when either side closes; the other then sees its connection close.
-            if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut owner).await {
-                tracing::debug!(error = %e, "a relayed socket ended with an error");
+            // Ends when either side closes (the other then sees its connection close), or when
+            // the owner is an owner no more: the client then connects again, to the new one.
+            tokio::select! {
+                copied = tokio::io::copy_bidirectional(&mut client, &mut owner) => if let Err(e) = copied {
+                    tracing::debug!(error = %e, "a relayed socket ended with an error");
+                },
+                () = leaves => tracing::debug!("a relayed socket closed: its broker no longer owns the log"),
             }
         });
-    } else {
-        strip_hop_by_hop(resp.headers_mut(), false);
+        return resp.map(|body| body.map_err(|e| Box::new(e) as BoxError).boxed_unsync());
     }
-    resp.map(|body| body.map_err(|e| Box::new(e) as BoxError).boxed_unsync())
+    strip_hop_by_hop(resp.headers_mut(), false);
+    // An event stream (or any long answer) ends when the owner is an owner no more.
+    let leaves = leaves();
+    resp.map(|body| {
+        let frames = TryStreamExt::map_err(BodyStream::new(body), |e| Box::new(e) as BoxError);
+        StreamBody::new(frames.take_until(leaves)).boxed_unsync()
+    })
 }
 
 /// True for a request asking to switch protocols (a websocket handshake).
@@ -233,5 +277,37 @@ mod tests {
         assert_eq!(h[header::CONNECTION], "upgrade");
         assert_eq!(h[header::UPGRADE], "websocket");
         assert!(!h.contains_key("x-private") && h.contains_key(header::AUTHORIZATION));
+    }
+
+    /// True if `leaves` has resolved (polled once, no waiting).
+    fn resolved(leaves: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()>>>) -> bool {
+        futures_util::FutureExt::now_or_never(leaves.as_mut()).is_some()
+    }
+
+    #[test]
+    fn a_relay_ends_when_its_owner_is_the_owner_no_more() {
+        let a = owner(Some("http://a"));
+        let b = Holder { node: "b".into(), ..a.clone() };
+        let note = watch::channel(Some(Standby::Owner(a.clone()))).0;
+        // The owner renewing (the same holder) changes nothing.
+        let mut leaves = Box::pin(owner_leaves(note.subscribe(), a.clone()));
+        assert!(!resolved(&mut leaves));
+        note.send_replace(Some(Standby::Owner(a.clone())));
+        assert!(!resolved(&mut leaves));
+        // Another broker took over.
+        note.send_replace(Some(Standby::Owner(b.clone())));
+        assert!(resolved(&mut leaves));
+        // This broker took over.
+        let mut leaves = Box::pin(owner_leaves(note.subscribe(), b.clone()));
+        assert!(!resolved(&mut leaves));
+        note.send_replace(None);
+        assert!(resolved(&mut leaves));
+        // Asked about an owner the standby has already left behind: at once.
+        assert!(resolved(&mut Box::pin(owner_leaves(note.subscribe(), a.clone()))));
+        // The broker going away ends no relay by itself.
+        note.send_replace(Some(Standby::Owner(a.clone())));
+        let mut leaves = Box::pin(owner_leaves(note.subscribe(), a));
+        drop(note);
+        assert!(!resolved(&mut leaves));
     }
 }

@@ -159,8 +159,9 @@ impl std::fmt::Display for Standby {
 }
 
 /// Where a standby says who owns the log: `Some` while it waits, `None` once this broker holds
-/// the lease.
-pub type StandbyNote = std::sync::Mutex<Option<Standby>>;
+/// the lease. A watch, so that a request relayed to an owner that has since lost the log (frozen,
+/// say, so it never answers) is given up as soon as the standby learns of it.
+pub type StandbyNote = tokio::sync::watch::Sender<Option<Standby>>;
 
 /// Waits until this broker holds the lease of `config`'s shard, saying who holds it meanwhile
 /// (in the log once per owner, and in `standby`).
@@ -264,7 +265,11 @@ async fn watch_key(store: &kv::Store, key: &str) -> Option<kv::Watch> {
 }
 
 fn set_note(note: &StandbyNote, owner: Option<Standby>) {
-    *note.lock().unwrap_or_else(|e| e.into_inner()) = owner;
+    note.send_if_modified(|now| {
+        let changed = *now != owner;
+        *now = owner;
+        changed
+    });
 }
 
 /// Notes `owner` as the owner, logging it once per owner.

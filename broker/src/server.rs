@@ -260,7 +260,7 @@ async fn route(
             }
         };
         return Ok(match edge::route(req.uri().path(), req.headers(), &owner) {
-            edge::Route::Relay => edge::relay(req, &ctx.node, &owner).await,
+            edge::Route::Relay => edge::relay(req, &ctx.node, &owner, ctx.handle.watch_standby()).await,
             edge::Route::Redirect(location) => edge::redirect(&location),
             edge::Route::Refuse(message) => edge::unavailable(message),
         });

@@ -763,10 +763,34 @@ async fn a_paused_owner_wakes_deposed_and_acknowledges_nothing() {
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let ((mut a, a_url), (_b, b_url)) = owner_and_standby(&nats, &http, "zombie", &dirs).await;
     let before = submit(&http, &a_url, "before").await.expect("the owner acknowledges");
+    // A watcher of the job through the standby: its event stream is relayed to A.
+    let mut events = http.get(format!("{b_url}/j/{before}/events")).send().await.unwrap();
+    assert_eq!(events.status(), 200);
 
     // A freezes (a SIGSTOP: a long GC pause, a frozen VM) past its lease; B takes over.
     nix_signal(a.id(), "STOP");
+    // A request to B now is relayed to the frozen A (its lease has time left): B gives it up once
+    // it takes over, rather than wait for A to wake.
+    let relayed = {
+        let (http, b_url) = (http.clone(), b_url.clone());
+        tokio::spawn(async move {
+            let r = http.get(format!("{b_url}/q/q")).send().await.unwrap();
+            (r.status(), r.text().await.unwrap())
+        })
+    };
     wait_ready(&b_url).await;
+    let (status, said) = tokio::time::timeout(WAIT, relayed)
+        .await
+        .expect("a request relayed to the frozen owner still waits after the takeover")
+        .unwrap();
+    assert!(
+        status == 200 || (status == 503 && said.contains("stopped owning the log")),
+        "the relayed request: {status} {said}"
+    );
+    eprintln!("a request relayed to the frozen owner was answered {status} after the takeover");
+    // The relayed event stream ends too, so its watcher connects again, to B.
+    let ended = tokio::time::timeout(WAIT, async { while let Ok(Some(_)) = events.chunk().await {} }).await;
+    assert!(ended.is_ok(), "an event stream relayed to the frozen owner is still open after the takeover");
     let during = submit(&http, &b_url, "during").await.expect("the new owner acknowledges");
     // A request for A while it is frozen: A finds it when it wakes (or a moment later).
     let stale = {
