@@ -11,6 +11,11 @@
 //! - **Epoch**: the revision of the write that took the lease; it names the owner in the log's
 //!   owner marker (`<node>/<epoch>`).
 //! - **Release** deletes the key at the held revision; standbys watch the key and try at once.
+//! - **A dead owner** is replaced before its key runs out: a standby that sees the key unrenewed
+//!   for two renewal intervals (at least 3 s), and the owner's advertised address refusing connections (nothing
+//!   listens there: the process is gone; a frozen one still accepts), writes its own value at
+//!   the revision it saw ([`take_from_dead`]). A renewal landing meanwhile wins. Refused alone
+//!   is not enough (a wrong `--advertise-url`), nor unrenewed alone (NATS electing a leader).
 //!
 //! [`shared_link_key`] keeps the one other thing every broker of a cluster must agree on, the
 //! read-link signing key, in the bucket `<cluster>_config`.
@@ -30,6 +35,9 @@ use crate::ownership::{Created, LeaseTimes, Ownership, Renewed, Step};
 
 /// Longest wait for one answer of the lease store before it counts as unknown.
 const ANSWER_WITHIN: Duration = Duration::from_secs(2);
+/// Shortest time an owner's key must go unrenewed (and at least two renewal intervals) before a
+/// standby may take the owner for dead; a renewal that a loaded machine delays is not a death.
+const DEAD_AFTER: Duration = Duration::from_secs(3);
 
 /// What the key of a held lease says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,6 +195,7 @@ pub async fn acquire(
     let mut ownership = Ownership::new(times, Instant::now());
     let mut told: Option<Holder> = None;
     let mut failing = false;
+    let mut seen: Option<Seen> = None;
     set_note(standby, Some(Standby::Unknown));
     let epoch = loop {
         if let Some(epoch) = ownership.owner_epoch(Instant::now()) {
@@ -194,7 +203,7 @@ pub async fn acquire(
         }
         match ownership.poll(Instant::now()) {
             Step::Create => {
-                let answer = match tokio::time::timeout(ANSWER_WITHIN, store.create(&key, value.clone())).await {
+                let mut answer = match tokio::time::timeout(ANSWER_WITHIN, store.create(&key, value.clone())).await {
                     Ok(Ok(revision)) => Created::Yes(revision),
                     Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => Created::Taken,
                     // Said once per streak of failures: NATS without a quorum fails every second.
@@ -208,8 +217,22 @@ pub async fn acquire(
                 };
                 failing = answer == Created::Unknown;
                 if answer == Created::Taken {
-                    if let Some(owner) = current_holder(&store, &key).await {
-                        tell(config.shard, standby, owner, &mut told);
+                    if let Some((owner, revision)) = current_holder(&store, &key).await {
+                        tell(config.shard, standby, owner.clone(), &mut told);
+                        let now = Instant::now();
+                        let unrenewed = match &seen {
+                            Some(s) if s.revision == revision => now.saturating_duration_since(s.since),
+                            _ => {
+                                seen = Some(Seen { revision, since: now });
+                                Duration::ZERO
+                            }
+                        };
+                        if owner.nonce != holder.nonce && unrenewed >= (times.renew_every * 2).max(DEAD_AFTER) {
+                            if let Some(taken) = take_from_dead(&store, &key, &value, &owner, revision, unrenewed).await
+                            {
+                                answer = Created::Yes(taken);
+                            }
+                        }
                     }
                 }
                 ownership.created(answer, Instant::now());
@@ -283,13 +306,59 @@ fn tell(shard: u32, standby: &StandbyNote, owner: Holder, told: &mut Option<Hold
     *told = Some(owner);
 }
 
-/// Who holds `key`, if anyone.
-async fn current_holder(store: &kv::Store, key: &str) -> Option<Holder> {
-    let entry = store.entry(key).await.ok()??;
+/// Who holds `key`, if anyone, and the revision of their last write.
+async fn current_holder(store: &kv::Store, key: &str) -> Option<(Holder, u64)> {
+    let entry = tokio::time::timeout(ANSWER_WITHIN, store.entry(key)).await.ok()?.ok()??;
     if entry.operation != kv::Operation::Put {
         return None;
     }
-    serde_json::from_slice(&entry.value).ok()
+    Some((serde_json::from_slice(&entry.value).ok()?, entry.revision))
+}
+
+/// The owner's last write as a standby saw it: its revision, and since when it is unchanged.
+struct Seen {
+    revision: u64,
+    since: Instant,
+}
+
+/// Takes the key from `owner`, whose write at `revision` has not been renewed for `unrenewed`,
+/// if its advertised address refuses connections: the process is gone. Returns the revision
+/// of the take, the new owner's epoch. The write expects `revision`, so it fails if the owner
+/// renewed meanwhile or another standby took the key first.
+async fn take_from_dead(
+    store: &kv::Store,
+    key: &str,
+    value: &Bytes,
+    owner: &Holder,
+    revision: u64,
+    unrenewed: Duration,
+) -> Option<u64> {
+    let url = owner.advertise_url.as_deref()?;
+    if !refuses_connections(url).await {
+        return None;
+    }
+    let taken = tokio::time::timeout(ANSWER_WITHIN, store.update(key, value.clone(), revision)).await.ok()?.ok()?;
+    tracing::warn!(
+        key,
+        owner = %owner.node,
+        url,
+        unrenewed_ms = unrenewed.as_millis() as u64,
+        "the owner stopped renewing its lease and nothing listens at its address: taking the lease over before it runs out"
+    );
+    Some(taken)
+}
+
+/// True if a connection to `url`'s host and port is refused: the host is up and nothing listens
+/// there. A timeout, an unreachable host or a name that does not resolve prove nothing.
+async fn refuses_connections(url: &str) -> bool {
+    let Some(authority) = url.parse::<http::Uri>().ok().and_then(|u| u.authority().cloned()) else {
+        return false;
+    };
+    let address = (authority.host().trim_matches(['[', ']']).to_string(), authority.port_u16().unwrap_or(80));
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(address)).await,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
 }
 
 /// Renews the lease until it is released or lost.

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 mod support;
-use support::{Killed, cq_listening};
+use support::{Killed, cq_listening, cq_listening_logged};
 
 /// Longest a test waits for any one condition.
 const WAIT: Duration = Duration::from_secs(60);
@@ -145,6 +145,17 @@ fn cq_broker(nats: &Nats, data_dir: &Path, cluster: &str) -> (Killed, String) {
 
 /// [`cq_broker`] with `extra` arguments.
 fn cq_broker_with(nats: &Nats, data_dir: &Path, cluster: &str, extra: &[&str]) -> (Killed, String) {
+    cq_broker_logged(nats, data_dir, cluster, extra, None)
+}
+
+/// [`cq_broker_with`], its log at info level going to `log` if given.
+fn cq_broker_logged(
+    nats: &Nats,
+    data_dir: &Path,
+    cluster: &str,
+    extra: &[&str],
+    log: Option<&Path>,
+) -> (Killed, String) {
     let urls = nats.url_list();
     let mut args = vec![
         "broker",
@@ -159,7 +170,10 @@ fn cq_broker_with(nats: &Nats, data_dir: &Path, cluster: &str, extra: &[&str]) -
         data_dir.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    cq_listening(&args)
+    match log {
+        Some(log) => cq_listening_logged(&args, log),
+        None => cq_listening(&args),
+    }
 }
 
 /// Waits until the broker at `url` has recovered its log.
@@ -504,6 +518,35 @@ async fn a_standby_takes_over_from_a_killed_owner_and_a_stopped_one_hands_over()
     assert_eq!(http.get(format!("{a_url}/j/{id}")).send().await.unwrap().status(), 200, "{id} is on the new owner");
 }
 
+/// What a standby logs when it takes the lease of an owner that died before the lease ran out.
+const TAKEN_EARLY: &str = "taking the lease over before it runs out";
+
+/// An owner killed with -9 (a crash, the OOM killer) is replaced before its lease (the default,
+/// 15 s) runs out: its key goes unrenewed and nothing listens at its address any more. A frozen
+/// owner is not (a_paused_owner_wakes_deposed_and_acknowledges_nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_owner_is_replaced_before_its_lease_runs_out() {
+    let Some(bin) = nats_server() else { return };
+    let nats = Nats::start(&bin).await;
+    let http = reqwest::Client::new();
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (mut a, a_url) = cq_broker_with(&nats, dirs.0.path(), "dead", &["--node-id", "a"]);
+    wait_ready(&a_url).await;
+    let b_log = dirs.0.path().join("b.log");
+    let (_b, b_url) = cq_broker_logged(&nats, dirs.1.path(), "dead", &["--node-id", "b"], Some(&b_log));
+    wait_standby(&http, &b_url).await;
+    let before = submit(&http, &a_url, "before").await.expect("the owner acknowledges");
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    let killed = Instant::now();
+    wait_ready(&b_url).await;
+    eprintln!("the standby served {} ms after the owner's kill -9 (lease 15 s)", killed.elapsed().as_millis());
+    let said = std::fs::read_to_string(&b_log).unwrap();
+    assert!(said.contains(TAKEN_EARLY) && said.contains("owner=a"), "{said}");
+    assert_eq!(http.get(format!("{b_url}/j/{before}")).send().await.unwrap().status(), 200, "job {before} lost");
+    submit(&http, &b_url, "after").await.expect("the new owner acknowledges");
+}
+
 /// What the broker at `url` says in metric `name` for shard 0.
 async fn shard_metric(http: &reqwest::Client, url: &str, name: &str) -> String {
     let text = http.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
@@ -761,7 +804,13 @@ async fn a_paused_owner_wakes_deposed_and_acknowledges_nothing() {
     let nats = Nats::start(&bin).await;
     let http = reqwest::Client::new();
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let ((mut a, a_url), (_b, b_url)) = owner_and_standby(&nats, &http, "zombie", &dirs).await;
+    // An 8 s lease: long enough for B to look at A for dead (3 s unrenewed) before it runs out.
+    let (mut a, a_url) = cq_broker_with(&nats, dirs.0.path(), "zombie", &["--node-id", "a", "--lease-ttl", "8s"]);
+    wait_ready(&a_url).await;
+    let b_log = dirs.0.path().join("b.log");
+    let (_b, b_url) =
+        cq_broker_logged(&nats, dirs.1.path(), "zombie", &["--node-id", "b", "--lease-ttl", "8s"], Some(&b_log));
+    wait_standby(&http, &b_url).await;
     let before = submit(&http, &a_url, "before").await.expect("the owner acknowledges");
     // A watcher of the job through the standby: its event stream is relayed to A.
     let mut events = http.get(format!("{b_url}/j/{before}/events")).send().await.unwrap();
@@ -791,6 +840,10 @@ async fn a_paused_owner_wakes_deposed_and_acknowledges_nothing() {
     // The relayed event stream ends too, so its watcher connects again, to B.
     let ended = tokio::time::timeout(WAIT, async { while let Ok(Some(_)) = events.chunk().await {} }).await;
     assert!(ended.is_ok(), "an event stream relayed to the frozen owner is still open after the takeover");
+    // B waited for A's lease to run out: a frozen process still accepts connections, so it is
+    // not taken for dead (a_dead_owner_is_replaced_before_its_lease_runs_out).
+    let said = std::fs::read_to_string(&b_log).unwrap();
+    assert!(said.contains("took the lease") && !said.contains(TAKEN_EARLY), "{said}");
     let during = submit(&http, &b_url, "during").await.expect("the new owner acknowledges");
     // A request for A while it is frozen: A finds it when it wakes (or a moment later).
     let stale = {

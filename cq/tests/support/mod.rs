@@ -23,11 +23,20 @@ impl Drop for Killed {
 /// `cq ARGS` for a command that prints `listening on ADDR` first (dev, broker); returns it and
 /// its URL.
 pub fn cq_listening(args: &[&str]) -> (Killed, String) {
+    listening(args, "warn", Stdio::inherit())
+}
+
+/// [`cq_listening`], with its log at info level written to `log`.
+pub fn cq_listening_logged(args: &[&str], log: &std::path::Path) -> (Killed, String) {
+    listening(args, "info", std::fs::File::create(log).unwrap().into())
+}
+
+fn listening(args: &[&str], level: &str, log: Stdio) -> (Killed, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_cq"))
         .args(args)
-        .env("CQ_LOG", "warn")
+        .env("CQ_LOG", level)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(log)
         .spawn()
         .unwrap();
     let mut line = String::new();
