@@ -125,15 +125,14 @@ impl Policy {
     ///   frames, files) never is.
     pub fn check(&self, method: &Method, headers: &HeaderMap) -> Verdict {
         let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_ascii_lowercase);
-        if self.tokenless {
-            if let Some(host) = &host {
-                if !self.host_is_safe(host) {
-                    return refused(format!(
-                        "this broker has no tokens, so it answers only to an IP address or localhost, not `{host}`; \
-                         list the origin with --allow-origin or set tokens"
-                    ));
-                }
-            }
+        if self.tokenless
+            && let Some(host) = &host
+            && !self.host_is_safe(host)
+        {
+            return refused(format!(
+                "this broker has no tokens, so it answers only to an IP address or localhost, not `{host}`; \
+                 list the origin with --allow-origin or set tokens"
+            ));
         }
         let Some(origin) = headers.get(header::ORIGIN) else { return Verdict::SameOrigin };
         let Some(given) = origin.to_str().ok().and_then(normalise_origin) else {

@@ -345,10 +345,11 @@ impl BlobStore {
     /// still shows the version it wrote (same ETag); otherwise the next [`BlobStore::held`]
     /// checks the content.
     async fn wrote(&self, sha: &str, written: &object_store::PutResult) {
-        if let Ok(Some(meta)) = self.head(sha).await {
-            if written.e_tag.is_some() && meta.e_tag == written.e_tag {
-                self.verified.insert(sha.to_string(), Stamp::of(&meta));
-            }
+        if let Ok(Some(meta)) = self.head(sha).await
+            && written.e_tag.is_some()
+            && meta.e_tag == written.e_tag
+        {
+            self.verified.insert(sha.to_string(), Stamp::of(&meta));
         }
     }
 
@@ -359,10 +360,10 @@ impl BlobStore {
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
     {
-        if let Some(size) = size {
-            if size > self.max_blob {
-                return Err(BlobError::TooLarge { max: self.max_blob });
-            }
+        if let Some(size) = size
+            && size > self.max_blob
+        {
+            return Err(BlobError::TooLarge { max: self.max_blob });
         }
         let mut body = std::pin::pin!(body);
         let mut hasher = Sha256::new();
@@ -410,10 +411,10 @@ impl BlobStore {
         }
         .await;
         let verdict = result.and_then(|()| {
-            if let Some(expected) = size {
-                if total < expected {
-                    return Err(BlobError::Truncated { got: total, expected });
-                }
+            if let Some(expected) = size
+                && total < expected
+            {
+                return Err(BlobError::Truncated { got: total, expected });
             }
             let actual = hex::encode(hasher.finalize());
             if actual != sha {

@@ -216,23 +216,23 @@ pub async fn acquire(
                     Err(_) => Created::Unknown,
                 };
                 failing = answer == Created::Unknown;
-                if answer == Created::Taken {
-                    if let Some((owner, revision)) = current_holder(&store, &key).await {
-                        tell(config.shard, standby, owner.clone(), &mut told);
-                        let now = Instant::now();
-                        let unrenewed = match &seen {
-                            Some(s) if s.revision == revision => now.saturating_duration_since(s.since),
-                            _ => {
-                                seen = Some(Seen { revision, since: now });
-                                Duration::ZERO
-                            }
-                        };
-                        if owner.nonce != holder.nonce && unrenewed >= (times.renew_every * 2).max(DEAD_AFTER) {
-                            if let Some(taken) = take_from_dead(&store, &key, &value, &owner, revision, unrenewed).await
-                            {
-                                answer = Created::Yes(taken);
-                            }
+                if answer == Created::Taken
+                    && let Some((owner, revision)) = current_holder(&store, &key).await
+                {
+                    tell(config.shard, standby, owner.clone(), &mut told);
+                    let now = Instant::now();
+                    let unrenewed = match &seen {
+                        Some(s) if s.revision == revision => now.saturating_duration_since(s.since),
+                        _ => {
+                            seen = Some(Seen { revision, since: now });
+                            Duration::ZERO
                         }
+                    };
+                    if owner.nonce != holder.nonce
+                        && unrenewed >= (times.renew_every * 2).max(DEAD_AFTER)
+                        && let Some(taken) = take_from_dead(&store, &key, &value, &owner, revision, unrenewed).await
+                    {
+                        answer = Created::Yes(taken);
                     }
                 }
                 ownership.created(answer, Instant::now());
@@ -253,11 +253,10 @@ pub async fn acquire(
                         }
                         // Another standby took over: forward to it from now on.
                         Some(Ok(e)) => {
-                            if let Ok(owner) = serde_json::from_slice::<Holder>(&e.value) {
-                                if owner.nonce != holder.nonce {
+                            if let Ok(owner) = serde_json::from_slice::<Holder>(&e.value)
+                                && owner.nonce != holder.nonce {
                                     tell(config.shard, standby, owner, &mut told);
                                 }
-                            }
                         }
                         // A failing or ended watch (a reconnect) is made again at the next wait,
                         // rather than polled in a loop until the timer.

@@ -203,10 +203,10 @@ impl Log {
     fn remove_older(&self, generation: u64) {
         for g in 0..generation {
             for path in [snapshot_path(&self.dir, g), log_path(&self.dir, g)] {
-                if path.exists() {
-                    if let Err(e) = fs::remove_file(&path) {
-                        tracing::warn!(path = %path.display(), error = %e, "could not remove an old log file");
-                    }
+                if path.exists()
+                    && let Err(e) = fs::remove_file(&path)
+                {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove an old log file");
                 }
             }
         }

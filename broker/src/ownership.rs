@@ -358,13 +358,13 @@ mod tests {
             }
             for (i, node) in nodes.iter_mut().enumerate() {
                 // The store takes a write when it arrives, even from a paused node (it was sent).
-                if let Some(flight @ Flight { answer: None, .. }) = &mut node.flight {
-                    if now >= flight.arrives {
-                        flight.answer = Some(match flight.write {
-                            Write::Create => Answer::Created(store.create(i, now)),
-                            Write::Renew(rev) => Answer::Renewed(store.update(i, rev, now)),
-                        });
-                    }
+                if let Some(flight @ Flight { answer: None, .. }) = &mut node.flight
+                    && now >= flight.arrives
+                {
+                    flight.answer = Some(match flight.write {
+                        Write::Create => Answer::Created(store.create(i, now)),
+                        Write::Renew(rev) => Answer::Renewed(store.update(i, rev, now)),
+                    });
                 }
                 if now < node.paused_until {
                     continue;
@@ -418,13 +418,15 @@ mod tests {
                     }
                 }
                 // Now and then the owner stops gracefully and hands the lease over.
-                if tick % 1000 == 0 && node.flight.is_none() && rng.below(200) == 0 {
-                    if let Some(rev) = node.ownership.release(now) {
-                        store.delete(rev, now);
-                        node.ownership = Ownership::new(times, now + Duration::from_secs(1));
-                        node.wait_until = now + Duration::from_secs(1);
-                        freed = true;
-                    }
+                if tick % 1000 == 0
+                    && node.flight.is_none()
+                    && rng.below(200) == 0
+                    && let Some(rev) = node.ownership.release(now)
+                {
+                    store.delete(rev, now);
+                    node.ownership = Ownership::new(times, now + Duration::from_secs(1));
+                    node.wait_until = now + Duration::from_secs(1);
+                    freed = true;
                 }
             }
             if freed {

@@ -233,10 +233,10 @@ pub async fn connections(args: BenchArgs) -> Result<std::process::ExitCode> {
                 other => bail!("no welcome: {other:?}"),
             }
         });
-        if pending.len() >= 256 {
-            if let Some(s) = pending.next().await {
-                sockets.push(s?);
-            }
+        if pending.len() >= 256
+            && let Some(s) = pending.next().await
+        {
+            sockets.push(s?);
         }
     }
     while let Some(s) = pending.next().await {

@@ -154,10 +154,10 @@ fn worker_config(
 /// `--gpus 2` → devices 0 and 1; `--gpus 0,2` or UUIDs → those devices; `--gpus 0` → none.
 fn parse_gpus(text: &str) -> Result<Vec<String>> {
     let text = text.trim();
-    if let Ok(n) = text.parse::<u32>() {
-        if !text.contains(',') {
-            return Ok((0..n).map(|i| i.to_string()).collect());
-        }
+    if let Ok(n) = text.parse::<u32>()
+        && !text.contains(',')
+    {
+        return Ok((0..n).map(|i| i.to_string()).collect());
     }
     let list: Vec<String> = text.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     if list.is_empty() {
@@ -268,13 +268,13 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
                 if host.is_empty() { "broker".to_string() } else { host.to_string() }
             }
         };
-        if let Some(url) = &args.cluster.advertise_url {
-            if url.strip_prefix("http://").is_none_or(|rest| rest.is_empty() || rest.starts_with('/')) {
-                bail!(
-                    "--advertise-url must be an http:// URL with a host, like http://10.0.0.5:8000 (the address \
-                     this broker listens on, as other brokers reach it), got `{url}`"
-                );
-            }
+        if let Some(url) = &args.cluster.advertise_url
+            && url.strip_prefix("http://").is_none_or(|rest| rest.is_empty() || rest.starts_with('/'))
+        {
+            bail!(
+                "--advertise-url must be an http:// URL with a host, like http://10.0.0.5:8000 (the address \
+                 this broker listens on, as other brokers reach it), got `{url}`"
+            );
         }
         let nats = broker::jetstream::NatsConfig {
             creds_file: args.cluster.nats_creds,

@@ -181,10 +181,10 @@ async fn wait_ready(url: &str) {
     let deadline = Instant::now() + WAIT;
     let http = reqwest::Client::new();
     loop {
-        if let Ok(r) = http.get(format!("{url}/readyz")).send().await {
-            if r.status().is_success() {
-                return;
-            }
+        if let Ok(r) = http.get(format!("{url}/readyz")).send().await
+            && r.status().is_success()
+        {
+            return;
         }
         assert!(Instant::now() < deadline, "the broker at {url} did not become ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -639,10 +639,10 @@ async fn submit_until_acknowledged(http: &reqwest::Client, url: &str, i: usize) 
         "command": ["sh", "-c", format!("sleep 0.5; echo job {i}; exit {}", i % 3)]}});
     let deadline = Instant::now() + WAIT;
     loop {
-        if let Ok(r) = http.post(format!("{url}/q/q/j")).json(&body).send().await {
-            if r.status().is_success() {
-                return r.json::<Value>().await.unwrap()["jobId"].as_str().unwrap().to_string();
-            }
+        if let Ok(r) = http.post(format!("{url}/q/q/j")).json(&body).send().await
+            && r.status().is_success()
+        {
+            return r.json::<Value>().await.unwrap()["jobId"].as_str().unwrap().to_string();
         }
         assert!(Instant::now() < deadline, "submission {i} was never acknowledged");
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -742,10 +742,10 @@ async fn failover_time_over_ten_kills() {
         child.0.wait().unwrap();
         let body = job(&format!("after kill {kill}"));
         loop {
-            if let Ok(r) = http.post(format!("{other}/q/q/j")).json(&body).send().await {
-                if r.status().is_success() {
-                    break;
-                }
+            if let Ok(r) = http.post(format!("{other}/q/q/j")).json(&body).send().await
+                && r.status().is_success()
+            {
+                break;
             }
             assert!(killed.elapsed() < WAIT, "no submission was acknowledged after kill {kill}");
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -223,10 +223,10 @@ impl JobDefinition {
         }
         self.command = self.command.map(|c| normalize_command("command", c)).transpose()?;
         self.entrypoint = self.entrypoint.map(|c| normalize_command("entrypoint", c)).transpose()?;
-        if let Some(dir) = &self.workdir {
-            if !dir.starts_with('/') || dir.contains('\0') {
-                return Err(DefinitionError::new("workdir", "must be an absolute path"));
-            }
+        if let Some(dir) = &self.workdir
+            && (!dir.starts_with('/') || dir.contains('\0'))
+        {
+            return Err(DefinitionError::new("workdir", "must be an absolute path"));
         }
         if self.env.len() > MAX_ENV {
             return Err(DefinitionError::new("env", format!("at most {MAX_ENV} variables")));
@@ -626,10 +626,10 @@ fn validate_build(build: &BuildSpec) -> Result<(), DefinitionError> {
     for key in build.build_args.keys() {
         validate_env_key(key).map_err(|m| DefinitionError::new(format!("build.buildArgs.{key}"), m))?;
     }
-    if let Some(p) = &build.platform {
-        if p.is_empty() || !p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-')) {
-            return Err(DefinitionError::new("build.platform", "must look like linux/amd64"));
-        }
+    if let Some(p) = &build.platform
+        && (p.is_empty() || !p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '_' | '-')))
+    {
+        return Err(DefinitionError::new("build.platform", "must look like linux/amd64"));
     }
     Ok(())
 }

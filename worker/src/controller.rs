@@ -306,13 +306,12 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                             }
                         }
                     };
-                    if let Some(m) = msg {
-                        if let Err(e) = send(ws, &m).await {
+                    if let Some(m) = msg
+                        && let Err(e) = send(ws, &m).await {
                             tracing::warn!(error = %e, "the connection to the broker failed");
                             pending = Some(m);
                             continue 'connection;
                         }
-                    }
                 }
                 _ = tick.tick() => {
                     if send(ws, &WorkerToBroker::Heartbeat).await.is_err() {
@@ -581,10 +580,10 @@ fn handle(
         BrokerToWorker::Error(e) => {
             tracing::warn!(code = ?e.code, message = %e.message, job = ?e.job_id, "the broker reported an error");
             // A finish the broker will never take (the attempt is no longer current).
-            if e.code == protocol::messages::ErrorCode::StaleAttempt {
-                if let Some(job) = e.job_id {
-                    unacked.remove(&job);
-                }
+            if e.code == protocol::messages::ErrorCode::StaleAttempt
+                && let Some(job) = e.job_id
+            {
+                unacked.remove(&job);
             }
             Vec::new()
         }

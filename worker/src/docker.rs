@@ -187,10 +187,10 @@ async fn pull(docker: &Docker, image: &str, progress: &(dyn Fn(ImageProgress) + 
     while let Some(item) = stream.next().await {
         match item {
             Ok(info) => {
-                if let (Some(id), Some(detail)) = (&info.id, &info.progress_detail) {
-                    if let (Some(cur), Some(total)) = (detail.current, detail.total) {
-                        layers.insert(id.clone(), (cur.max(0) as u64, total.max(0) as u64));
-                    }
+                if let (Some(id), Some(detail)) = (&info.id, &info.progress_detail)
+                    && let (Some(cur), Some(total)) = (detail.current, detail.total)
+                {
+                    layers.insert(id.clone(), (cur.max(0) as u64, total.max(0) as u64));
                 }
                 if last.elapsed() >= Duration::from_millis(250) {
                     last = std::time::Instant::now();

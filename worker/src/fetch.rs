@@ -144,14 +144,12 @@ async fn checked_addresses(policy: &FetchPolicy, url: &url::Url) -> Result<Vec<S
     if addrs.is_empty() {
         return Err(format!("{bare} resolves to no address"));
     }
-    if !allowed {
-        if let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
-            return Err(format!(
-                "{bare} resolves to {}, a {} address the job could not reach; the worker's owner can allow it with --allow-input-host {bare}",
-                bad.ip(),
-                describe(bad.ip())
-            ));
-        }
+    if !allowed && let Some(bad) = addrs.iter().find(|a| !is_public(a.ip())) {
+        return Err(format!(
+            "{bare} resolves to {}, a {} address the job could not reach; the worker's owner can allow it with --allow-input-host {bare}",
+            bad.ip(),
+            describe(bad.ip())
+        ));
     }
     Ok(addrs)
 }

@@ -815,10 +815,10 @@ async fn cleanup_dir(ctx: &Ctx) {
 }
 
 async fn remove_dir(dir: &Path) {
-    if let Err(e) = tokio::fs::remove_dir_all(dir).await {
-        if e.kind() != std::io::ErrorKind::NotFound {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a job directory");
-        }
+    if let Err(e) = tokio::fs::remove_dir_all(dir).await
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a job directory");
     }
 }
 

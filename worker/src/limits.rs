@@ -96,21 +96,21 @@ impl Limits {
         let max_memory = self.max_memory.or_else(host_memory);
         let max_cpus = self.max_cpus.or_else(|| std::thread::available_parallelism().ok().map(|n| n.get() as f64));
         let memory = bytes(&r.memory).or(self.default_memory.map(|d| max_memory.map_or(d, |m| d.min(m))));
-        if let (Some(asked), Some(max)) = (bytes(&r.memory), max_memory) {
-            if asked > max {
-                return Err(refused("memory", &format_bytes(asked), &format_bytes(max)));
-            }
+        if let (Some(asked), Some(max)) = (bytes(&r.memory), max_memory)
+            && asked > max
+        {
+            return Err(refused("memory", &format_bytes(asked), &format_bytes(max)));
         }
-        if let (Some(asked), Some(max)) = (r.cpus, max_cpus) {
-            if asked > max {
-                return Err(refused("cpus", &asked.to_string(), &max.to_string()));
-            }
+        if let (Some(asked), Some(max)) = (r.cpus, max_cpus)
+            && asked > max
+        {
+            return Err(refused("cpus", &asked.to_string(), &max.to_string()));
         }
         let shm = bytes(&r.shm_size);
-        if let Some(asked) = shm {
-            if asked > self.max_shm {
-                return Err(refused("shmSize", &format_bytes(asked), &format_bytes(self.max_shm)));
-            }
+        if let Some(asked) = shm
+            && asked > self.max_shm
+        {
+            return Err(refused("shmSize", &format_bytes(asked), &format_bytes(self.max_shm)));
         }
         Ok(Granted { memory, cpus: r.cpus, shm })
     }

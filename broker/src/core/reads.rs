@@ -22,10 +22,10 @@ impl Core {
         };
         names.sort();
         let mut out: Vec<QueueSummary> = names.into_iter().map(|q| self.summary_of(q)).collect();
-        if out.is_empty() {
-            if let Some(q) = queue {
-                out.push(QueueSummary { queue: q.clone(), ..Default::default() });
-            }
+        if out.is_empty()
+            && let Some(q) = queue
+        {
+            out.push(QueueSummary { queue: q.clone(), ..Default::default() });
         }
         out
     }

@@ -8,10 +8,10 @@ impl Core {
         if let Err(m) = validate_name("queue", &s.queue, false) {
             return Reply::Error(ErrorBody::new(ErrorCode::InvalidDefinition, m));
         }
-        if let Some(ns) = &s.namespace {
-            if let Err(m) = validate_name("namespace", ns, true) {
-                return Reply::Error(ErrorBody::new(ErrorCode::InvalidDefinition, m));
-            }
+        if let Some(ns) = &s.namespace
+            && let Err(m) = validate_name("namespace", ns, true)
+        {
+            return Reply::Error(ErrorBody::new(ErrorCode::InvalidDefinition, m));
         }
         let queue = self.queue_name(Some(&s.queue));
         let outcome = match self.jobs.get(&s.job) {

@@ -327,11 +327,11 @@ impl Core {
     }
 
     pub(super) fn release_held(&mut self, worker: &WorkerId, job: JobId) {
-        if let Some(w) = self.workers.get_mut(worker) {
-            if w.held.remove(&job).is_some() {
-                // Watchers of its queues see the worker's `busy` change.
-                self.busy_workers.extend(w.queues.iter().cloned());
-            }
+        if let Some(w) = self.workers.get_mut(worker)
+            && w.held.remove(&job).is_some()
+        {
+            // Watchers of its queues see the worker's `busy` change.
+            self.busy_workers.extend(w.queues.iter().cloned());
         }
     }
 

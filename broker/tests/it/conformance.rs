@@ -273,10 +273,8 @@ fn fits(want: &Value, got: &Value, path: &str) -> Result<(), String> {
                 let gv = g.get(k).ok_or_else(|| format!("`{sub}` is documented but missing"))?;
                 fits(wv, gv, &sub)?;
             }
-            if !open {
-                if let Some(k) = g.keys().find(|k| !w.contains_key(*k)) {
-                    return Err(format!("`{here}` has `{k}`, which the example does not show"));
-                }
+            if !open && let Some(k) = g.keys().find(|k| !w.contains_key(*k)) {
+                return Err(format!("`{here}` has `{k}`, which the example does not show"));
             }
             Ok(())
         }
