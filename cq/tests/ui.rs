@@ -329,11 +329,17 @@ async fn state_is(c: &Client, want: &str) {
 /// screenshot, for a wait that timed out to explain itself.
 async fn page_shows(c: &Client) -> Value {
     screenshot("ui-timeout.png", &c.screenshot().await.unwrap_or_default());
+    // Written not to fail where the page's script never ran (no `window.cq`): then the
+    // documents and fetches it made say what it was missing.
     script(
         c,
         "const t = s => (document.querySelector(s) || {}).textContent; \
+         const cq = window.cq; \
          return { state: t('#state'), details: t('#details'), error: t('#form-error'), \
-         connection: t('#conn'), job: window.cq.job.id || null, lines: window.cq.log.length };",
+         connection: t('#conn'), job: (cq && cq.job.id) || null, lines: cq && cq.log ? cq.log.length : null, \
+         script_ran: !!cq, url: location.href, ready: document.readyState, \
+         fetched: performance.getEntriesByType('resource').map(e => \
+           `${e.name.replace(location.origin, '')} ${e.responseStatus ?? '?'} ${Math.round(e.duration)}ms`) };",
     )
     .await
 }
