@@ -12,10 +12,11 @@
 //!   owner marker (`<node>/<epoch>`).
 //! - **Release** deletes the key at the held revision; standbys watch the key and try at once.
 //! - **A dead owner** is replaced before its key runs out: a standby that sees the key unrenewed
-//!   for two renewal intervals (at least 3 s), and the owner's advertised address refusing connections (nothing
-//!   listens there: the process is gone; a frozen one still accepts), writes its own value at
-//!   the revision it saw ([`take_from_dead`]). A renewal landing meanwhile wins. Refused alone
-//!   is not enough (a wrong `--advertise-url`), nor unrenewed alone (NATS electing a leader).
+//!   for two renewal intervals (at least 3 s), and the owner's advertised address refusing
+//!   connections (nothing listens there: the process is gone; a frozen one still accepts),
+//!   writes its own value at the revision it saw ([`take_from_dead`]). A renewal landing
+//!   meanwhile wins. Refused alone is not enough (a wrong `--advertise-url`), nor unrenewed
+//!   alone (NATS electing a leader).
 //!
 //! [`shared_link_key`] keeps the one other thing every broker of a cluster must agree on, the
 //! read-link signing key, in the bucket `<cluster>_config`.
@@ -254,9 +255,10 @@ pub async fn acquire(
                         // Another standby took over: forward to it from now on.
                         Some(Ok(e)) => {
                             if let Ok(owner) = serde_json::from_slice::<Holder>(&e.value)
-                                && owner.nonce != holder.nonce {
-                                    tell(config.shard, standby, owner, &mut told);
-                                }
+                                && owner.nonce != holder.nonce
+                            {
+                                tell(config.shard, standby, owner, &mut told);
+                            }
                         }
                         // A failing or ended watch (a reconnect) is made again at the next wait,
                         // rather than polled in a loop until the timer.

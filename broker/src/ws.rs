@@ -294,9 +294,10 @@ async fn session_loop(mut sink: Sink, mut stream: Stream, mut reg: Registration,
                     if m.is_text() {
                         let text = m.to_text().unwrap_or_default();
                         if let Some(reply) = inbound_message(text, conn, role, ctx).await
-                            && sink.send(Message::text(reply)).await.is_err() {
-                                break None;
-                            }
+                            && sink.send(Message::text(reply)).await.is_err()
+                        {
+                            break None;
+                        }
                     } else if m.is_binary() {
                         let e = ErrorBody::new(ErrorCode::BadMessage, "binary frames are not accepted; send JSON text");
                         if sink.send(Message::text(error_text(role, e))).await.is_err() {

@@ -307,11 +307,12 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                         }
                     };
                     if let Some(m) = msg
-                        && let Err(e) = send(ws, &m).await {
-                            tracing::warn!(error = %e, "the connection to the broker failed");
-                            pending = Some(m);
-                            continue 'connection;
-                        }
+                        && let Err(e) = send(ws, &m).await
+                    {
+                        tracing::warn!(error = %e, "the connection to the broker failed");
+                        pending = Some(m);
+                        continue 'connection;
+                    }
                 }
                 _ = tick.tick() => {
                     if send(ws, &WorkerToBroker::Heartbeat).await.is_err() {
