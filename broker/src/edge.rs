@@ -127,11 +127,9 @@ pub async fn relay(
             owner.node
         ))
     };
-    let authority = match url.parse::<Uri>().ok().and_then(|u| u.authority().cloned()) {
-        Some(a) => a,
-        None => return unreachable(format!("`{url}` is not a URL")),
+    let Some(address) = address_of(url) else {
+        return unreachable(format!("`{url}` is not a URL"));
     };
-    let address = (authority.host().trim_matches(['[', ']']).to_string(), authority.port_u16().unwrap_or(80));
     let stream = match tokio::time::timeout(CONNECT_WITHIN, tokio::net::TcpStream::connect(address)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return unreachable(e.to_string()),
@@ -201,6 +199,12 @@ pub async fn relay(
         let frames = TryStreamExt::map_err(BodyStream::new(body), |e| Box::new(e) as BoxError);
         StreamBody::new(frames.take_until(leaves)).boxed_unsync()
     })
+}
+
+/// The host and port an `http://` URL names (port 80 if none), to connect to.
+pub fn address_of(url: &str) -> Option<(String, u16)> {
+    let authority = url.parse::<Uri>().ok()?.authority()?.clone();
+    Some((authority.host().trim_matches(['[', ']']).to_string(), authority.port_u16().unwrap_or(80)))
 }
 
 /// True for a request asking to switch protocols (a websocket handshake).

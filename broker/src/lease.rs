@@ -352,10 +352,9 @@ async fn take_from_dead(
 /// True if a connection to `url`'s host and port is refused: the host is up and nothing listens
 /// there. A timeout, an unreachable host or a name that does not resolve prove nothing.
 async fn refuses_connections(url: &str) -> bool {
-    let Some(authority) = url.parse::<http::Uri>().ok().and_then(|u| u.authority().cloned()) else {
+    let Some(address) = crate::edge::address_of(url) else {
         return false;
     };
-    let address = (authority.host().trim_matches(['[', ']']).to_string(), authority.port_u16().unwrap_or(80));
     matches!(
         tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(address)).await,
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
