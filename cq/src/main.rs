@@ -101,8 +101,6 @@ struct CheckHistoryArgs {
 
 #[derive(Debug, Args)]
 struct BenchArgs {
-    #[command(flatten)]
-    logging: LogArgs,
     /// Benchmark the broker at this URL instead of one started in-process.
     #[arg(long, env = "CQ_URL")]
     url: Option<String>,
@@ -142,6 +140,9 @@ struct BenchArgs {
     /// connections: idle client sockets to open.
     #[arg(long, default_value_t = 10_000)]
     connections: usize,
+    // Last: a flattened group's help heading carries over to the fields after it.
+    #[command(flatten)]
+    logging: LogArgs,
 }
 
 /// How client commands print their result.
@@ -173,8 +174,6 @@ struct Connection {
 
 #[derive(Debug, Args)]
 struct DevArgs {
-    #[command(flatten)]
-    logging: LogArgs,
     /// Address to listen on.
     #[arg(long, env = "CQ_LISTEN", default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
@@ -191,12 +190,13 @@ struct DevArgs {
     access: AccessArgs,
     #[command(flatten)]
     outputs: OutputArgs,
+    // Last: a flattened group's help heading carries over to the fields after it.
+    #[command(flatten)]
+    logging: LogArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    #[command(flatten)]
-    logging: LogArgs,
     /// Broker URL.
     #[arg(long, env = "CQ_URL", default_value = "http://127.0.0.1:8000")]
     pub url: String,
@@ -241,6 +241,9 @@ pub struct WorkerArgs {
     pub limits: LimitArgs,
     #[command(flatten)]
     pub outputs: OutputArgs,
+    // Last: a flattened group's help heading carries over to the fields after it.
+    #[command(flatten)]
+    logging: LogArgs,
 }
 
 /// What a job may leave on this worker's disk.
@@ -347,8 +350,6 @@ impl LimitArgs {
 
 #[derive(Debug, Args)]
 struct BrokerArgs {
-    #[command(flatten)]
-    logging: LogArgs,
     /// Address to listen on.
     #[arg(long, env = "CQ_LISTEN", default_value = "127.0.0.1:8000")]
     listen: SocketAddr,
@@ -396,6 +397,9 @@ struct BrokerArgs {
     access: AccessArgs,
     #[command(flatten)]
     cluster: ClusterArgs,
+    // Last: a flattened group's help heading carries over to the fields after it.
+    #[command(flatten)]
+    logging: LogArgs,
 }
 
 /// Cluster mode: the log in NATS JetStream instead of the data directory.

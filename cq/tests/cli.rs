@@ -571,7 +571,14 @@ fn client_commands_show_only_client_flags_and_describe_every_argument() {
     }
     for cmd in ["dev", "broker", "worker"] {
         let out = cq().args([cmd, "--help"]).output().unwrap();
-        assert!(String::from_utf8(out.stdout).unwrap().contains("--log-format"), "{cmd}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        // Under its own heading, which holds nothing else (a heading runs to the next line that
+        // is not indented).
+        let logging = text.split("\nLogging:\n").nth(1).unwrap_or_else(|| panic!("{cmd}: no Logging heading:\n{text}"));
+        let section = logging.lines().take_while(|l| l.is_empty() || l.starts_with(' '));
+        let flags: Vec<&str> = section.filter_map(|l| l.trim_start().strip_prefix("--")).collect();
+        assert_eq!(flags.len(), 2, "{cmd}: the Logging heading holds other flags:\n{text}");
+        assert!(flags.iter().all(|f| f.starts_with("log")), "{cmd}: {flags:?}");
     }
 }
 
