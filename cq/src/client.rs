@@ -1,5 +1,7 @@
 //! A small client of the broker's HTTP and websocket APIs, used by the CLI commands.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -32,53 +34,104 @@ fn retry_after(resp: &reqwest::Response) -> Duration {
 #[derive(Debug, Clone)]
 pub struct Client {
     http: reqwest::Client,
-    base: String,
+    /// The brokers `--url` names (one, or several of one cluster), without trailing slashes.
+    bases: Vec<String>,
+    /// The one in use: the first, until it cannot be reached (shared by clones).
+    current: Arc<AtomicUsize>,
     token: Option<String>,
 }
 
 impl Client {
+    /// A client of the broker at `url`, or of the brokers of one cluster it lists
+    /// comma-separated: a request that cannot reach one goes to the next.
     pub fn new(url: &str, token: Option<String>) -> Result<Client> {
-        let base = url.trim_end_matches('/').to_string();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            bail!("--url must start with http:// or https://, got `{url}`");
+        let mut bases = Vec::new();
+        for one in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+            let base = one.trim_end_matches('/').to_string();
+            if !(base.starts_with("http://") || base.starts_with("https://")) {
+                bail!("--url must start with http:// or https://, got `{one}`");
+            }
+            if let Err(e) = reqwest::Url::parse(&format!("{base}/")) {
+                bail!("--url `{one}` is not a URL ({e}); give a broker's address, like http://127.0.0.1:8000");
+            }
+            bases.push(base);
         }
-        if let Err(e) = reqwest::Url::parse(&format!("{base}/")) {
-            bail!("--url `{url}` is not a URL ({e}); give one broker's address, like http://127.0.0.1:8000");
+        if bases.is_empty() {
+            bail!("--url is empty; give a broker's address, like http://127.0.0.1:8000");
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .build()
             .context("building the HTTP client")?;
-        Ok(Client { http, base, token })
+        Ok(Client { http, bases, current: Arc::new(AtomicUsize::new(0)), token })
+    }
+
+    /// The broker in use.
+    pub fn base(&self) -> &str {
+        &self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()]
+    }
+
+    /// Moves on to the next broker given; false when there is only one.
+    fn next_base(&self) -> bool {
+        self.current.fetch_add(1, Ordering::Relaxed);
+        self.bases.len() > 1
     }
 
     /// ` --url URL` for a command the user is told to run next, when the broker is not the one
     /// `cq` reaches without it (the default, or `CQ_URL`); else nothing.
     pub fn url_flag(&self) -> String {
         let implied = std::env::var("CQ_URL").unwrap_or_else(|_| crate::DEFAULT_URL.to_string());
-        if implied.trim_end_matches('/') == self.base { String::new() } else { format!(" --url {}", self.base) }
+        let implied: Vec<&str> = implied.split(',').map(|u| u.trim().trim_end_matches('/')).collect();
+        if implied == self.bases { String::new() } else { format!(" --url {}", self.bases.join(",")) }
+    }
+
+    /// Sends the request `build` makes for a broker's base URL, to the broker in use or, when it
+    /// cannot be reached (no connection made, so nothing was sent), to each other one given in
+    /// turn. Returns the answer and the base URL that gave it.
+    async fn send(&self, build: impl Fn(&str) -> reqwest::RequestBuilder) -> Result<(reqwest::Response, String)> {
+        let mut tried = 0;
+        loop {
+            let base = self.base().to_string();
+            let req = build(&base);
+            match req.send().await {
+                Ok(resp) => return Ok((resp, base)),
+                Err(e) if e.is_connect() && tried + 1 < self.bases.len() && self.next_base() => {
+                    tracing::debug!(error = %e, broker = %base, "cannot reach this broker; trying the next");
+                    tried += 1;
+                }
+                Err(e) => return Err(connection_error(&base, &e)),
+            }
+        }
+    }
+
+    /// A broker of those given that answers (its base URL), for transfers that go around
+    /// [`Client::request`] (blob uploads and downloads).
+    pub async fn reachable(&self) -> Result<String> {
+        let (_, base) = self.send(|base| self.http.get(format!("{base}/healthz"))).await?;
+        Ok(base)
     }
 
     /// Sends a request and returns its JSON body; API errors become readable errors.
     pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<&Value>) -> Result<Value> {
-        let url = format!("{}{path}", self.base);
         let post = method == reqwest::Method::POST;
-        let mut req = self.http.request(method, &url);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        if let Some(b) = body {
-            req = req.json(b);
+        let build = |base: &str| {
+            let mut req = self.http.request(method.clone(), format!("{base}{path}"));
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            if let Some(b) = body {
+                req = req.json(b);
+            }
+            req
+        };
+        if let Err(e) = build(self.base()).build() {
+            bail!("cannot send a request to {}{path}: {e}", self.base());
         }
         let give_up = tokio::time::Instant::now() + UNAVAILABLE_RETRY_FOR;
         let mut told = false;
-        let (status, text) = loop {
-            // Only a builder holding an error (a URL it cannot use) has nothing to clone.
-            let Some(req) = req.try_clone() else {
-                let why = req.build().err().map(|e| e.to_string()).unwrap_or_default();
-                bail!("cannot send a request to {url}: {why}");
-            };
-            let resp = req.send().await.map_err(|e| connection_error(&self.base, &e))?;
+        let (status, text, url, base) = loop {
+            let (resp, base) = self.send(build).await?;
+            let url = format!("{base}{path}");
             let status = resp.status();
             let wait = retry_after(&resp);
             let text = resp.text().await.context("reading the broker's answer")?;
@@ -87,8 +140,7 @@ impl Client {
             if status == reqwest::StatusCode::SERVICE_UNAVAILABLE && tokio::time::Instant::now() + wait < give_up {
                 if !told {
                     eprintln!(
-                        "cq: {} is not serving yet ({}); retrying for up to {} s",
-                        self.base,
+                        "cq: {base} is not serving yet ({}); retrying for up to {} s",
                         worker::blobs::error_message(&text),
                         UNAVAILABLE_RETRY_FOR.as_secs()
                     );
@@ -97,7 +149,7 @@ impl Client {
                 tokio::time::sleep(wait).await;
                 continue;
             }
-            break (status, text);
+            break (status, text, url, base);
         };
         if status.is_success() {
             if text.is_empty() {
@@ -108,7 +160,7 @@ impl Client {
             });
         }
         if status == reqwest::StatusCode::NOT_FOUND && !is_api_error(&text, "notFound") {
-            return Err(no_such_endpoint(&url, &self.base));
+            return Err(no_such_endpoint(&url, &base));
         }
         let mut message = format!("{} (HTTP {status})", worker::blobs::error_message(&text));
         if status == reqwest::StatusCode::SERVICE_UNAVAILABLE && post {
@@ -157,7 +209,8 @@ impl Client {
     }
 
     fn ws_url(&self, path: &str) -> String {
-        let rest = self.base.strip_prefix("http").unwrap_or(&self.base);
+        let base = self.base();
+        let rest = base.strip_prefix("http").unwrap_or(base);
         format!("ws{rest}{path}")
     }
 
@@ -175,15 +228,27 @@ impl Client {
         // taking over).
         let mut connects = 0u64;
         let mut down_since: Option<tokio::time::Instant> = None;
+        // Brokers given that could not be reached before any connection was made.
+        let mut unreached = 0;
         loop {
             let before = connects;
             let result = self.follow_once(job, &mut since, &mut connects, &mut on_log, &mut on_update).await;
             match result {
                 Ok(Some(view)) => return Ok(view),
                 Ok(None) => {}
-                // A broker that was never reached is reported at once; a dropped connection is retried.
-                Err(e) if connects == 0 => return Err(e),
-                Err(e) => tracing::debug!(error = %e, "following failed; reconnecting"),
+                // When no broker given was ever reached, that is reported at once; a dropped
+                // connection is retried, on the next broker given if there are several.
+                Err(e) if connects == 0 => {
+                    if unreached + 1 < self.bases.len() && self.next_base() {
+                        unreached += 1;
+                        continue;
+                    }
+                    return Err(e);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "following failed; reconnecting");
+                    self.next_base();
+                }
             }
             if connects > before {
                 (failures, down_since) = (0, None);
@@ -193,7 +258,7 @@ impl Client {
                 let url = self.url_flag();
                 bail!(
                     "lost the connection to the broker at {} for {} s; the job goes on there: follow it again with `cq logs -f{url} {job}`, or see `cq status{url} {job}`",
-                    self.base,
+                    self.bases.join(", "),
                     FOLLOW_RECONNECT_FOR.as_secs(),
                 );
             }
@@ -224,9 +289,9 @@ impl Client {
                 anyhow!("{url}: the broker is not serving yet")
             }
             tokio_tungstenite::tungstenite::Error::Http(resp) if resp.status() == 404 => {
-                no_such_endpoint(&url, &self.base)
+                no_such_endpoint(&url, self.base())
             }
-            _ => connection_error(&self.base, &e),
+            _ => connection_error(self.base(), &e),
         });
         let mut socket = match socket {
             Ok((socket, _)) => socket,

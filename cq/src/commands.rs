@@ -66,7 +66,7 @@ pub async fn dev(args: DevArgs) -> Result<ExitCode> {
     let worker = if args.no_worker {
         None
     } else {
-        let mut config = worker_config(format!("http://{addr}"), data_dir.join("worker"), None, args.slots)?;
+        let mut config = worker_config(vec![format!("http://{addr}")], data_dir.join("worker"), None, args.slots)?;
         // On Ctrl-C, running jobs get a few seconds, then go back to the queue.
         config.drain_timeout = std::time::Duration::from_secs(10);
         config.output_limits = output_limits;
@@ -97,10 +97,10 @@ pub async fn dev(args: DevArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A worker's settings for the broker at `url`: its id (given, or generated once and kept in
+/// A worker's settings for the broker at `urls` (one, or several of one cluster): its id (given, or generated once and kept in
 /// `data_dir`), its slots (given, or one per CPU), and defaults for the rest.
 fn worker_config(
-    url: String,
+    urls: Vec<String>,
     data_dir: PathBuf,
     worker_id: Option<String>,
     slots: Option<u32>,
@@ -134,7 +134,7 @@ fn worker_config(
         bail!("--slots must be at least 1");
     }
     Ok(worker::Config {
-        broker_url: url,
+        broker_urls: urls,
         token: None,
         worker_id,
         queues: vec!["local".into()],
@@ -183,6 +183,11 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
         ),
         (None, None) => None,
     };
+    for url in &args.url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("--url must be http:// or https:// URLs, comma-separated; got `{url}`");
+        }
+    }
     let config = worker::Config {
         token,
         queues: args.queues,
@@ -196,7 +201,7 @@ pub async fn worker(args: WorkerArgs) -> Result<ExitCode> {
         output_limits: args.outputs.config()?,
         ..worker_config(args.url, data_dir, args.worker_id, args.slots)?
     };
-    tracing::info!(worker = %config.worker_id, queues = ?config.queues, slots = config.slots, broker = %config.broker_url, "worker starting");
+    tracing::info!(worker = %config.worker_id, queues = ?config.queues, slots = config.slots, brokers = ?config.broker_urls, "worker starting");
     worker::run(config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -370,7 +375,7 @@ pub async fn submit(args: SubmitArgs) -> Result<ExitCode> {
     if definition.image.is_none() && definition.build.is_none() {
         bail!("say what to run: --image IMAGE (or --file job.json with an image or build)");
     }
-    crate::files::add_inputs(&mut definition, &args.input, &args.conn.url, args.conn.token.clone()).await?;
+    crate::files::add_inputs(&mut definition, &args.input, &client, args.conn.token.clone()).await?;
     // Validate here too, so mistakes are reported before anything is sent.
     definition.clone().normalize().context("invalid job")?;
     let mut body = json!({ "definition": definition });

@@ -34,13 +34,13 @@ fn bar(size: u64, what: &str) -> Option<ProgressBar> {
 pub async fn add_inputs(
     definition: &mut JobDefinition,
     inputs: &[String],
-    url: &str,
+    client: &Client,
     token: Option<String>,
 ) -> Result<()> {
     if inputs.is_empty() {
         return Ok(());
     }
-    let blobs = BlobClient::new(url, token)?;
+    let blobs = BlobClient::new(&client.reachable().await?, token)?;
     for arg in inputs {
         let Some((name, value)) = arg.split_once('=') else {
             bail!("--input wants NAME=@PATH or NAME=TEXT, got `{arg}`");
@@ -90,7 +90,8 @@ pub async fn outputs(args: OutputsArgs) -> Result<ExitCode> {
             bail!("job {id} has no output `{only}`; it has: {}", names.join(", "));
         }
     }
-    let blobs = BlobClient::new(&args.conn.url, args.conn.token)?;
+    // The broker that just answered, of those --url names.
+    let blobs = BlobClient::new(client.base(), args.conn.token)?;
     for output in &view.outputs {
         if !args.only.is_empty() && !args.only.contains(&output.path) {
             continue;

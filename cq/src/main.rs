@@ -164,7 +164,8 @@ pub enum Scenario {
 /// Where the broker is and how to authenticate to it.
 #[derive(Debug, Args, Clone)]
 struct Connection {
-    /// Broker URL.
+    /// Broker URL; several brokers of one cluster comma-separated, tried in turn when one cannot
+    /// be reached.
     #[arg(long, env = "CQ_URL", default_value = DEFAULT_URL)]
     url: String,
     /// Client token, if the broker requires one.
@@ -197,9 +198,10 @@ struct DevArgs {
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// Broker URL.
-    #[arg(long, env = "CQ_URL", default_value = "http://127.0.0.1:8000")]
-    pub url: String,
+    /// Broker URL; several brokers of one cluster comma-separated, tried in turn when one cannot
+    /// be reached.
+    #[arg(long, env = "CQ_URL", value_delimiter = ',', default_value = "http://127.0.0.1:8000")]
+    pub url: Vec<String>,
     /// Worker token, if the broker requires one (prefer CQ_WORKER_TOKEN or --token-file: a
     /// flag's value shows in `ps`).
     #[arg(long, env = "CQ_WORKER_TOKEN", hide_env_values = true, conflicts_with = "token_file")]

@@ -456,14 +456,24 @@ async fn connection_problems_name_the_url_and_a_hint_that_fits_the_cause() {
         assert!(err.contains("is not a broker endpoint"), "{err}");
         assert!(err.contains("takes no path"), "{err}");
     }
-    // Something that is not one URL (a list of brokers, a space) is said to be so, not a crash.
-    for bad in [format!("{url},{url}"), "http://bad host".to_string()] {
-        for args in [vec!["status", id], vec!["logs", "-f", id], vec!["submit", "--image", "busybox", "--", "true"]] {
-            let (code, _, err) = run(&bad, &args);
-            assert_eq!(code, Some(125), "{args:?}: {err}");
-            assert!(err.contains("is not a URL") && !err.contains("panicked"), "{args:?}: {err}");
-        }
+    // Something that is not a URL (a space in it) is said to be so, not a crash.
+    for args in [vec!["status", id], vec!["logs", "-f", id], vec!["submit", "--image", "busybox", "--", "true"]] {
+        let (code, _, err) = run("http://bad host", &args);
+        assert_eq!(code, Some(125), "{args:?}: {err}");
+        assert!(err.contains("is not a URL") && !err.contains("panicked"), "{args:?}: {err}");
     }
+    // A list of brokers: what cannot reach the first goes to the next; when none answers, the
+    // error names the last one tried.
+    let list = format!("{closed},{url}");
+    for args in [vec!["status", id], vec!["logs", "-f", id]] {
+        let (code, _, err) = run(&list, &args);
+        assert!(code == Some(125) && err.contains(&format!("no job {id}")), "{args:?}: {err}");
+    }
+    let (code, out, err) = run(&list, &["submit", "--image", "busybox", "--", "true"]);
+    assert!(code == Some(0) && out.trim().len() == 64, "{err}");
+    let (code, _, err) = run(&format!("{url},{closed}").replace(&url, &tls), &["status", id]);
+    assert_eq!(code, Some(125), "{err}");
+    assert!(err.contains(&format!("cannot reach the broker at {closed}: nothing listens there")), "{err}");
     // A job the broker does not know is not mistaken for a wrong URL.
     let (code, _, err) = run(&url, &["status", id]);
     assert!(code == Some(125) && err.contains(&format!("no job {id}")) && !err.contains("endpoint"), "{err}");

@@ -619,6 +619,51 @@ async fn a_standby_relays_clients_redirects_workers_and_serves_them_after_a_take
     assert_eq!(r["state"], "finished", "the first job survived the takeover: {r}");
 }
 
+/// `cq submit --wait` of a job writing `said` to the output file `said.txt`, through the brokers
+/// `urls` (comma-separated), then `cq outputs` of it through them; returns what the file holds.
+fn run_with_output(urls: &str, said: &str, dir: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_cq"))
+        .args(["submit", "--url", urls, "--queue", "q", "--wait", "--image", "cq-test/busybox", "--"])
+        .args(["sh", "-c", &format!("echo {said} > /outputs/said.txt")])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let id = stderr.split_whitespace().nth(2).unwrap_or_default().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_cq"))
+        .args(["outputs", "--url", urls, &id, "--overwrite", "-o"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read_to_string(dir.join("said.txt")).unwrap()
+}
+
+/// A worker and the CLI given both brokers' addresses use the owner's first, and the other's
+/// once the owner is gone: the worker reconnects there (without the list it would wait for the
+/// dead one) and uploads its outputs there; the CLI's requests that cannot reach the first go to
+/// the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_and_the_cli_given_several_brokers_move_to_the_next_when_one_is_gone() {
+    let Some(bin) = nats_server() else { return };
+    let nats = Nats::start(&bin).await;
+    let http = reqwest::Client::new();
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ((mut a, a_url), (_b, b_url)) = owner_and_standby(&nats, &http, "urls", &dirs).await;
+    let both = format!("{a_url},{b_url}");
+    let worker_dir = tempfile::tempdir().unwrap();
+    let _worker = support::cq_worker(&both, worker_dir.path(), &["--queue", "q", "--slots", "1"]);
+    let results = tempfile::tempdir().unwrap();
+    assert_eq!(run_with_output(&both, "first", results.path()), "first\n");
+
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    wait_ready(&b_url).await;
+    assert_eq!(run_with_output(&both, "second", results.path()), "second\n");
+    let q: Value = http.get(format!("{b_url}/q/q")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(q["slots"], 1, "the worker is attached to the new owner: {q}");
+}
+
 /// A `cq worker` of `url` on queue `q` whose JSON log (for `cq check-history`) goes to `log`.
 fn logged_worker(url: &str, dir: &Path, log: &Path) -> Killed {
     let child = Command::new(env!("CARGO_BIN_EXE_cq"))

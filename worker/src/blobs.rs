@@ -5,6 +5,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -20,7 +21,9 @@ const CHUNK: usize = 256 << 10;
 #[derive(Debug, Clone)]
 pub struct BlobClient {
     http: reqwest::Client,
-    base: String,
+    /// Shared by clones: a worker given several brokers points every job's client at the one it
+    /// is connected to.
+    base: Arc<RwLock<String>>,
     token: Option<String>,
 }
 
@@ -38,12 +41,17 @@ impl BlobClient {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .context("building the HTTP client")?;
-        Ok(BlobClient { http, base: base.trim_end_matches('/').to_string(), token })
+        Ok(BlobClient { http, base: Arc::new(RwLock::new(base.trim_end_matches('/').to_string())), token })
     }
 
     /// The broker's base URL.
-    pub fn base(&self) -> &str {
-        &self.base
+    pub fn base(&self) -> String {
+        self.base.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Points this client and its clones at another broker (of the same cluster).
+    pub fn set_base(&self, base: &str) {
+        *self.base.write().unwrap_or_else(PoisonError::into_inner) = base.trim_end_matches('/').to_string();
     }
 
     fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -89,12 +97,12 @@ impl BlobClient {
     /// Asks the broker where to upload (`POST /f/{sha}/upload`); `None` when it has the bytes.
     async fn plan(&self, d: &Digested) -> Result<Option<serde_json::Value>> {
         let resp = self
-            .authorized(self.http.post(format!("{}/f/{}/upload", self.base, d.sha256)))
+            .authorized(self.http.post(format!("{}/f/{}/upload", self.base(), d.sha256)))
             .json(&serde_json::json!({ "size": d.size }))
             .send()
             .await
             .map_err(reqwest::Error::without_url)
-            .with_context(|| format!("cannot reach the broker at {}", self.base))?;
+            .with_context(|| format!("cannot reach the broker at {}", self.base()))?;
         let plan = api_json(resp).await?;
         Ok((plan["exists"] != true).then_some(plan))
     }
@@ -103,7 +111,7 @@ impl BlobClient {
         let url = plan["url"].as_str().ok_or_else(|| anyhow!("the broker's upload plan has no url"))?;
         // The broker's own endpoint wants the token; a presigned URL carries its own signature.
         let mut req = if url.starts_with('/') {
-            self.authorized(self.http.put(format!("{}{url}", self.base)))
+            self.authorized(self.http.put(format!("{}{url}", self.base())))
         } else {
             self.http.put(url)
         };
@@ -135,14 +143,14 @@ impl BlobClient {
         expected: Option<&Digested>,
         progress: Option<ProgressBar>,
     ) -> Result<Digested> {
-        let url = format!("{}{path}", self.base);
+        let url = format!("{}{path}", self.base());
         let resp = self
             .authorized(self.http.get(&url))
             .send()
             .await
             // The broker may redirect to a presigned URL, whose signature stays out of messages.
             .map_err(reqwest::Error::without_url)
-            .with_context(|| format!("cannot reach the broker at {}", self.base))?;
+            .with_context(|| format!("cannot reach the broker at {}", self.base()))?;
         if !resp.status().is_success() {
             api_json(resp).await?;
             bail!("downloading {path} failed");

@@ -38,8 +38,10 @@ pub const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// How a worker runs.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `http(s)://host:port` of the broker.
-    pub broker_url: String,
+    /// `http(s)://host:port` of the broker, or of several brokers of one cluster: each
+    /// connection attempt that fails moves on to the next, and blob transfers and jobs' URLs
+    /// follow the one connected to. At least one.
+    pub broker_urls: Vec<String>,
     pub token: Option<String>,
     pub worker_id: WorkerId,
     pub queues: Vec<String>,
@@ -111,14 +113,13 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let env = Arc::new(JobEnv {
         docker: docker.clone(),
-        blobs: BlobClient::new(&config.broker_url, config.token.clone())?,
+        blobs: BlobClient::new(config.broker_urls.first().context("no broker URL given")?, config.token.clone())?,
         http: reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).build()?,
         worker_id: config.worker_id.to_string(),
         data_dir: config.data_dir.clone(),
         max_duration: config.max_duration,
         stop_grace: config.stop_grace,
         pids_limit: config.pids_limit,
-        broker_url: config.broker_url.clone(),
         output_limits: config.output_limits,
         limits: config.limits.clone(),
         network,
@@ -158,6 +159,8 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
     let mut failures = 0u32;
     // When the last connection was made; `None` before the first attempt.
     let mut connected_at: Option<Option<Instant>> = None;
+    // The broker URL tried next (an index into `broker_urls`).
+    let mut at = 0usize;
 
     'connection: loop {
         if draining && jobs.is_empty() && unacked.is_empty() {
@@ -209,10 +212,14 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                 _ => None,
             }))
             .collect();
-        let mut socket = match connect(&config, held).await {
+        let url = &config.broker_urls[at % config.broker_urls.len()];
+        let mut socket = match connect(&config, url, held).await {
             Ok((socket, heartbeat)) => {
                 if failures > 0 {
-                    tracing::info!("connected to the broker again");
+                    tracing::info!(broker = %url, "connected to the broker again");
+                }
+                if config.broker_urls.len() > 1 {
+                    env.blobs.set_base(url);
                 }
                 failures = 0;
                 connected_at = Some(Some(Instant::now()));
@@ -221,6 +228,8 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
             Err(e) => {
                 failures += 1;
                 tracing::warn!(error = %format!("{e:#}"), failures, "cannot reach the broker");
+                // The next attempt goes to the next broker given (the backoff still applies).
+                at = (at + 1) % config.broker_urls.len();
                 continue;
             }
         };
@@ -433,11 +442,11 @@ fn spawn_job(
 }
 
 /// Opens the socket, says hello and waits for the welcome; returns the heartbeat interval.
-async fn connect(config: &Config, held: Vec<HeldJob>) -> Result<(Socket, Duration)> {
-    let mut ws_url = match config.broker_url.split_once("://") {
+async fn connect(config: &Config, broker_url: &str, held: Vec<HeldJob>) -> Result<(Socket, Duration)> {
+    let mut ws_url = match broker_url.split_once("://") {
         Some(("https", rest)) => format!("wss://{}/ws/worker", rest.trim_end_matches('/')),
         Some(("http", rest)) => format!("ws://{}/ws/worker", rest.trim_end_matches('/')),
-        _ => bail!("the broker URL must start with http:// or https://, got `{}`", config.broker_url),
+        _ => bail!("the broker URL must start with http:// or https://, got `{broker_url}`"),
     };
     // A standby of a cluster redirects workers to the broker that owns the queues (once; a
     // second redirect means the brokers disagree, and the next attempt starts over).

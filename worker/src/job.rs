@@ -112,9 +112,6 @@ pub struct JobEnv {
     /// Between SIGTERM and SIGKILL when a job runs out of time.
     pub stop_grace: Duration,
     pub pids_limit: i64,
-    /// The broker's base URL, for the `JOB_*_URL_PREFIX` variables jobs written for the
-    /// reference system read.
-    pub broker_url: String,
     pub output_limits: OutputLimits,
     pub limits: crate::limits::Limits,
     /// The Docker network containers join.
@@ -337,7 +334,9 @@ async fn prepare_and_start(ctx: &Ctx, a: &Assignment) -> Result<Prepared, JobErr
         cache_dir: path_str(&cache),
         gpu_devices: a.gpus.clone(),
         pids_limit: ctx.env.pids_limit,
-        url_prefix: format!("{}/j/{}", ctx.env.broker_url.trim_end_matches('/'), a.job),
+        // The broker connected to now, for the `JOB_*_URL_PREFIX` variables that jobs written
+        // for the reference system read.
+        url_prefix: format!("{}/j/{}", ctx.env.blobs.base(), a.job),
         granted,
         network: ctx.env.network.clone(),
     };

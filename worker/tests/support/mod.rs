@@ -157,7 +157,7 @@ pub struct Worker {
 
 pub fn config(url: &str, id: &str, dir: &std::path::Path, slots: u32) -> worker::Config {
     worker::Config {
-        broker_url: url.to_string(),
+        broker_urls: vec![url.to_string()],
         token: None,
         worker_id: protocol::WorkerId(id.to_string()),
         queues: vec!["local".into()],
