@@ -330,8 +330,8 @@ async fn state_is(c: &Client, want: &str) {
 async fn page_shows(c: &Client) -> Value {
     screenshot("ui-timeout.png", &c.screenshot().await.unwrap_or_default());
     // Written not to fail where the page's script never ran (no `window.cq`): then the
-    // documents and fetches it made say what it was missing.
-    script(
+    // documents and fetches it made, and the console, say what it was missing.
+    let mut shows = script(
         c,
         "const t = s => (document.querySelector(s) || {}).textContent; \
          const cq = window.cq; \
@@ -341,7 +341,16 @@ async fn page_shows(c: &Client) -> Value {
          fetched: performance.getEntriesByType('resource').map(e => \
            `${e.name.replace(location.origin, '')} ${e.responseStatus ?? '?'} ${Math.round(e.duration)}ms`) };",
     )
-    .await
+    .await;
+    shows["console"] = json!(support::browser_console(c).await);
+    shows
+}
+
+/// The page wrote no warning or error to the console (an exception, a failed load) so far.
+async fn console_is_clean(c: &Client) {
+    let console = support::browser_console(c).await;
+    let bad: Vec<&String> = console.iter().filter(|l| l.starts_with("SEVERE") || l.starts_with("WARNING")).collect();
+    assert!(bad.is_empty(), "the page's console: {bad:#?}");
 }
 
 async fn job_view(url: &str, id: &str) -> Value {
@@ -388,6 +397,7 @@ async fn each_job_in_a_row_shows_its_own_state_and_the_form_is_the_job_on_screen
     .await;
     click(&c, "#cancel").await;
     state_is(&c, "cancelled").await;
+    console_is_clean(&c).await;
     let second = script(&c, "return window.cq.job.id").await.as_str().unwrap().to_string();
 
     // A link to the first job: the form shows its definition, and Re-run runs it (not the form).
@@ -781,6 +791,7 @@ async fn a_small_embed_runs_and_cancels_next_to_its_summary() {
     c.enter_frame(0).await.unwrap();
     click(&c, "#sum-cancel").await;
     state_is(&c, "cancelled").await;
+    console_is_clean(&c).await;
     c.close().await.unwrap();
 }
 

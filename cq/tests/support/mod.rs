@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
 use fantoccini::{Client, ClientBuilder};
-use serde_json::json;
+use serde_json::{Value, json};
 
 /// A child process, killed and reaped when dropped.
 pub struct Killed(pub Child);
@@ -99,6 +99,35 @@ pub async fn browser() -> (Killed, Client) {
         options["binary"] = json!("/usr/bin/chromium");
     }
     caps.insert("goog:chromeOptions".into(), options);
+    // Keep the console (script errors, failed module loads) for `browser_console`.
+    caps.insert("goog:loggingPrefs".into(), json!({ "browser": "ALL" }));
     let client = ClientBuilder::rustls().unwrap().capabilities(caps).connect(&url).await.expect("a Chromium session");
     (driver, client)
+}
+
+/// chromedriver's console log command (`POST /session/{id}/se/log`), which WebDriver itself lacks.
+#[derive(Debug)]
+struct ConsoleLog;
+
+impl fantoccini::wd::WebDriverCompatibleCommand for ConsoleLog {
+    fn endpoint(&self, base: &url::Url, session: Option<&str>) -> Result<url::Url, url::ParseError> {
+        base.join(&format!("session/{}/se/log", session.unwrap_or_default()))
+    }
+
+    fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
+        (http::Method::POST, Some(r#"{"type":"browser"}"#.into()))
+    }
+}
+
+/// What the page wrote to the browser's console since the last call (errors of scripts and of
+/// module loads among it), one line per entry; why it could not be read, if it could not.
+pub async fn browser_console(c: &Client) -> Vec<String> {
+    match c.issue_cmd(ConsoleLog).await {
+        Ok(Value::Array(entries)) => entries
+            .iter()
+            .map(|e| format!("{} {}", e["level"].as_str().unwrap_or("?"), e["message"].as_str().unwrap_or("")))
+            .collect(),
+        Ok(other) => vec![format!("(an unexpected console log: {other})")],
+        Err(e) => vec![format!("(the console log could not be read: {e})")],
+    }
 }
