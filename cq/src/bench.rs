@@ -24,8 +24,15 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
         crate::Scenario::Lifecycle => {}
     }
     let tmp;
+    // Further brokers of a cluster, given after the first in --url.
+    let mut others: Vec<String> = Vec::new();
     let (url, server) = match &args.url {
-        Some(u) => (u.trim_end_matches('/').to_string(), None),
+        Some(u) => {
+            let mut all = u.split(',').map(|u| u.trim().trim_end_matches('/').to_string()).filter(|u| !u.is_empty());
+            let first = all.next().context("--url is empty")?;
+            others.extend(all);
+            (first, None)
+        }
         None => {
             tmp = tempfile::tempdir().context("creating a temporary data directory")?;
             let fsync = match args.fsync {
@@ -49,7 +56,10 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
             (url, Some(server))
         }
     };
-    let ws = format!("ws{}", url.strip_prefix("http").unwrap_or(&url));
+    let ws_of = |url: &str| format!("ws{}", url.strip_prefix("http").unwrap_or(url));
+    // Clients and workers take the brokers given in turn.
+    let sockets: Vec<String> = std::iter::once(&url).chain(&others).map(|u| ws_of(u)).collect();
+    let ws = |n: usize| sockets[n % sockets.len()].clone();
     let queue = format!("bench-{}", std::process::id());
     let run_tag = Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id());
 
@@ -59,7 +69,7 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
     // Workers first, so every job is pushed the moment it is enqueued.
     let mut workers = Vec::new();
     for w in 0..args.workers {
-        let (ws, queue) = (ws.clone(), queue.clone());
+        let (ws, queue) = (ws(w), queue.clone());
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let task = worker(ws, queue, format!("bench-w{w}"), args.slots, ready_tx, t0, pushes.clone());
         workers.push((tokio::spawn(task), ready_rx));
@@ -76,7 +86,7 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
         let n = args.jobs / args.clients + usize::from(c < args.jobs % args.clients);
         // Each client paces itself to its share of --rate (0: as fast as the window allows).
         let every = (args.rate > 0).then(|| Duration::from_secs_f64(args.clients as f64 / args.rate as f64));
-        clients.push(tokio::spawn(client(ws.clone(), queue.clone(), c, n, run_tag, t0, every)));
+        clients.push(tokio::spawn(client(ws(c), queue.clone(), c, n, run_tag, t0, every)));
     }
     let mut latencies = Vec::with_capacity(args.jobs);
     for c in clients {
@@ -114,12 +124,16 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
     };
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     outln!(
-        "cq bench: {} jobs, {} clients, {} workers x {} slots, fsync {:?}",
+        "cq bench: {} jobs, {} clients, {} workers x {} slots, {}",
         args.jobs,
         args.clients,
         args.workers,
         args.slots,
-        args.fsync
+        match &args.url {
+            None => format!("an in-process broker with fsync {:?}", args.fsync),
+            Some(_) =>
+                format!("brokers {}", std::iter::once(&url).chain(&others).cloned().collect::<Vec<_>>().join(", ")),
+        }
     );
     outln!("| measure | value |");
     outln!("|---|---|");
@@ -161,12 +175,20 @@ pub(crate) async fn start_broker(config: broker::Config) -> Result<(String, Serv
     Ok((format!("http://{addr}"), (stop, task)))
 }
 
+/// Opens a websocket and sends `hello`; follows one redirect, as a cluster's standby sends
+/// workers to the broker that owns their queues.
 pub(crate) async fn connect(
     url: &str,
     hello: Value,
 ) -> Result<tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>> {
-    let (mut socket, _) =
-        tokio_tungstenite::connect_async(url).await.with_context(|| format!("connecting to {url}"))?;
+    let (mut socket, _) = match tokio_tungstenite::connect_async(url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) if resp.status().is_redirection() => {
+            let to = resp.headers().get("location").and_then(|l| l.to_str().ok()).unwrap_or_default();
+            let to = to.strip_prefix("http").map(|rest| format!("ws{rest}")).unwrap_or_else(|| to.to_string());
+            tokio_tungstenite::connect_async(&to).await.with_context(|| format!("connecting to {to}, sent by {url}"))?
+        }
+        other => other.with_context(|| format!("connecting to {url}"))?,
+    };
     socket.send(Message::text(hello.to_string())).await?;
     Ok(socket)
 }

@@ -101,7 +101,9 @@ struct CheckHistoryArgs {
 
 #[derive(Debug, Args)]
 struct BenchArgs {
-    /// Benchmark the broker at this URL instead of one started in-process.
+    /// Benchmark the broker at this URL instead of one started in-process; several brokers of
+    /// one cluster comma-separated spread the simulated clients and workers over them
+    /// (lifecycle).
     #[arg(long, env = "CQ_URL")]
     url: Option<String>,
     /// Jobs to run.
