@@ -664,10 +664,11 @@ async fn workers_and_the_cli_given_several_brokers_move_to_the_next_when_one_is_
     assert_eq!(q["slots"], 1, "the worker is attached to the new owner: {q}");
 }
 
-/// A `cq worker` of `url` on queue `q` whose JSON log (for `cq check-history`) goes to `log`.
-fn logged_worker(url: &str, dir: &Path, log: &Path) -> Killed {
+/// A `cq worker` of `url` (one broker or a list) on `queue` whose JSON log (for
+/// `cq check-history`) goes to `log`.
+fn logged_worker(url: &str, queue: &str, dir: &Path, log: &Path) -> Killed {
     let child = Command::new(env!("CARGO_BIN_EXE_cq"))
-        .args(["worker", "--url", url, "--queue", "q", "--slots", "2", "--log-format", "json", "--log", "info"])
+        .args(["worker", "--url", url, "--queue", queue, "--slots", "2", "--log-format", "json", "--log", "info"])
         .arg("--data-dir")
         .arg(dir)
         .stdout(std::process::Stdio::null())
@@ -677,14 +678,14 @@ fn logged_worker(url: &str, dir: &Path, log: &Path) -> Killed {
     Killed(child)
 }
 
-/// Submits job `i` of a run to `url` (`sleep`, then exit `i % 3`) until it is acknowledged;
-/// returns its id. A standby without an owner to relay to answers 503 meanwhile.
-async fn submit_until_acknowledged(http: &reqwest::Client, url: &str, i: usize) -> String {
+/// Submits job `i` of a run to `queue` through `url` (`sleep`, then exit `i % 3`) until it is
+/// acknowledged; returns its id. A standby without an owner to relay to answers 503 meanwhile.
+async fn submit_until_acknowledged(http: &reqwest::Client, url: &str, queue: &str, i: usize) -> String {
     let body = json!({"definition": {"image": "cq-test/busybox",
         "command": ["sh", "-c", format!("sleep 0.5; echo job {i}; exit {}", i % 3)]}});
     let deadline = Instant::now() + WAIT;
     loop {
-        if let Ok(r) = http.post(format!("{url}/q/q/j")).json(&body).send().await
+        if let Ok(r) = http.post(format!("{url}/q/{queue}/j")).json(&body).send().await
             && r.status().is_success()
         {
             return r.json::<Value>().await.unwrap()["jobId"].as_str().unwrap().to_string();
@@ -700,31 +701,44 @@ async fn killing_the_owner_mid_run_loses_nothing_and_starts_no_job_twice() {
     let nats = Nats::start(&bin).await;
     let http = reqwest::Client::new();
     let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let ((mut a, _), (_b, b_url)) = owner_and_standby(&nats, &http, "midrun", &dirs).await;
-    // Two workers and every submission go through the standby's address, which relays to the
-    // owner, and after the kill is the owner.
+    let ((mut a, a_url), (_b, b_url)) = owner_and_standby(&nats, &http, "midrun", &dirs).await;
+    let c_dir = tempfile::tempdir().unwrap();
+    let (_c, c_url) = leased_broker(&nats, c_dir.path(), "midrun", "c");
+    wait_standby(&http, &c_url).await;
+    // Three brokers, two queues with a worker each. The workers are given every broker's
+    // address (they start on the owner's and move on when it is gone); submissions go through
+    // each broker in turn, the standbys relaying them to the owner.
+    let all = format!("{a_url},{b_url},{c_url}");
+    let queues = ["q", "r"];
     let run = tempfile::tempdir().unwrap();
     let logs = [run.path().join("w1.log"), run.path().join("w2.log")];
-    let _workers: Vec<Killed> =
-        logs.iter().enumerate().map(|(n, log)| logged_worker(&b_url, &run.path().join(format!("w{n}")), log)).collect();
+    let _workers: Vec<Killed> = logs
+        .iter()
+        .enumerate()
+        .map(|(n, log)| logged_worker(&all, queues[n], &run.path().join(format!("w{n}")), log))
+        .collect();
     let mut acked = Vec::new();
     for i in 0..16 {
-        acked.push(submit_until_acknowledged(&http, &b_url, i).await);
+        let via = [&a_url, &b_url, &c_url][i % 3];
+        acked.push(submit_until_acknowledged(&http, via, queues[i % 2], i).await);
     }
     // Kill -9 of the owner while jobs run on both workers.
     let deadline = Instant::now() + WAIT;
-    loop {
-        let q: Value = http.get(format!("{b_url}/q/q")).send().await.unwrap().json().await.unwrap();
-        if q["running"].as_u64().unwrap_or(0) >= 2 {
-            break;
+    for queue in queues {
+        loop {
+            let q: Value = http.get(format!("{b_url}/q/{queue}")).send().await.unwrap().json().await.unwrap();
+            if q["running"].as_u64().unwrap_or(0) >= 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no jobs ran on {queue}: {q}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(Instant::now() < deadline, "no jobs ran: {q}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     a.0.kill().unwrap();
     a.0.wait().unwrap();
     for i in 16..32 {
-        acked.push(submit_until_acknowledged(&http, &b_url, i).await);
+        let via = [&b_url, &c_url][i % 2];
+        acked.push(submit_until_acknowledged(&http, via, queues[(i / 2) % 2], i).await);
     }
     // Every acknowledged job ends.
     let deadline = Instant::now() + WAIT * 2;
