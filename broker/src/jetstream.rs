@@ -381,7 +381,7 @@ impl JetStreamLog {
         Ok(true)
     }
 
-    async fn snapshot_async(&mut self, snapshot: &SnapshotV1) -> Result<(), LogError> {
+    pub(crate) async fn snapshot_async(&mut self, snapshot: &SnapshotV1) -> Result<(), LogError> {
         self.commit_async().await?;
         let seq = self.last_seq;
         let name = snapshot_name(&self.config, seq);

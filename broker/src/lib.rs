@@ -16,6 +16,7 @@ pub mod edge;
 pub mod event;
 pub mod files;
 pub mod http;
+pub mod import;
 pub mod jetstream;
 pub mod lease;
 pub mod link;

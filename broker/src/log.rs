@@ -65,6 +65,14 @@ pub enum LogError {
     /// The replicated log holds something replay cannot accept (a gap, a bad record).
     #[error("stream {stream}, sequence {seq}: {why}; the log is damaged, restore it from a backup")]
     CorruptStream { stream: String, seq: u64, why: String },
+    /// `cq cluster import` from a directory without a local log.
+    #[error("{dir} holds no cq log (no snapshot-*.bin or log-*.bin); give the --data-dir the broker used")]
+    NoLog { dir: PathBuf },
+    /// `cq cluster import` into a log that has been written already.
+    #[error(
+        "stream {stream} already holds a log (up to sequence {last}): import only into a new cluster, before any of its brokers first starts (or give another --nats-cluster name)"
+    )]
+    NotNew { stream: String, last: u64 },
     /// A record does not fit one message of the replicated log.
     #[error("a log record of {len} bytes exceeds the NATS server's max_payload of {max} bytes; raise max_payload")]
     RecordTooLarge { len: usize, max: usize },

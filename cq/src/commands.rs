@@ -704,3 +704,29 @@ pub async fn cancel(args: CancelArgs) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// `cq cluster import`: the data directory's jobs as the first snapshot of a new cluster's log.
+pub async fn cluster_import(args: crate::ImportArgs) -> Result<ExitCode> {
+    let config = broker::jetstream::NatsConfig {
+        creds_file: args.nats_creds,
+        cluster: args.nats_cluster,
+        replicas: args.nats_replicas,
+        node: std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "cq".into()),
+        ..broker::jetstream::NatsConfig::new(args.nats)
+    };
+    let report = broker::import::import(&config, &args.data_dir).await?;
+    eprintln!(
+        "cq: imported {} jobs from {} into stream {} (a snapshot at sequence {}); start the cluster's brokers now. \
+         Copy the blobs as well: {} into the cluster's blob store. Read links made before stop working.",
+        report.jobs,
+        args.data_dir.display(),
+        report.stream,
+        report.sequence,
+        args.data_dir.join("blobs").display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

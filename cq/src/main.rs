@@ -85,6 +85,42 @@ enum Command {
     /// Check a run's history against the broker's records: no acknowledged job lost, no job
     /// started twice, every recorded result the one its worker reported (for fault tests).
     CheckHistory(CheckHistoryArgs),
+    /// Cluster mode's tools: `cq cluster import` moves a broker's data directory into a new
+    /// cluster's log.
+    Cluster(ClusterCommandArgs),
+}
+
+#[derive(Debug, Args)]
+struct ClusterCommandArgs {
+    #[command(subcommand)]
+    command: ClusterCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Copy the jobs of a broker's data directory (the broker stopped) into the log of a new
+    /// cluster, before any of its brokers first starts. Blobs are not copied: put DATA_DIR/blobs
+    /// into the cluster's blob store (the S3 bucket or shared directory) as they are.
+    Import(ImportArgs),
+}
+
+#[derive(Debug, Args)]
+struct ImportArgs {
+    /// The data directory of the broker that ran without --nats.
+    #[arg(long, env = "CQ_DATA_DIR", value_name = "DIR")]
+    data_dir: PathBuf,
+    /// The cluster's NATS servers (nats://host:port, comma-separated), as its brokers get them.
+    #[arg(long, env = "CQ_NATS", value_delimiter = ',', value_name = "URL", required = true)]
+    nats: Vec<String>,
+    /// NATS credentials file (JWT and NKey seed).
+    #[arg(long, env = "CQ_NATS_CREDS", value_name = "FILE")]
+    nats_creds: Option<PathBuf>,
+    /// Name of the cq cluster in NATS, as its brokers get it.
+    #[arg(long, env = "CQ_NATS_CLUSTER", default_value = "cq", value_name = "NAME")]
+    nats_cluster: String,
+    /// Replicas of the log stream and the snapshot bucket, as its brokers get it.
+    #[arg(long, env = "CQ_NATS_REPLICAS", default_value_t = 3)]
+    nats_replicas: usize,
 }
 
 #[derive(Debug, Args)]
@@ -699,6 +735,9 @@ fn main() -> ExitCode {
             Command::CheckHistory(a) => {
                 let client = client::Client::new(&a.conn.url, a.conn.token.clone())?;
                 history::check_history(&client, &a.acknowledged, &a.worker_logs).await
+            }
+            Command::Cluster(ClusterCommandArgs { command: ClusterCommand::Import(a) }) => {
+                commands::cluster_import(a).await
             }
         }
     });

@@ -664,6 +664,51 @@ async fn workers_and_the_cli_given_several_brokers_move_to_the_next_when_one_is_
     assert_eq!(q["slots"], 1, "the worker is attached to the new owner: {q}");
 }
 
+/// `cq cluster import`: the jobs of a broker that ran on its own, queued and cancelled, are the
+/// cluster's once its first broker starts; importing into a cluster that has a log is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_data_directory_is_imported_into_a_new_cluster() {
+    let Some(bin) = nats_server() else { return };
+    let nats = Nats::start(&bin).await;
+    let http = reqwest::Client::new();
+    let local = tempfile::tempdir().unwrap();
+    let (mut alone, url) =
+        cq_listening(&["broker", "--listen", "127.0.0.1:0", "--data-dir", local.path().to_str().unwrap()]);
+    let mut ids = Vec::new();
+    for tag in ["one", "two", "three"] {
+        ids.push(submit(&http, &url, tag).await.expect("acknowledged"));
+    }
+    let r = http.post(format!("{url}/j/{}/cancel", ids[2])).send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    alone.0.kill().unwrap();
+    alone.0.wait().unwrap();
+
+    let import = || {
+        Command::new(env!("CARGO_BIN_EXE_cq"))
+            .args(["cluster", "import", "--nats", &nats.url_list(), "--nats-cluster", "imported", "--data-dir"])
+            .arg(local.path())
+            .output()
+            .unwrap()
+    };
+    let out = import();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && said.contains("imported 3 jobs"), "{said}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let (_broker, url) = cq_broker(&nats, dir.path(), "imported");
+    wait_ready(&url).await;
+    for (id, state) in ids.iter().zip(["queued", "queued", "finished"]) {
+        let job: Value = http.get(format!("{url}/j/{id}")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(job["state"], state, "{job}");
+    }
+    assert_eq!(queued(&http, &url).await, 2);
+
+    let out = import();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{said}");
+    assert!(said.contains("already holds a log"), "{said}");
+}
+
 /// A `cq worker` of `url` (one broker or a list) on `queue` whose JSON log (for
 /// `cq check-history`) goes to `log`.
 fn logged_worker(url: &str, queue: &str, dir: &Path, log: &Path) -> Killed {
