@@ -31,6 +31,10 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// broker that comes back (a restart, a standby taking over) within seconds of it serving.
 pub const BACKOFF_MAX_EARLY: Duration = Duration::from_secs(3);
 pub const OUTAGE_EARLY: Duration = Duration::from_secs(60);
+/// Between a failed connection attempt and one to the next broker given (of several): short,
+/// as that broker is likely up; the backoff applies once every broker has failed.
+const NEXT_BROKER_WAIT: Duration = Duration::from_millis(100);
+
 /// A connection that lasted this long was healthy: the next reconnect starts the backoff over.
 /// Shorter ones (a broker that closes at once, say for a message it refused) keep doubling it.
 pub const HEALTHY_SESSION: Duration = Duration::from_secs(10);
@@ -159,8 +163,11 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
     let mut failures = 0u32;
     // When the last connection was made; `None` before the first attempt.
     let mut connected_at: Option<Option<Instant>> = None;
-    // The broker URL tried next (an index into `broker_urls`).
+    // The broker URL tried next (an index into `broker_urls`), and how many have failed in a row
+    // since the last backoff: the others given are tried at once, the backoff comes between
+    // rounds of all of them.
     let mut at = 0usize;
+    let mut failed_in_round = 0usize;
 
     'connection: loop {
         if draining && jobs.is_empty() && unacked.is_empty() {
@@ -172,7 +179,12 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
             if last.is_some_and(|t| t.elapsed() >= HEALTHY_SESSION) {
                 backoff.reset();
             }
-            let wait = backoff.wait();
+            let wait = if failed_in_round > 0 && failed_in_round < config.broker_urls.len() {
+                NEXT_BROKER_WAIT
+            } else {
+                failed_in_round = 0;
+                backoff.wait()
+            };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = &mut shutdown, if !draining => {
@@ -222,14 +234,16 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                     env.blobs.set_base(url);
                 }
                 failures = 0;
+                failed_in_round = 0;
                 connected_at = Some(Some(Instant::now()));
                 (socket, heartbeat)
             }
             Err(e) => {
                 failures += 1;
                 tracing::warn!(error = %format!("{e:#}"), failures, "cannot reach the broker");
-                // The next attempt goes to the next broker given (the backoff still applies).
+                // The next attempt goes to the next broker given.
                 at = (at + 1) % config.broker_urls.len();
+                failed_in_round += 1;
                 continue;
             }
         };
