@@ -53,7 +53,7 @@ bench() {
   echo "### $1"
   shift
   "$cq" bench --log warn --url "$1" --jobs "$rate_jobs" --rate "$rate" --workers 10 --slots 64 | grep -v '^|---' | grep 'latency\|cq bench'
-  "$cq" bench --log warn --url "$1" --jobs "$jobs" --workers 10 --slots 64 | grep 'jobs/s'
+  "$cq" bench --log warn --url "$1" --jobs "$jobs" --workers 10 --slots 64 | grep 'jobs/s\|submissions/s'
   echo
 }
 

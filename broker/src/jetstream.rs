@@ -218,6 +218,18 @@ impl JetStreamLog {
             })
             .await
             .map_err(|e| create_err(format!("creating or opening stream {stream_name}"))(&e))?;
+        // An existing stream keeps the replicas it was made with (by another broker's or an
+        // import's --nats-replicas): say so rather than run with less replication than asked.
+        let replicas = stream.cached_info().config.num_replicas;
+        if replicas != config.replicas {
+            tracing::warn!(
+                stream = %stream_name,
+                replicas,
+                asked = config.replicas,
+                "the log stream has another number of replicas than --nats-replicas asks; it keeps its own (change it with `nats stream edit {stream_name} --replicas {}`)",
+                config.replicas
+            );
+        }
         let bucket = config.bucket();
         let store = match js.get_object_store(&bucket).await {
             Ok(store) => store,

@@ -70,7 +70,7 @@ pub enum LogError {
     NoLog { dir: PathBuf },
     /// `cq cluster import` into a log that has been written already.
     #[error(
-        "stream {stream} already holds a log (up to sequence {last}): import only into a new cluster, before any of its brokers first starts (or give another --nats-cluster name)"
+        "stream {stream} already holds a log (up to sequence {last}), from an earlier import or a broker of the cluster: import only into a new cluster, before any of its brokers first starts (give another --nats-cluster name, or delete the cluster's streams and buckets to start over)"
     )]
     NotNew { stream: String, last: u64 },
     /// A record does not fit one message of the replicated log.

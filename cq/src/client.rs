@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 const FOLLOW_RECONNECT_FOR: Duration = Duration::from_secs(60);
 /// How long a request answered "unavailable" (503) is tried again: a standby taking over, a
 /// broker recovering its log.
-const UNAVAILABLE_RETRY_FOR: Duration = Duration::from_secs(30);
+pub const UNAVAILABLE_RETRY_FOR: Duration = Duration::from_secs(30);
 
 /// The wait a 503 answer asks for (`Retry-After` in seconds), 1 to 10 s.
 fn retry_after(resp: &reqwest::Response) -> Duration {

@@ -106,6 +106,8 @@ fn worker_config(
     slots: Option<u32>,
 ) -> Result<worker::Config> {
     std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    // Job directories are bind-mounted, and Docker takes only absolute host paths.
+    let data_dir = std::path::absolute(&data_dir).with_context(|| format!("resolving {}", data_dir.display()))?;
     let worker_id = match worker_id {
         Some(id) => id,
         None => {

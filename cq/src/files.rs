@@ -40,7 +40,7 @@ pub async fn add_inputs(
     if inputs.is_empty() {
         return Ok(());
     }
-    let blobs = BlobClient::new(&client.reachable().await?, token)?;
+    let blobs = BlobClient::new(&client.reachable().await?, token)?.retrying_for(crate::client::UNAVAILABLE_RETRY_FOR);
     for arg in inputs {
         let Some((name, value)) = arg.split_once('=') else {
             bail!("--input wants NAME=@PATH or NAME=TEXT, got `{arg}`");
@@ -91,7 +91,7 @@ pub async fn outputs(args: OutputsArgs) -> Result<ExitCode> {
         }
     }
     // The broker that just answered, of those --url names.
-    let blobs = BlobClient::new(client.base(), args.conn.token)?;
+    let blobs = BlobClient::new(client.base(), args.conn.token)?.retrying_for(crate::client::UNAVAILABLE_RETRY_FOR);
     for output in &view.outputs {
         if !args.only.is_empty() && !args.only.contains(&output.path) {
             continue;

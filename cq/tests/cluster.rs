@@ -723,11 +723,12 @@ fn logged_worker(url: &str, queue: &str, dir: &Path, log: &Path) -> Killed {
     Killed(child)
 }
 
-/// Submits job `i` of a run to `queue` through `url` (`sleep`, then exit `i % 3`) until it is
-/// acknowledged; returns its id. A standby without an owner to relay to answers 503 meanwhile.
+/// Submits job `i` of a run to `queue` through `url` (`sleep`, write an output file, then exit
+/// `i % 3`) until it is acknowledged; returns its id. A standby without an owner to relay to
+/// answers 503 meanwhile.
 async fn submit_until_acknowledged(http: &reqwest::Client, url: &str, queue: &str, i: usize) -> String {
     let body = json!({"definition": {"image": "cq-test/busybox",
-        "command": ["sh", "-c", format!("sleep 0.5; echo job {i}; exit {}", i % 3)]}});
+        "command": ["sh", "-c", format!("sleep 0.5; echo job {i} | tee /outputs/said; exit {}", i % 3)]}});
     let deadline = Instant::now() + WAIT;
     loop {
         if let Ok(r) = http.post(format!("{url}/q/{queue}/j")).json(&body).send().await

@@ -21,6 +21,8 @@ const CHUNK: usize = 256 << 10;
 #[derive(Debug, Clone)]
 pub struct BlobClient {
     http: reqwest::Client,
+    /// How long a transfer is tried again while the broker (or the store) is unavailable.
+    retry_for: Duration,
     /// Shared by clones: a worker given several brokers points every job's client at the one it
     /// is connected to.
     base: Arc<RwLock<String>>,
@@ -41,7 +43,44 @@ impl BlobClient {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .context("building the HTTP client")?;
-        Ok(BlobClient { http, base: Arc::new(RwLock::new(base.trim_end_matches('/').to_string())), token })
+        let base = Arc::new(RwLock::new(base.trim_end_matches('/').to_string()));
+        Ok(BlobClient { http, retry_for: RETRY_FOR, base, token })
+    }
+
+    /// This client, trying transfers again for `retry_for` (instead of [`RETRY_FOR`]) while the
+    /// broker is unavailable; zero tries once.
+    pub fn retrying_for(mut self, retry_for: Duration) -> BlobClient {
+        self.retry_for = retry_for;
+        self
+    }
+
+    /// Runs `op` until it succeeds, fails for a reason other than [`Unavailable`], or
+    /// `retry_for` has passed: every transfer is idempotent (blobs are named by their content),
+    /// so one cut short by a broker's restart or a standby's takeover is simply done again,
+    /// through [`BlobClient::base`] as it is then (a worker's moves with its connection).
+    async fn retrying<T, Fut: Future<Output = Result<T>>>(&self, what: &str, mut op: impl FnMut() -> Fut) -> Result<T> {
+        let give_up = tokio::time::Instant::now() + self.retry_for;
+        let mut backoff = Duration::from_millis(250);
+        let mut told = false;
+        loop {
+            let err = match op().await {
+                Ok(v) => return Ok(v),
+                Err(e) => e,
+            };
+            let Some(unavailable) = err.chain().find_map(|c| c.downcast_ref::<Unavailable>()) else {
+                return Err(err);
+            };
+            let wait = unavailable.retry_after.unwrap_or(backoff);
+            if tokio::time::Instant::now() + wait >= give_up {
+                return Err(err);
+            }
+            if !told {
+                tracing::warn!(error = %format!("{err:#}"), retry_for_s = self.retry_for.as_secs(), "{what}: the broker is unavailable; trying again");
+                told = true;
+            }
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
     }
 
     /// The broker's base URL.
@@ -64,6 +103,20 @@ impl BlobClient {
     /// Uploads a file unless the store already has it; returns its name and size.
     pub async fn upload_file(&self, path: &Path, progress: Option<ProgressBar>) -> Result<Digested> {
         let digested = hash_file(path).await?;
+        let what = format!("uploading {}", path.display());
+        self.retrying(&what, || self.upload_file_once(path, &digested, progress.clone())).await
+    }
+
+    async fn upload_file_once(
+        &self,
+        path: &Path,
+        digested: &Digested,
+        progress: Option<ProgressBar>,
+    ) -> Result<Digested> {
+        let digested = digested.clone();
+        if let Some(p) = &progress {
+            p.set_position(0);
+        }
         let Some(plan) = self.plan(&digested).await? else {
             if let Some(p) = &progress {
                 p.finish_with_message("already stored");
@@ -88,10 +141,14 @@ impl BlobClient {
     /// Uploads bytes unless the store already has them; returns their name and size.
     pub async fn upload_bytes(&self, bytes: Vec<u8>) -> Result<Digested> {
         let digested = Digested { sha256: hex::encode(Sha256::digest(&bytes)), size: bytes.len() as u64 };
-        if let Some(plan) = self.plan(&digested).await? {
-            self.put(&digested, &plan, reqwest::Body::from(bytes)).await?;
-        }
-        Ok(digested)
+        let bytes = bytes::Bytes::from(bytes);
+        self.retrying(&format!("uploading blob {}", digested.sha256), || async {
+            if let Some(plan) = self.plan(&digested).await? {
+                self.put(&digested, &plan, reqwest::Body::from(bytes.clone())).await?;
+            }
+            Ok(digested.clone())
+        })
+        .await
     }
 
     /// Asks the broker where to upload (`POST /f/{sha}/upload`); `None` when it has the bytes.
@@ -101,8 +158,7 @@ impl BlobClient {
             .json(&serde_json::json!({ "size": d.size }))
             .send()
             .await
-            .map_err(reqwest::Error::without_url)
-            .with_context(|| format!("cannot reach the broker at {}", self.base()))?;
+            .map_err(|e| unavailable(e, format!("cannot reach the broker at {}", self.base())))?;
         let plan = api_json(resp).await?;
         Ok((plan["exists"] != true).then_some(plan))
     }
@@ -125,9 +181,9 @@ impl BlobClient {
             .body(body)
             .send()
             .await
-            // A presigned URL's signature is a credential for 15 minutes: never in a message.
-            .map_err(reqwest::Error::without_url)
-            .with_context(|| format!("uploading blob {}", d.sha256))?;
+            // A presigned URL's signature is a credential for 15 minutes: never in a message
+            // (`unavailable` drops the URL).
+            .map_err(|e| unavailable(e, format!("uploading blob {}", d.sha256)))?;
         // S3 answers in XML, the broker in JSON: either way the error says what went wrong.
         api_json(resp).await.with_context(|| format!("uploading blob {}", d.sha256))?;
         Ok(())
@@ -143,14 +199,27 @@ impl BlobClient {
         expected: Option<&Digested>,
         progress: Option<ProgressBar>,
     ) -> Result<Digested> {
+        self.retrying(&format!("downloading {path}"), || self.download_once(path, dest, expected, progress.clone()))
+            .await
+    }
+
+    async fn download_once(
+        &self,
+        path: &str,
+        dest: &Path,
+        expected: Option<&Digested>,
+        progress: Option<ProgressBar>,
+    ) -> Result<Digested> {
+        if let Some(p) = &progress {
+            p.set_position(0);
+        }
         let url = format!("{}{path}", self.base());
         let resp = self
             .authorized(self.http.get(&url))
             .send()
             .await
             // The broker may redirect to a presigned URL, whose signature stays out of messages.
-            .map_err(reqwest::Error::without_url)
-            .with_context(|| format!("cannot reach the broker at {}", self.base()))?;
+            .map_err(|e| unavailable(e, format!("cannot reach the broker at {}", self.base())))?;
         if !resp.status().is_success() {
             api_json(resp).await?;
             bail!("downloading {path} failed");
@@ -169,8 +238,7 @@ impl BlobClient {
         let mut body = resp.bytes_stream();
         let result: Result<()> = async {
             while let Some(chunk) = body.next().await {
-                let chunk =
-                    chunk.map_err(reqwest::Error::without_url).with_context(|| format!("downloading {path}"))?;
+                let chunk = chunk.map_err(|e| unavailable(e, format!("downloading {path}")))?;
                 hasher.update(&chunk);
                 size += chunk.len() as u64;
                 file.write_all(&chunk).await.with_context(|| format!("writing {}", partial.display()))?;
@@ -206,6 +274,39 @@ impl BlobClient {
     }
 }
 
+/// How long transfers are tried again by default while the broker is unavailable: longer than a
+/// takeover after a lost machine (the lease, 15 s by default) with a NATS election on top.
+pub const RETRY_FOR: Duration = Duration::from_secs(120);
+
+/// A failure that may pass: the broker or store could not be reached, the connection broke, or
+/// it answered 502, 503 or 504. [`BlobClient`] tries such transfers again.
+#[derive(Debug)]
+pub struct Unavailable {
+    message: String,
+    /// What the answer's `Retry-After` asked for.
+    retry_after: Option<Duration>,
+}
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Unavailable {}
+
+/// A transport error as [`Unavailable`], its URL left out (a presigned one is a credential).
+fn unavailable(e: reqwest::Error, context: String) -> anyhow::Error {
+    let e = e.without_url();
+    let mut message = format!("{context}: {e}");
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        message.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    Unavailable { message, retry_after: None }.into()
+}
+
 fn partial_name(dest: &Path) -> PathBuf {
     let mut name = dest.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".partial");
@@ -215,7 +316,17 @@ fn partial_name(dest: &Path) -> PathBuf {
 /// The body of a successful answer as JSON (empty → null); an API error as a readable error.
 async fn api_json(resp: reqwest::Response) -> Result<serde_json::Value> {
     let status = resp.status();
-    let text = resp.text().await.map_err(reqwest::Error::without_url).context("reading the answer")?;
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s).clamp(Duration::from_millis(100), Duration::from_secs(10)));
+    let text = resp.text().await.map_err(|e| unavailable(e, "reading the answer".into()))?;
+    // A standby taking over, a broker recovering its log, a gateway in between, S3's SlowDown.
+    if matches!(status.as_u16(), 502..=504) {
+        return Err(Unavailable { message: format!("{status}: {}", error_message(&text)), retry_after }.into());
+    }
     if status.is_success() {
         if text.trim().is_empty() {
             return Ok(serde_json::Value::Null);
@@ -357,11 +468,54 @@ mod tests {
             );
             socket.write_all(answer.as_bytes()).await.unwrap();
         });
-        let client = BlobClient::new(&base, None).unwrap();
+        // Tried once: an unreachable store is otherwise tried again for minutes.
+        let client = BlobClient::new(&base, None).unwrap().retrying_for(Duration::ZERO);
         let err = client.upload_bytes(b"some output".to_vec()).await.unwrap_err();
         broker.await.unwrap();
         let message = format!("{err:#}");
         assert!(message.contains("uploading blob"), "{message}");
         assert!(!message.contains("0123456789abcdef") && !message.contains("X-Amz-Credential"), "{message}");
+    }
+
+    /// A broker that cannot serve for a moment (a standby taking over answers 503) does not fail
+    /// an upload: it is asked again after its Retry-After. The broker is a server on 127.0.0.1
+    /// that answers the first plan request 503 and the second "already stored".
+    #[tokio::test]
+    async fn an_upload_answered_unavailable_is_tried_again() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let broker = tokio::spawn(async move {
+            let answers = [
+                (
+                    "503 Service Unavailable",
+                    r#"{"error": {"code": "unavailable", "message": "this broker is a standby"}}"#,
+                ),
+                ("200 OK", r#"{"exists": true}"#),
+            ];
+            for (status, body) in answers {
+                let (mut socket, _) = listener.accept().await.unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"}") {
+                    let n = socket.read(&mut buf).await.unwrap();
+                    assert!(n > 0, "the client closed before sending its plan request");
+                    got.extend_from_slice(&buf[..n]);
+                }
+                let answer = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: 0\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                socket.write_all(answer.as_bytes()).await.unwrap();
+            }
+        });
+        let client = BlobClient::new(&base, None).unwrap();
+        let stored = client.upload_bytes(b"an output".to_vec()).await.unwrap();
+        assert_eq!(stored.size, 9);
+        broker.await.unwrap();
+        // A broker that cannot be reached is unavailable too (tried once here).
+        let refused = BlobClient::new("http://127.0.0.1:1", None).unwrap().retrying_for(Duration::ZERO);
+        let err = refused.upload_bytes(b"x".to_vec()).await.unwrap_err();
+        assert!(err.chain().any(|c| c.is::<Unavailable>()), "{err:#}");
     }
 }

@@ -226,13 +226,12 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
             .collect();
         let url = &config.broker_urls[at % config.broker_urls.len()];
         let mut socket = match connect(&config, url, held).await {
-            Ok((socket, heartbeat)) => {
+            Ok((socket, heartbeat, base)) => {
                 if failures > 0 {
-                    tracing::info!(broker = %url, "connected to the broker again");
+                    tracing::info!(broker = %base, "connected to the broker again");
                 }
-                if config.broker_urls.len() > 1 {
-                    env.blobs.set_base(url);
-                }
+                // Files go to the broker the socket reached: the one owning the queues.
+                env.blobs.set_base(&base);
                 failures = 0;
                 failed_in_round = 0;
                 connected_at = Some(Some(Instant::now()));
@@ -455,8 +454,9 @@ fn spawn_job(
     });
 }
 
-/// Opens the socket, says hello and waits for the welcome; returns the heartbeat interval.
-async fn connect(config: &Config, broker_url: &str, held: Vec<HeldJob>) -> Result<(Socket, Duration)> {
+/// Opens the socket, says hello and waits for the welcome; returns the socket, the heartbeat
+/// interval and the base URL of the broker it ended at (after a standby's redirect, the owner).
+async fn connect(config: &Config, broker_url: &str, held: Vec<HeldJob>) -> Result<(Socket, Duration, String)> {
     let mut ws_url = match broker_url.split_once("://") {
         Some(("https", rest)) => format!("wss://{}/ws/worker", rest.trim_end_matches('/')),
         Some(("http", rest)) => format!("ws://{}/ws/worker", rest.trim_end_matches('/')),
@@ -521,7 +521,11 @@ async fn connect(config: &Config, broker_url: &str, held: Vec<HeldJob>) -> Resul
     .await
     .context("no welcome from the broker")??;
     match welcome {
-        BrokerToWorker::Welcome { heartbeat_ms, .. } => Ok((ws, Duration::from_millis(heartbeat_ms.max(100)))),
+        BrokerToWorker::Welcome { heartbeat_ms, .. } => {
+            let rest = ws_url.strip_prefix("ws").unwrap_or(&ws_url);
+            let base = format!("http{}", rest.strip_suffix("/ws/worker").unwrap_or(rest));
+            Ok((ws, Duration::from_millis(heartbeat_ms.max(100)), base))
+        }
         BrokerToWorker::Error(e) => bail!("the broker refused the worker: {}", e.message),
         other => bail!("expected a welcome, got {other:?}"),
     }
