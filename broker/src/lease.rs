@@ -207,6 +207,9 @@ pub async fn acquire(
                 let mut answer = match tokio::time::timeout(ANSWER_WITHIN, store.create(&key, value.clone())).await {
                     Ok(Ok(revision)) => Created::Yes(revision),
                     Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => Created::Taken,
+                    // Another broker's create landed first on a key released before (its delete
+                    // marker is the revision both expected): a lost race, not a NATS problem.
+                    Ok(Err(e)) if e.to_string().contains("wrong last sequence") => Created::Taken,
                     // Said once per streak of failures: NATS without a quorum fails every second.
                     Ok(Err(e)) => {
                         if !failing {

@@ -168,6 +168,7 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
     // rounds of all of them.
     let mut at = 0usize;
     let mut failed_in_round = 0usize;
+    let mut connected_before = false;
 
     'connection: loop {
         if draining && jobs.is_empty() && unacked.is_empty() {
@@ -227,9 +228,12 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
         let url = &config.broker_urls[at % config.broker_urls.len()];
         let mut socket = match connect(&config, url, held).await {
             Ok((socket, heartbeat, base)) => {
-                if failures > 0 {
+                if failures > 0 || connected_before {
                     tracing::info!(broker = %base, "connected to the broker again");
+                } else {
+                    tracing::info!(broker = %base, "connected to the broker");
                 }
+                connected_before = true;
                 // Files go to the broker the socket reached: the one owning the queues.
                 env.blobs.set_base(&base);
                 failures = 0;
@@ -239,7 +243,13 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
             }
             Err(e) => {
                 failures += 1;
-                tracing::warn!(error = %format!("{e:#}"), failures, "cannot reach the broker");
+                // Said at the first failure of a streak and every tenth after: during a
+                // takeover each broker given is tried every few hundred milliseconds.
+                if failures == 1 || failures.is_multiple_of(10) {
+                    tracing::warn!(error = %format!("{e:#}"), failures, "cannot reach the broker");
+                } else {
+                    tracing::debug!(error = %format!("{e:#}"), failures, "cannot reach the broker");
+                }
                 // The next attempt goes to the next broker given.
                 at = (at + 1) % config.broker_urls.len();
                 failed_in_round += 1;
