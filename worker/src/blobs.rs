@@ -440,12 +440,30 @@ mod tests {
         assert_eq!(error_message(json), "see ?X-Amz-Signature=…");
     }
 
+    /// Accepts one connection on `listener`, reads a plan request (headers and a JSON body) and
+    /// answers it with `status` (asking for no wait before a retry) and `body`.
+    async fn answer_a_plan_request(listener: &tokio::net::TcpListener, status: &str, body: &str) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"}") {
+            let n = socket.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the client closed before sending its plan request");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let answer = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: 0\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        socket.write_all(answer.as_bytes()).await.unwrap();
+    }
+
     /// An upload whose presigned URL cannot be reached fails with a message that names the blob
     /// and keeps the URL's signature out. The broker is a one-request server on 127.0.0.1 that
     /// answers the upload plan the way an S3-backed broker does; the URL's port has no listener.
     #[tokio::test]
     async fn a_failed_upload_does_not_print_the_presigned_url() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let url = SIGNED.replace(":9/", &format!(":{closed}/"));
         let plan = serde_json::json!({ "exists": false, "method": "PUT", "url": url,
@@ -453,21 +471,7 @@ mod tests {
         .to_string();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let broker = tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.unwrap();
-            let mut got = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"}") {
-                let n = socket.read(&mut buf).await.unwrap();
-                assert!(n > 0, "the client closed before sending its plan request");
-                got.extend_from_slice(&buf[..n]);
-            }
-            let answer = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{plan}",
-                plan.len()
-            );
-            socket.write_all(answer.as_bytes()).await.unwrap();
-        });
+        let broker = tokio::spawn(async move { answer_a_plan_request(&listener, "200 OK", &plan).await });
         // Tried once: an unreachable store is otherwise tried again for minutes.
         let client = BlobClient::new(&base, None).unwrap().retrying_for(Duration::ZERO);
         let err = client.upload_bytes(b"some output".to_vec()).await.unwrap_err();
@@ -482,32 +486,12 @@ mod tests {
     /// that answers the first plan request 503 and the second "already stored".
     #[tokio::test]
     async fn an_upload_answered_unavailable_is_tried_again() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let broker = tokio::spawn(async move {
-            let answers = [
-                (
-                    "503 Service Unavailable",
-                    r#"{"error": {"code": "unavailable", "message": "this broker is a standby"}}"#,
-                ),
-                ("200 OK", r#"{"exists": true}"#),
-            ];
-            for (status, body) in answers {
-                let (mut socket, _) = listener.accept().await.unwrap();
-                let mut got = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !got.windows(4).any(|w| w == b"\r\n\r\n") || !got.ends_with(b"}") {
-                    let n = socket.read(&mut buf).await.unwrap();
-                    assert!(n > 0, "the client closed before sending its plan request");
-                    got.extend_from_slice(&buf[..n]);
-                }
-                let answer = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: 0\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                socket.write_all(answer.as_bytes()).await.unwrap();
-            }
+            let standby = r#"{"error": {"code": "unavailable", "message": "this broker is a standby"}}"#;
+            answer_a_plan_request(&listener, "503 Service Unavailable", standby).await;
+            answer_a_plan_request(&listener, "200 OK", r#"{"exists": true}"#).await;
         });
         let client = BlobClient::new(&base, None).unwrap();
         let stored = client.upload_bytes(b"an output".to_vec()).await.unwrap();
