@@ -20,15 +20,10 @@ const FOLLOW_RECONNECT_FOR: Duration = Duration::from_secs(60);
 /// broker recovering its log.
 pub const UNAVAILABLE_RETRY_FOR: Duration = Duration::from_secs(30);
 
-/// The wait a 503 answer asks for (`Retry-After` in seconds), 1 to 10 s.
+/// The wait a 503 answer asks for (`Retry-After`), 1 to 10 s.
 fn retry_after(resp: &reqwest::Response) -> Duration {
-    let secs = resp
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(1);
-    Duration::from_secs(secs.clamp(1, 10))
+    let one = Duration::from_secs(1);
+    worker::blobs::retry_after(resp).unwrap_or(one).max(one)
 }
 
 #[derive(Debug, Clone)]
@@ -71,10 +66,9 @@ impl Client {
         &self.bases[self.current.load(Ordering::Relaxed) % self.bases.len()]
     }
 
-    /// Moves on to the next broker given; false when there is only one.
-    fn next_base(&self) -> bool {
+    /// Moves on to the next broker given (with one, stays on it).
+    fn next_base(&self) {
         self.current.fetch_add(1, Ordering::Relaxed);
-        self.bases.len() > 1
     }
 
     /// ` --url URL` for a command the user is told to run next, when the broker is not the one
@@ -95,8 +89,9 @@ impl Client {
             let req = build(&base);
             match req.send().await {
                 Ok(resp) => return Ok((resp, base)),
-                Err(e) if e.is_connect() && tried + 1 < self.bases.len() && self.next_base() => {
+                Err(e) if e.is_connect() && tried + 1 < self.bases.len() => {
                     tracing::debug!(error = %e, broker = %base, "cannot reach this broker; trying the next");
+                    self.next_base();
                     tried += 1;
                 }
                 Err(e) => return Err(connection_error(&base, &e)),
@@ -239,7 +234,8 @@ impl Client {
                 // When no broker given was ever reached, that is reported at once; a dropped
                 // connection is retried, on the next broker given if there are several.
                 Err(e) if connects == 0 => {
-                    if unreached + 1 < self.bases.len() && self.next_base() {
+                    if unreached + 1 < self.bases.len() {
+                        self.next_base();
                         unreached += 1;
                         continue;
                     }

@@ -313,15 +313,17 @@ fn partial_name(dest: &Path) -> PathBuf {
     dest.with_file_name(name)
 }
 
+/// The wait an answer asks for before a retry (`Retry-After` in seconds), kept within 100 ms to
+/// 10 s; `None` when it asks for none.
+pub fn retry_after(resp: &reqwest::Response) -> Option<Duration> {
+    let secs = resp.headers().get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse::<u64>().ok()?;
+    Some(Duration::from_secs(secs).clamp(Duration::from_millis(100), Duration::from_secs(10)))
+}
+
 /// The body of a successful answer as JSON (empty → null); an API error as a readable error.
 async fn api_json(resp: reqwest::Response) -> Result<serde_json::Value> {
     let status = resp.status();
-    let retry_after = resp
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(|s| Duration::from_secs(s).clamp(Duration::from_millis(100), Duration::from_secs(10)));
+    let retry_after = retry_after(&resp);
     let text = resp.text().await.map_err(|e| unavailable(e, "reading the answer".into()))?;
     // A standby taking over, a broker recovering its log, a gateway in between, S3's SlowDown.
     if matches!(status.as_u16(), 502..=504) {
