@@ -204,24 +204,33 @@ pub async fn acquire(
         }
         match ownership.poll(Instant::now()) {
             Step::Create => {
-                let mut answer = match tokio::time::timeout(ANSWER_WITHIN, store.create(&key, value.clone())).await {
-                    Ok(Ok(revision)) => Created::Yes(revision),
-                    Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => Created::Taken,
-                    // Another broker's create landed first on a key released before (its delete
-                    // marker is the revision both expected): a lost race, not a NATS problem.
-                    Ok(Err(e)) if e.to_string().contains("wrong last sequence") => Created::Taken,
-                    // Said once per streak of failures: NATS without a quorum fails every second.
-                    Ok(Err(e)) => {
-                        if !failing {
-                            tracing::warn!(key = %key, error = %e, "could not take the lease (is NATS up, with a quorum?); retrying every second");
-                        }
-                        Created::Unknown
-                    }
-                    Err(_) => Created::Unknown,
+                let (mut answer, refused) =
+                    match tokio::time::timeout(ANSWER_WITHIN, store.create(&key, value.clone())).await {
+                        Ok(Ok(revision)) => (Created::Yes(revision), None),
+                        Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => (Created::Taken, None),
+                        Ok(Err(e)) => (Created::Unknown, Some(e)),
+                        Err(_) => (Created::Unknown, None),
+                    };
+                // Whoever holds the key now. A refused create with a holder is a lost race, not
+                // a NATS problem: another broker's create landed first on a key released before
+                // (NATS then refuses ours for the revision both expected, not as existing).
+                let held = match (&answer, &refused) {
+                    (Created::Taken, _) | (_, Some(_)) => current_holder(&store, &key).await,
+                    _ => None,
                 };
+                if refused.is_some() && held.is_some() {
+                    answer = Created::Taken;
+                }
+                // Said once per streak of failures: NATS without a quorum fails every second.
+                if let Some(e) = refused
+                    && answer == Created::Unknown
+                    && !failing
+                {
+                    tracing::warn!(key = %key, error = %e, "could not take the lease (is NATS up, with a quorum?); retrying every second");
+                }
                 failing = answer == Created::Unknown;
                 if answer == Created::Taken
-                    && let Some((owner, revision)) = current_holder(&store, &key).await
+                    && let Some((owner, revision)) = held
                 {
                     tell(config.shard, standby, owner.clone(), &mut told);
                     let now = Instant::now();
