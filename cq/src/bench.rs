@@ -12,6 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::client::websocket_url;
 use crate::{BenchArgs, Fsync};
 
 /// Submissions a simulated client keeps in flight.
@@ -56,9 +57,8 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
             (url, Some(server))
         }
     };
-    let ws_of = |url: &str| format!("ws{}", url.strip_prefix("http").unwrap_or(url));
     // Clients and workers take the brokers given in turn.
-    let sockets: Vec<String> = std::iter::once(&url).chain(&others).map(|u| ws_of(u)).collect();
+    let sockets: Vec<String> = std::iter::once(&url).chain(&others).map(|u| websocket_url(u)).collect();
     let ws = |n: usize| sockets[n % sockets.len()].clone();
     let queue = format!("bench-{}", std::process::id());
     let run_tag = Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id());
@@ -184,7 +184,7 @@ pub(crate) async fn connect(
     let (mut socket, _) = match tokio_tungstenite::connect_async(url).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(resp)) if resp.status().is_redirection() => {
             let to = resp.headers().get("location").and_then(|l| l.to_str().ok()).unwrap_or_default();
-            let to = to.strip_prefix("http").map(|rest| format!("ws{rest}")).unwrap_or_else(|| to.to_string());
+            let to = websocket_url(to);
             tokio_tungstenite::connect_async(&to).await.with_context(|| format!("connecting to {to}, sent by {url}"))?
         }
         other => other.with_context(|| format!("connecting to {url}"))?,

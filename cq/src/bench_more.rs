@@ -56,7 +56,7 @@ pub async fn fanout(args: BenchArgs) -> Result<std::process::ExitCode> {
         access: broker::access::AccessConfig { max_connections_per_address: 0, ..Default::default() },
     };
     let (url, (stop, server)) = start_broker(config).await?;
-    let ws = format!("ws{}", url.strip_prefix("http").unwrap_or(&url));
+    let ws = crate::client::websocket_url(&url);
     let queue = "fanout";
 
     // The worker, and the job it runs.
@@ -215,7 +215,7 @@ pub async fn connections(args: BenchArgs) -> Result<std::process::ExitCode> {
         tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().context("stdout")?));
     let first = lines.next_line().await?.context("the broker printed nothing")?;
     let url = first.strip_prefix("listening on ").context("unexpected first line")?.to_string();
-    let ws = format!("ws{}/ws/client", url.strip_prefix("http").unwrap_or(&url));
+    let ws = crate::client::websocket_url(&format!("{url}/ws/client"));
     // Warm up: one connection, so lazily allocated pools exist before the baseline.
     let mut warm = connect(&ws, json!({"type": "hello", "data": {"protocol": 1}})).await?;
     let _ = warm.next().await;

@@ -204,9 +204,7 @@ impl Client {
     }
 
     fn ws_url(&self, path: &str) -> String {
-        let base = self.base();
-        let rest = base.strip_prefix("http").unwrap_or(base);
-        format!("ws{rest}{path}")
+        websocket_url(&format!("{}{path}", self.base()))
     }
 
     /// Follows `job` from log line `since` until it finishes, reconnecting if the socket drops;
@@ -348,6 +346,11 @@ impl Client {
         }
         Ok(None)
     }
+}
+
+/// `url` with its http(s) scheme turned into ws(s); a ws(s) URL as it is.
+pub fn websocket_url(url: &str) -> String {
+    url.strip_prefix("http").map(|rest| format!("ws{rest}")).unwrap_or_else(|| url.to_string())
 }
 
 /// One message for every way of failing to reach the broker: the URL tried, what went wrong

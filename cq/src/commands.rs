@@ -267,14 +267,7 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
         let ttl = args.cluster.lease_ttl;
         let times = broker::ownership::LeaseTimes::for_ttl(ttl);
         times.validate().map_err(|e| anyhow::anyhow!("--lease-ttl: {e}"))?;
-        let node = match args.cluster.node_id {
-            Some(node) => node,
-            None => {
-                let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
-                let host = host.trim();
-                if host.is_empty() { "broker".to_string() } else { host.to_string() }
-            }
-        };
+        let node = args.cluster.node_id.or_else(host_name).unwrap_or_else(|| "broker".into());
         if let Some(url) = &args.cluster.advertise_url
             && url.strip_prefix("http://").is_none_or(|rest| rest.is_empty() || rest.starts_with('/'))
         {
@@ -713,11 +706,7 @@ pub async fn cluster_import(args: crate::ImportArgs) -> Result<ExitCode> {
         creds_file: args.nats_creds,
         cluster: args.nats_cluster,
         replicas: args.nats_replicas,
-        node: std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_string())
-            .ok()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "cq".into()),
+        node: host_name().unwrap_or_else(|| "cq".into()),
         ..broker::jetstream::NatsConfig::new(args.nats)
     };
     let report = broker::import::import(&config, &args.data_dir).await?;
@@ -731,4 +720,10 @@ pub async fn cluster_import(args: crate::ImportArgs) -> Result<ExitCode> {
         args.data_dir.join("blobs").display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// This machine's host name, if it has one (a broker's default node id).
+fn host_name() -> Option<String> {
+    let host = std::fs::read_to_string("/etc/hostname").ok()?;
+    Some(host.trim().to_string()).filter(|h| !h.is_empty())
 }
