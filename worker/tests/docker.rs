@@ -128,13 +128,12 @@ async fn a_killed_worker_s_job_is_finished_by_another_worker() {
     docker().await;
     let b = Broker::start(0);
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = start_worker(config(&b.url, &unique("lost-a"), dir_a.path(), 1));
+    let mut a = start_killable_worker(config(&b.url, &unique("lost-a"), dir_a.path(), 1));
     let id = b.submit(json!({ "image": IMAGE, "command": sh("echo started; sleep 2; echo done") })).await;
     b.follow_until(&id, |v| logged(v, "started")).await;
     assert_eq!(b.job(&id).await["worker"], a.id.as_str());
     // Kill: the worker's connection drops without a goodbye.
-    a.task.abort();
-    let _ = a.task.await;
+    tokio::task::block_in_place(|| a.kill());
     let w2 = start_worker(config(&b.url, &unique("lost-b"), dir_b.path(), 1));
     let job = b.finished(&id).await;
     assert_eq!(job["reason"], "succeeded", "{job}");
@@ -149,12 +148,11 @@ async fn a_restarted_worker_reattaches_to_its_running_container() {
     let b = Broker::start(60_000);
     let dir = tempfile::tempdir().unwrap();
     let id_name = unique("restart");
-    let first = start_worker(config(&b.url, &id_name, dir.path(), 1));
+    let mut first = start_killable_worker(config(&b.url, &id_name, dir.path(), 1));
     let id =
         b.submit(json!({ "image": IMAGE, "command": sh("echo one; sleep 3; echo two; echo r > /outputs/r") })).await;
     b.follow_until(&id, |v| logged(v, "one")).await;
-    first.task.abort();
-    let _ = first.task.await;
+    tokio::task::block_in_place(|| first.kill());
     let containers = containers_of(&id_name).await;
     assert_eq!(containers.len(), 1, "the container outlives its worker");
     let _again = start_worker(config(&b.url, &id_name, dir.path(), 1));

@@ -183,6 +183,44 @@ pub fn start_worker(config: worker::Config) -> Worker {
     Worker { id, stop: Some(stop_tx), task }
 }
 
+/// A worker on a runtime of its own, so that [`Killable::kill`] ends all of its tasks at once,
+/// as the end of its process would: aborting a worker's task alone leaves its job tasks running,
+/// and they would still finish and clean up the attempt a restarted worker re-attaches to.
+pub struct Killable {
+    pub id: String,
+    kill: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+pub fn start_killable_worker(config: worker::Config) -> Killable {
+    let id = config.worker_id.to_string();
+    let (kill, killed) = oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        runtime.spawn(worker::run(config, std::future::pending()));
+        let _ = runtime.block_on(killed);
+        // Every task of the worker is dropped here, its job tasks too.
+        drop(runtime);
+    });
+    Killable { id, kill: Some(kill), thread: Some(thread) }
+}
+
+impl Killable {
+    /// Ends the worker without a goodbye and returns once none of its tasks runs.
+    pub fn kill(&mut self) {
+        drop(self.kill.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Killable {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// A worker id no other test (or earlier run) uses.
 pub fn unique(name: &str) -> String {
     format!(
