@@ -523,11 +523,13 @@ async fn s3_output_downloads_keep_their_headers() {
 /// Real time on a port with nothing listening; the deadline bounds the test.
 #[tokio::test]
 async fn s3_requests_are_retried_for_thirty_seconds() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    // A port found free on a loopback address no other test listens on (they take
+    // 127.0.0.1:0), so it still refuses connections 30 s later.
+    let port = std::net::TcpListener::bind("127.0.0.9:0").unwrap().local_addr().unwrap().port();
     let config = broker::blob::BlobConfig {
         backend: broker::blob::BlobBackend::S3(broker::blob::S3Config {
             bucket: "b".into(),
-            endpoint: Some(format!("http://127.0.0.1:{port}")),
+            endpoint: Some(format!("http://127.0.0.9:{port}")),
             access_key_id: Some("k".into()),
             secret_access_key: Some("s".into()),
             ..Default::default()
