@@ -144,7 +144,7 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                 let (stop_tx, stop_rx) = watch::channel(Stop::No);
                 jobs.insert((owned.job, owned.attempt), Running { stop: stop_tx, gpus: record.gpus.clone() });
                 let span = tracing::info_span!("job", job = %owned.job, attempt = owned.attempt);
-                let task = job::resume(env.clone(), record, owned.id, stop_rx, tx.clone());
+                let task = job::resume(env.clone(), record, owned.id, owned.never_started, stop_rx, tx.clone());
                 spawn_job(env.clone(), owned.job, owned.attempt, tx.clone(), task.instrument(span));
             }
             _ => {
@@ -158,7 +158,10 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
     let mut draining = false;
     let mut drain_deadline: Option<Instant> = None;
     let mut unacked: HashMap<JobId, WorkerToBroker> = HashMap::new();
+    // A message that could not be sent, sent first on the next connection; for a batch of log
+    // lines, the cursor to save once it is.
     let mut pending: Option<WorkerToBroker> = None;
+    let mut pending_cursor: Option<job::LogCursor> = None;
     let mut backoff = Backoff::new();
     let mut failures = 0u32;
     // When the last connection was made; `None` before the first attempt.
@@ -264,12 +267,21 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
             outbox.push(WorkerToBroker::Drain);
         }
         outbox.extend(unacked.values().cloned());
-        outbox.extend(pending.take());
         for msg in outbox {
+            // Kept in `unacked` (or, for a drain, by `draining`): sent again next time.
+            if let Err(e) = send(ws, &msg).await {
+                tracing::warn!(error = %e, "lost the broker while catching up");
+                continue 'connection;
+            }
+        }
+        if let Some(msg) = pending.take() {
             if let Err(e) = send(ws, &msg).await {
                 tracing::warn!(error = %e, "lost the broker while catching up");
                 pending = Some(msg);
                 continue 'connection;
+            }
+            if let Some(cursor) = pending_cursor.take() {
+                cursor.save().await;
             }
         }
         loop {
@@ -318,8 +330,13 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                     }
                 }
                 Some(out) = rx.recv() => {
+                    let mut cursor = None;
                     let msg = match out {
                         Out::Msg(m) => Some(m),
+                        Out::Logs(m, c) => {
+                            cursor = c;
+                            Some(m)
+                        }
                         Out::Done { job, attempt, outcome } => {
                             if let Some(r) = jobs.remove(&(job, attempt)) {
                                 free_gpus.extend(r.gpus);
@@ -338,12 +355,16 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                             }
                         }
                     };
-                    if let Some(m) = msg
-                        && let Err(e) = send(ws, &m).await
-                    {
-                        tracing::warn!(error = %e, "the connection to the broker failed");
-                        pending = Some(m);
-                        continue 'connection;
+                    if let Some(m) = msg {
+                        if let Err(e) = send(ws, &m).await {
+                            tracing::warn!(error = %e, "the connection to the broker failed");
+                            pending = Some(m);
+                            pending_cursor = cursor;
+                            continue 'connection;
+                        }
+                        if let Some(cursor) = cursor {
+                            cursor.save().await;
+                        }
                     }
                 }
                 _ = tick.tick() => {

@@ -486,11 +486,17 @@ pub async fn start_container(docker: &Docker, def: &JobDefinition, spec: &Contai
     };
     let options = CreateContainerOptions { name: Some(spec.name.clone()), ..Default::default() };
     let created = docker.create_container(Some(options), config).await.map_err(|e| create_error(&spec.image, e))?;
-    if let Err(e) = docker.start_container(&created.id, None).await {
-        let _ = remove(docker, &created.id).await;
+    start_created(docker, &created.id).await?;
+    Ok(created.id)
+}
+
+/// Starts a container that was created; if it cannot start, removes it.
+pub async fn start_created(docker: &Docker, id: &str) -> Result<(), JobError> {
+    if let Err(e) = docker.start_container(id, None).await {
+        let _ = remove(docker, id).await;
         return Err(start_error(e));
     }
-    Ok(created.id)
+    Ok(())
 }
 
 fn create_error(image: &str, e: bollard::errors::Error) -> JobError {
@@ -635,6 +641,9 @@ pub struct Owned {
     pub job: JobId,
     pub attempt: u32,
     pub running: bool,
+    /// Created but never started: the worker stopped between the two. Docker's wait answers
+    /// at once for such a container, with exit code 0, so it must be started, not waited on.
+    pub never_started: bool,
 }
 
 /// This worker's containers (by label), running or not.
@@ -655,8 +664,8 @@ pub async fn owned(docker: &Docker, worker: &str) -> Result<Vec<Owned>, JobError
         let job = labels.get(LABEL_JOB).and_then(|j| j.parse().ok());
         let attempt = labels.get(LABEL_ATTEMPT).and_then(|a| a.parse().ok());
         if let (Some(id), Some(job), Some(attempt)) = (c.id, job, attempt) {
-            let running = c.state.map(|s| s.to_string() == "running").unwrap_or(false);
-            out.push(Owned { id, job, attempt, running });
+            let state = c.state.map(|s| s.to_string()).unwrap_or_default();
+            out.push(Owned { id, job, attempt, running: state == "running", never_started: state == "created" });
         }
     }
     Ok(out)

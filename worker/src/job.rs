@@ -78,7 +78,30 @@ impl Default for OutputLimits {
 #[derive(Debug)]
 pub enum Out {
     Msg(WorkerToBroker),
-    Done { job: JobId, attempt: u32, outcome: Outcome },
+    /// A batch of log lines, and where the job's log stands once it has left for the broker.
+    Logs(WorkerToBroker, Option<LogCursor>),
+    Done {
+        job: JobId,
+        attempt: u32,
+        outcome: Outcome,
+    },
+}
+
+/// The engine's timestamp of the last whole line of a job's log sent to the broker, kept in the
+/// attempt's directory. A worker restarted after a crash re-attaches and reads the log from
+/// there, so the cursor is saved only once the batch has been written to the broker's socket:
+/// lines read while no broker was connected are read again, not lost.
+#[derive(Debug, Clone)]
+pub struct LogCursor {
+    file: PathBuf,
+    ns: u128,
+}
+
+impl LogCursor {
+    /// Saves the cursor (a job's directory removed meanwhile is not created again).
+    pub async fn save(&self) {
+        let _ = tokio::fs::write(&self.file, self.ns.to_string()).await;
+    }
 }
 
 /// How a job task ended.
@@ -219,19 +242,50 @@ pub async fn run(env: Arc<JobEnv>, a: Assignment, stop: watch::Receiver<Stop>, t
     done(&ctx, outcome).await;
 }
 
-/// Picks up an attempt whose container outlived a worker restart.
+/// Picks up an attempt whose container outlived a worker restart. One the worker created but
+/// stopped before starting (`never_started`) is started now: waiting on it would report an exit
+/// code 0 from a job that never ran.
 pub async fn resume(
     env: Arc<JobEnv>,
-    record: Record,
+    mut record: Record,
     container: String,
+    never_started: bool,
     stop: watch::Receiver<Stop>,
     tx: mpsc::Sender<Out>,
 ) {
     let ctx = Ctx { env, job: record.job, attempt: record.attempt, tx, stop };
+    if never_started {
+        ctx.send(
+            ctx.system_line("cq: the worker restarted before this job's container started; starting it now\n".into()),
+        )
+        .await;
+        if let Err(e) = start_unstarted(&ctx, &container, &mut record).await {
+            cleanup_dir(&ctx).await;
+            let outcome = finish(&ctx, ExitStatus::Error { message: e.message, retryable: e.retryable }, Vec::new());
+            return done(&ctx, outcome).await;
+        }
+        ctx.progress(Phase::Running, None);
+        let outcome = supervise(&ctx, &container, &record, 0).await;
+        return done(&ctx, outcome).await;
+    }
     let cursor = read_cursor(&ctx).await;
     ctx.send(ctx.system_line("cq: the worker restarted and re-attached to this container\n".into())).await;
     let outcome = supervise(&ctx, &container, &record, cursor).await;
     done(&ctx, outcome).await;
+}
+
+/// Starts the container of a resumed attempt that never started, its time limit counted from
+/// now (the preparation before the restart is not known).
+async fn start_unstarted(ctx: &Ctx, container: &str, record: &mut Record) -> Result<(), JobError> {
+    let limit = [record.definition.max_duration_secs().map(Duration::from_secs), ctx.env.max_duration]
+        .into_iter()
+        .flatten()
+        .min();
+    if let Some(limit) = limit {
+        record.deadline_ms = Some((docker::now_ns() / 1_000_000) as u64 + limit.as_millis() as u64);
+        write_record(&ctx.env.job_dir(ctx.job, ctx.attempt), record).await?;
+    }
+    docker::start_created(&ctx.env.docker, container).await
 }
 
 async fn done(ctx: &Ctx, outcome: Outcome) {
@@ -688,13 +742,14 @@ impl LogSink {
         }
         let lines = std::mem::take(&mut self.batch);
         self.bytes = 0;
-        let _ = self.tx.send(Out::Msg(WorkerToBroker::Logs { job_id: self.job, attempt: self.attempt, lines })).await;
+        let msg = WorkerToBroker::Logs { job_id: self.job, attempt: self.attempt, lines };
+        let cursor = (whole_ns > 0).then(|| LogCursor { file: self.cursor_file.clone(), ns: whole_ns });
+        let _ = self.tx.send(Out::Logs(msg, cursor)).await;
         // Nothing can stop the task between the send and these stores (no await): `sent` never
         // claims a line that was not handed over.
         self.sent.batches.fetch_add(1, Ordering::SeqCst);
         if whole_ns > 0 {
             self.sent.ns.store(whole_ns as u64, Ordering::SeqCst);
-            let _ = tokio::fs::write(&self.cursor_file, whole_ns.to_string()).await;
         }
     }
 }

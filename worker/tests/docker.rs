@@ -7,6 +7,7 @@ mod support;
 
 use std::time::Duration;
 
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 use support::*;
 
@@ -163,6 +164,83 @@ async fn a_restarted_worker_reattaches_to_its_running_container() {
     let logs = b.log_text(&id).await;
     assert_eq!(logs.matches("one\n").count(), 1, "no line twice: {logs}");
     assert!(logs.contains("two\n") && logs.contains("re-attached"), "{logs}");
+}
+
+/// A worker stopped between creating a job's container and starting it leaves a container that
+/// never ran. Restarted, it starts that container: Docker's wait would answer at once with exit
+/// code 0 for a job that never ran. The window is made here by replacing the running container of
+/// a killed worker with an unstarted copy (same name, labels, command and mounts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_worker_starts_a_container_it_created_but_never_started() {
+    let d = docker().await;
+    let b = Broker::start(60_000);
+    let dir = tempfile::tempdir().unwrap();
+    let id_name = unique("unstarted");
+    let mut first = start_killable_worker(config(&b.url, &id_name, dir.path(), 1));
+    let id = b.submit(json!({ "image": IMAGE, "command": sh("echo ran; sleep 2; echo r > /outputs/r") })).await;
+    b.follow_until(&id, |v| logged(v, "ran")).await;
+    tokio::task::block_in_place(|| first.kill());
+    let [container] = containers_of(&id_name).await.try_into().expect("one container");
+    let seen = d.inspect_container(&container, None).await.unwrap();
+    let made = seen.config.unwrap();
+    worker::docker::remove(&d, &container).await.unwrap();
+    let copy = bollard::models::ContainerCreateBody {
+        image: made.image,
+        cmd: made.cmd,
+        entrypoint: made.entrypoint,
+        env: made.env,
+        labels: made.labels,
+        host_config: seen.host_config,
+        ..Default::default()
+    };
+    let name = seen.name.unwrap_or_default().trim_start_matches('/').to_string();
+    let options = bollard::query_parameters::CreateContainerOptions { name: Some(name), ..Default::default() };
+    let copied = d.create_container(Some(options), copy).await.unwrap().id;
+    let _again = start_worker(config(&b.url, &id_name, dir.path(), 1));
+    let job = b.finished(&id).await;
+    assert_eq!(job["reason"], "succeeded", "{job}");
+    assert_eq!(job["attempt"], 1, "the same attempt, not a rerun");
+    assert_eq!(job["outputs"][0]["path"], "r", "the container ran to its end: {job}");
+    let logs = b.log_text(&id).await;
+    assert!(logs.contains("starting it now"), "{logs}");
+    tokio::time::timeout(WAIT, all_removed(&id_name)).await.expect("the finished container is removed");
+    assert!(d.inspect_container(&copied, None).await.is_err());
+}
+
+/// Lines a job prints while its worker has no broker are not lost when that worker is killed
+/// then: the restarted worker reads the log again from the last line it sent, not the last it
+/// read. The job waits for files the test creates in its outputs directory; while the broker is
+/// away it prints 20,000 lines, which the worker has read (most of them, at least) by the time
+/// Docker has the last one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_printed_while_the_broker_was_away_survive_a_killed_worker() {
+    let d = docker().await;
+    let mut b = Broker::start(60_000);
+    let dir = tempfile::tempdir().unwrap();
+    let id_name = unique("gap");
+    let mut first = start_killable_worker(config(&b.url, &id_name, dir.path(), 1));
+    let script = "echo one; until [ -e /outputs/two ]; do sleep 0.1; done; echo two; seq 1 20000; \
+                  echo away; until [ -e /outputs/three ]; do sleep 0.1; done; echo three";
+    let id = b.submit(json!({ "image": IMAGE, "command": sh(script) })).await;
+    b.follow_until(&id, |v| logged(v, "one")).await;
+    b.stop();
+    let outputs = dir.path().join("jobs").join(format!("{id}-1")).join("outputs");
+    std::fs::write(outputs.join("two"), "").unwrap();
+    let [container] = containers_of(&id_name).await.try_into().expect("one container");
+    let printed = worker::docker::logs(&d, &container, 0).any(|(_, line)| std::future::ready(line.text == "away\n"));
+    assert!(tokio::time::timeout(WAIT, printed).await.unwrap(), "the job printed its lines");
+    tokio::task::block_in_place(|| first.kill());
+    b.restart();
+    let _again = start_worker(config(&b.url, &id_name, dir.path(), 1));
+    std::fs::write(outputs.join("three"), "").unwrap();
+    let job = b.finished(&id).await;
+    assert_eq!(job["reason"], "succeeded", "{job}");
+    let logs = b.log_text(&id).await;
+    for line in ["one", "two", "away", "three"] {
+        assert_eq!(logs.lines().filter(|l| *l == line).count(), 1, "{line:?} once");
+    }
+    let numbers: Vec<u32> = logs.lines().filter_map(|l| l.parse().ok()).collect();
+    assert_eq!(numbers, (1..=20000).collect::<Vec<u32>>(), "every line printed while the broker was away, once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,19 +18,45 @@ pub const WAIT: Duration = Duration::from_secs(60);
 /// A broker in its own runtime on 127.0.0.1:0.
 pub struct Broker {
     pub url: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    lease_grace_ms: u64,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Broker {
     pub fn start(lease_grace_ms: u64) -> Broker {
-        let dir = tempfile::tempdir().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let mut b = Broker { url, dir: tempfile::tempdir().unwrap(), lease_grace_ms, stop: None, thread: None };
+        b.serve(listener);
+        b
+    }
+
+    /// Stops the broker (gracefully: every socket is told "going away"); [`Broker::restart`]
+    /// starts it again.
+    pub fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Starts the stopped broker again, on the same port and with the same data.
+    pub fn restart(&mut self) {
+        let address = self.url.strip_prefix("http://").unwrap().to_string();
+        let listener = std::net::TcpListener::bind(&address).unwrap();
+        self.serve(listener);
+    }
+
+    fn serve(&mut self, listener: std::net::TcpListener) {
         let config = broker::Config {
             store: broker::runtime::StoreConfig {
-                data_dir: dir.path().to_path_buf(),
+                data_dir: self.dir.path().to_path_buf(),
                 fsync: broker::runtime::FsyncMode::Never,
-                core: broker::core::CoreConfig { lease_grace_ms, ..Default::default() },
+                core: broker::core::CoreConfig { lease_grace_ms: self.lease_grace_ms, ..Default::default() },
                 nats: None,
             },
             tokens: Default::default(),
@@ -38,9 +64,7 @@ impl Broker {
             blobs: broker::blob::BlobConfig { gc_interval: None, ..Default::default() },
             access: broker::access::AccessConfig::default(),
         };
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.set_nonblocking(true).unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -53,7 +77,8 @@ impl Broker {
                 .unwrap();
             });
         });
-        Broker { url, _dir: dir, stop: Some(stop_tx), thread: Some(thread) }
+        self.stop = Some(stop_tx);
+        self.thread = Some(thread);
     }
 
     pub async fn submit(&self, definition: Value) -> String {
@@ -73,9 +98,20 @@ impl Broker {
         reqwest::get(format!("{}/j/{id}", self.url)).await.unwrap().json().await.unwrap()
     }
 
+    /// The job's whole log, every page of it.
     pub async fn log_text(&self, id: &str) -> String {
-        let v: Value = reqwest::get(format!("{}/j/{id}/logs", self.url)).await.unwrap().json().await.unwrap();
-        v["lines"].as_array().unwrap().iter().map(|l| l["text"].as_str().unwrap().to_string()).collect()
+        let mut text = String::new();
+        let mut since = 0;
+        loop {
+            let url = format!("{}/j/{id}/logs?since={since}", self.url);
+            let v: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+            let lines = v["lines"].as_array().unwrap();
+            text.extend(lines.iter().map(|l| l["text"].as_str().unwrap().to_string()));
+            since = v["next"].as_u64().unwrap();
+            if lines.is_empty() || since >= v["total"].as_u64().unwrap() {
+                return text;
+            }
+        }
     }
 
     /// Follows the job's events until `until` holds for one of them; returns them all.
@@ -128,12 +164,7 @@ pub async fn follow(url: &str, id: &str, wait: Duration, until: impl Fn(&Value) 
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.stop();
     }
 }
 
