@@ -871,6 +871,101 @@ async fn failover_time_over_ten_kills() {
     eprintln!("failover with --lease-ttl {lease} over {} kills: p50 {} ms, p99 {} ms", times.len(), at(0.5), at(0.99));
 }
 
+/// Benchmark (ignored by default): graceful handover over 10 stops. Two brokers on fixed ports
+/// and a worker given both; the owner gets SIGTERM, and the time is taken from the signal to the
+/// first acknowledged submission through the other broker, and to that job's start on the worker
+/// (which must have found the new owner). The stopped broker comes back as the standby. Prints
+/// each time and p50/p99 of both.
+/// `cargo test -p cq --test cluster handover_time -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a benchmark: run it with --ignored --nocapture"]
+async fn handover_time_over_ten_stops() {
+    let Some(bin) = nats_server() else { return };
+    let nats = Nats::start(&bin).await;
+    let http = reqwest::Client::new();
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let listen = [free_port(), free_port()].map(|p| format!("127.0.0.1:{p}"));
+    let urls = listen.clone().map(|l| format!("http://{l}"));
+    let nats_urls = nats.url_list();
+    let start = |i: usize| {
+        let dir = dirs[i].path().to_str().unwrap();
+        let node = ["a", "b"][i];
+        support::cq_listening(&[
+            "broker",
+            "--listen",
+            &listen[i],
+            "--shared-blob-dir",
+            "--nats-cluster",
+            "handover",
+            "--nats",
+            &nats_urls,
+            "--data-dir",
+            dir,
+            "--node-id",
+            node,
+        ])
+        .0
+    };
+    let mut brokers = [Some(start(0)), None];
+    wait_ready(&urls[0]).await;
+    brokers[1] = Some(start(1));
+    wait_standby(&http, &urls[1]).await;
+    let run = tempfile::tempdir().unwrap();
+    let _worker = logged_worker(&urls.join(","), "q", &run.path().join("w"), &run.path().join("w.log"));
+    let body = |n: usize| json!({"definition": {"image": "cq-test/busybox", "command": ["echo", n.to_string()]}});
+    let started = |id: String, via: String| {
+        let http = http.clone();
+        async move {
+            loop {
+                if let Ok(r) = http.get(format!("{via}/j/{id}")).send().await
+                    && let Ok(job) = r.json::<Value>().await
+                    && (job["state"] == "running" || job["state"] == "finished")
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    // The worker is connected and runs jobs before the first stop.
+    let first = submit_until_acknowledged(&http, &urls[0], "q", 0).await;
+    tokio::time::timeout(WAIT, started(first, urls[0].clone())).await.expect("the first job ran");
+    let mut owner = 0;
+    let (mut acked, mut ran) = (Vec::new(), Vec::new());
+    for stop in 0..10 {
+        let child = brokers[owner].take().unwrap();
+        let other = urls[1 - owner].clone();
+        nix_signal(child.0.id(), "TERM");
+        let signalled = Instant::now();
+        let id = loop {
+            if let Ok(r) = http.post(format!("{other}/q/q/j")).json(&body(stop)).send().await
+                && r.status().is_success()
+            {
+                break r.json::<Value>().await.unwrap()["jobId"].as_str().unwrap().to_string();
+            }
+            assert!(signalled.elapsed() < WAIT, "no submission was acknowledged after stop {stop}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        acked.push(signalled.elapsed());
+        tokio::time::timeout(WAIT, started(id, other)).await.expect("the job started after the handover");
+        ran.push(signalled.elapsed());
+        eprintln!(
+            "stop {stop}: acknowledged after {} ms, started after {} ms",
+            acked[stop].as_millis(),
+            ran[stop].as_millis()
+        );
+        drop(child);
+        brokers[owner] = Some(start(owner));
+        wait_standby(&http, &urls[owner]).await;
+        owner = 1 - owner;
+    }
+    for (what, times) in [("first acknowledgement", &mut acked), ("first job started", &mut ran)] {
+        times.sort();
+        let at = |q: f64| times[((times.len() as f64 * q).ceil() as usize).clamp(1, times.len()) - 1].as_millis();
+        eprintln!("handover on SIGTERM, {what}: p50 {} ms, p99 {} ms", at(0.5), at(0.99));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_started_while_nats_has_no_quorum_waits_for_it() {
     let Some(bin) = nats_server() else { return };

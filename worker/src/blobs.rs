@@ -5,7 +5,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, anyhow, bail};
@@ -24,8 +24,8 @@ pub struct BlobClient {
     /// How long a transfer is tried again while the broker (or the store) is unavailable.
     retry_for: Duration,
     /// Shared by clones: a worker given several brokers points every job's client at the one it
-    /// is connected to.
-    base: Arc<RwLock<String>>,
+    /// is connected to, and a transfer waiting to be tried again goes at once when that changes.
+    base: Arc<tokio::sync::watch::Sender<String>>,
     token: Option<String>,
 }
 
@@ -43,7 +43,7 @@ impl BlobClient {
             .connect_timeout(Duration::from_secs(10))
             .build()
             .context("building the HTTP client")?;
-        let base = Arc::new(RwLock::new(base.trim_end_matches('/').to_string()));
+        let base = Arc::new(tokio::sync::watch::Sender::new(base.trim_end_matches('/').to_string()));
         Ok(BlobClient { http, retry_for: RETRY_FOR, base, token })
     }
 
@@ -62,7 +62,9 @@ impl BlobClient {
         let give_up = tokio::time::Instant::now() + self.retry_for;
         let mut backoff = Duration::from_millis(250);
         let mut told = false;
+        let mut moved = self.base.subscribe();
         loop {
+            moved.mark_unchanged();
             let err = match op().await {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
@@ -78,19 +80,30 @@ impl BlobClient {
                 tracing::warn!(error = %format!("{err:#}"), retry_for_s = self.retry_for.as_secs(), "{what}: the broker is unavailable; trying again");
                 told = true;
             }
-            tokio::time::sleep(wait).await;
+            // The worker connected to another broker (a takeover, say): try there now.
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = moved.changed() => tracing::debug!(base = %self.base(), "{what}: trying the broker now connected to"),
+            }
             backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 
     /// The broker's base URL.
     pub fn base(&self) -> String {
-        self.base.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.base.borrow().clone()
     }
 
     /// Points this client and its clones at another broker (of the same cluster).
     pub fn set_base(&self, base: &str) {
-        *self.base.write().unwrap_or_else(PoisonError::into_inner) = base.trim_end_matches('/').to_string();
+        let base = base.trim_end_matches('/');
+        self.base.send_if_modified(|now| {
+            let changed = now != base;
+            if changed {
+                *now = base.to_string();
+            }
+            changed
+        });
     }
 
     fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
@@ -445,6 +458,16 @@ mod tests {
     /// Accepts one connection on `listener`, reads a plan request (headers and a JSON body) and
     /// answers it with `status` (asking for no wait before a retry) and `body`.
     async fn answer_a_plan_request(listener: &tokio::net::TcpListener, status: &str, body: &str) {
+        answer_a_plan_request_after(listener, status, body, 0).await
+    }
+
+    /// [`answer_a_plan_request`], asking for a wait of `retry_after` seconds before a retry.
+    async fn answer_a_plan_request_after(
+        listener: &tokio::net::TcpListener,
+        status: &str,
+        body: &str,
+        retry_after: u32,
+    ) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (mut socket, _) = listener.accept().await.unwrap();
         let mut got = Vec::new();
@@ -455,7 +478,7 @@ mod tests {
             got.extend_from_slice(&buf[..n]);
         }
         let answer = format!(
-            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: 0\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\nretry-after: {retry_after}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
             body.len()
         );
         socket.write_all(answer.as_bytes()).await.unwrap();
@@ -503,5 +526,26 @@ mod tests {
         let refused = BlobClient::new("http://127.0.0.1:1", None).unwrap().retrying_for(Duration::ZERO);
         let err = refused.upload_bytes(b"x".to_vec()).await.unwrap_err();
         assert!(err.chain().any(|c| c.is::<Unavailable>()), "{err:#}");
+    }
+
+    /// A transfer waiting to be tried again goes at once to the broker the worker connects to
+    /// next (after a takeover), not after the wait the old one asked for. The old broker answers
+    /// 503 asking for 100 s; the new one, "already stored".
+    #[tokio::test]
+    async fn a_retry_waiting_on_one_broker_goes_at_once_to_the_next_one_connected_to() {
+        let old = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let new = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let new_base = format!("http://{}", new.local_addr().unwrap());
+        let client = BlobClient::new(&format!("http://{}", old.local_addr().unwrap()), None).unwrap();
+        let upload = tokio::spawn({
+            let client = client.clone();
+            async move { client.upload_bytes(b"an output".to_vec()).await }
+        });
+        let moving = r#"{"error": {"code": "unavailable", "message": "the log is moving"}}"#;
+        answer_a_plan_request_after(&old, "503 Service Unavailable", moving, 100).await;
+        client.set_base(&new_base);
+        answer_a_plan_request(&new, "200 OK", r#"{"exists": true}"#).await;
+        let stored = tokio::time::timeout(Duration::from_secs(20), upload).await.expect("tried at once").unwrap();
+        assert_eq!(stored.unwrap().size, 9);
     }
 }

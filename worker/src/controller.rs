@@ -35,6 +35,12 @@ pub const OUTAGE_EARLY: Duration = Duration::from_secs(60);
 /// as that broker is likely up; the backoff applies once every broker has failed.
 const NEXT_BROKER_WAIT: Duration = Duration::from_millis(100);
 
+/// After a broker closes the connection with "going away" (it is stopping, or handing its log
+/// to another broker), attempts come every [`NEXT_BROKER_WAIT`] for this long instead of after
+/// the backoff, skipping that broker when others are given: the new owner serves within a
+/// fraction of a second of a handover, and behind one address a load balancer picks another.
+const HANDOVER_WINDOW: Duration = Duration::from_secs(5);
+
 /// A connection that lasted this long was healthy: the next reconnect starts the backoff over.
 /// Shorter ones (a broker that closes at once, say for a message it refused) keep doubling it.
 pub const HEALTHY_SESSION: Duration = Duration::from_secs(10);
@@ -172,6 +178,9 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
     let mut at = 0usize;
     let mut failed_in_round = 0usize;
     let mut connected_before = false;
+    // The broker (an index into `broker_urls`) that last said "going away", and until when its
+    // handover is awaited (see HANDOVER_WINDOW).
+    let mut handover: Option<(usize, Instant)> = None;
 
     'connection: loop {
         if draining && jobs.is_empty() && unacked.is_empty() {
@@ -183,7 +192,14 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
             if last.is_some_and(|t| t.elapsed() >= HEALTHY_SESSION) {
                 backoff.reset();
             }
-            let wait = if failed_in_round > 0 && failed_in_round < config.broker_urls.len() {
+            let leaving = handover.filter(|(_, until)| Instant::now() < *until).map(|(i, _)| i);
+            let wait = if let Some(leaving) = leaving {
+                if at == leaving && config.broker_urls.len() > 1 {
+                    at = (at + 1) % config.broker_urls.len();
+                }
+                failed_in_round = 0;
+                NEXT_BROKER_WAIT
+            } else if failed_in_round > 0 && failed_in_round < config.broker_urls.len() {
                 NEXT_BROKER_WAIT
             } else {
                 failed_in_round = 0;
@@ -239,6 +255,7 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                 connected_before = true;
                 // Files go to the broker the socket reached: the one owning the queues.
                 env.blobs.set_base(&base);
+                handover = None;
                 failures = 0;
                 failed_in_round = 0;
                 connected_at = Some(Some(Instant::now()));
@@ -302,6 +319,7 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                             // Going away: a broker stopping (or handing its queues over) says so.
                             if code == protocol::close::GOING_AWAY {
                                 tracing::info!(code, reason, "the broker closed the connection; reconnecting");
+                                handover = Some((at, Instant::now() + HANDOVER_WINDOW));
                             } else {
                                 tracing::warn!(code, reason, "the broker closed the connection");
                             }
