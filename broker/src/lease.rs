@@ -218,7 +218,7 @@ pub async fn acquire(
                     (Created::Taken, _) | (_, Some(_)) => current_holder(&store, &key).await,
                     _ => None,
                 };
-                if refused.is_some() && held.is_some() {
+                if refused.as_ref().is_some_and(|e| held.is_some() || another_wrote_first(e)) {
                     answer = Created::Taken;
                 }
                 // Said once per streak of failures: NATS without a quorum fails every second.
@@ -485,5 +485,51 @@ pub async fn shared_link_key(config: &NatsConfig) -> Result<[u8; 32], LogError> 
                 "`link-key` is not a 32-byte key; delete it to make a new one (every link made so far stops working)"
                     .into(),
         }),
+    }
+}
+/// True if NATS refused a write because the key was not at the revision expected: another
+/// broker wrote it first, so NATS answered and the race was lost. The read that follows may
+/// still show the key released (a replica behind the write), so the error decides. NATS says
+/// so with either of its two "wrong last sequence" codes (the second for a key with a TTL).
+fn another_wrote_first(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(e) = cause {
+        if let Some(api) = e.downcast_ref::<jetstream::Error>()
+            && matches!(
+                api.error_code(),
+                jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE
+                    | jetstream::ErrorCode::STREAM_WRONG_LAST_SEQUENCE_CONSTANT
+            )
+        {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A create refused as the client library builds it: the API error NATS answered, in a
+    /// publish error, in an update error, in a create error.
+    fn refused_create(code: u64) -> kv::CreateError {
+        let api: jetstream::Error = serde_json::from_value(
+            serde_json::json!({ "code": 400, "err_code": code, "description": "wrong last sequence" }),
+        )
+        .unwrap();
+        let publish = jetstream::context::PublishError::with_source(jetstream::context::PublishErrorKind::Other, api);
+        let update = kv::UpdateError::with_source(kv::UpdateErrorKind::Other, publish);
+        kv::CreateError::with_source(kv::CreateErrorKind::Other, update)
+    }
+
+    #[test]
+    fn a_create_refused_for_its_revision_is_a_race_lost_not_nats_failing() {
+        assert!(another_wrote_first(&refused_create(10071)));
+        assert!(another_wrote_first(&refused_create(10164)));
+        // Any other answer (here: no quorum, 10008 "JetStream system temporarily unavailable").
+        assert!(!another_wrote_first(&refused_create(10008)));
+        assert!(!another_wrote_first(&kv::CreateError::new(kv::CreateErrorKind::Publish)));
     }
 }
