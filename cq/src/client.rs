@@ -94,6 +94,18 @@ impl Client {
                     self.next_base();
                     tried += 1;
                 }
+                Err(e) if self.bases.len() > 1 && e.is_connect() => {
+                    let (what, cause, hint) = describe(&e);
+                    let hint = if what == REFUSED {
+                        "are they running? Check each address in --url (or CQ_URL)"
+                    } else {
+                        hint
+                    };
+                    bail!(
+                        "none of the brokers given answers ({}); the last one tried, {base}: {what} ({cause}); {hint}",
+                        self.bases.join(", ")
+                    );
+                }
                 Err(e) => return Err(connection_error(&base, &e)),
             }
         }
@@ -356,6 +368,15 @@ pub fn websocket_url(url: &str) -> String {
 /// One message for every way of failing to reach the broker: the URL tried, what went wrong
 /// (once, not repeated by each layer of the error chain) and a hint that fits the cause.
 pub fn connection_error(base: &str, e: &(dyn std::error::Error + 'static)) -> anyhow::Error {
+    let (what, cause, hint) = describe(e);
+    anyhow!("cannot reach the broker at {base}: {what} ({cause}); {hint}")
+}
+
+/// What [`connection_error`] says of a refused connection.
+const REFUSED: &str = "nothing listens there";
+
+/// A failure to reach a broker as what went wrong, its innermost cause, and a hint.
+fn describe(e: &(dyn std::error::Error + 'static)) -> (&'static str, String, &'static str) {
     let mut chain: Vec<String> = Vec::new();
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = next {
@@ -368,7 +389,7 @@ pub fn connection_error(base: &str, e: &(dyn std::error::Error + 'static)) -> an
     let (what, hint) = if all.contains("dns error") || all.contains("failed to lookup address") {
         ("cannot resolve the host name", "check the host in --url (or CQ_URL)")
     } else if all.contains("connection refused") {
-        ("nothing listens there", "is the broker running? Start one with `cq dev`, or point --url (or CQ_URL) at it")
+        (REFUSED, "is the broker running? Start one with `cq dev`, or point --url (or CQ_URL) at it")
     } else if all.contains("tls")
         || all.contains("certificate")
         || all.contains("corrupt message")
@@ -389,7 +410,7 @@ pub fn connection_error(base: &str, e: &(dyn std::error::Error + 'static)) -> an
     } else {
         ("the connection failed", "check --url (or CQ_URL)")
     };
-    anyhow!("cannot reach the broker at {base}: {what} ({cause}); {hint}")
+    (what, cause, hint)
 }
 
 /// Whether `text` is the broker's JSON error with `code` (as opposed to some other server's 404).

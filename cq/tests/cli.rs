@@ -463,7 +463,7 @@ async fn connection_problems_name_the_url_and_a_hint_that_fits_the_cause() {
         assert!(err.contains("is not a URL") && !err.contains("panicked"), "{args:?}: {err}");
     }
     // A list of brokers: what cannot reach the first goes to the next; when none answers, the
-    // error names the last one tried.
+    // error names them all, and why the last one tried failed.
     let list = format!("{closed},{url}");
     for args in [vec!["status", id], vec!["logs", "-f", id]] {
         let (code, _, err) = run(&list, &args);
@@ -473,7 +473,9 @@ async fn connection_problems_name_the_url_and_a_hint_that_fits_the_cause() {
     assert!(code == Some(0) && out.trim().len() == 64, "{err}");
     let (code, _, err) = run(&format!("{url},{closed}").replace(&url, &tls), &["status", id]);
     assert_eq!(code, Some(125), "{err}");
-    assert!(err.contains(&format!("cannot reach the broker at {closed}: nothing listens there")), "{err}");
+    let tried = format!("none of the brokers given answers ({tls}, {closed}); the last one tried, {closed}");
+    assert!(err.contains(&format!("{tried}: nothing listens there")), "{err}");
+    assert!(err.contains("are they running?") && !err.contains("cq dev"), "{err}");
     // A job the broker does not know is not mistaken for a wrong URL.
     let (code, _, err) = run(&url, &["status", id]);
     assert!(code == Some(125) && err.contains(&format!("no job {id}")) && !err.contains("endpoint"), "{err}");
