@@ -111,7 +111,11 @@ impl Backoff {
 /// carries the worker id (and, for a job, the job id and attempt).
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
     let span = tracing::info_span!("worker", worker = %config.worker_id);
-    serve(config, shutdown).instrument(span).await
+    let served = serve(config, shutdown).instrument(span.clone()).await;
+    if served.is_ok() {
+        span.in_scope(|| tracing::info!("the worker stopped"));
+    }
+    served
 }
 
 async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
@@ -247,7 +251,7 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
         let url = &config.broker_urls[at % config.broker_urls.len()];
         let mut socket = match connect(&config, url, held).await {
             Ok((socket, heartbeat, base)) => {
-                if failures > 0 || connected_before {
+                if connected_before {
                     tracing::info!(broker = %base, "connected to the broker again");
                 } else {
                     tracing::info!(broker = %base, "connected to the broker");
