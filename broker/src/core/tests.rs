@@ -25,7 +25,7 @@ fn script() -> Script {
         lease_grace_ms: 1000,
         retention_ms: 60_000,
         default_retries: 1,
-        max_log_bytes: 20,
+        max_log_bytes: 1000,
         heartbeat_ms: 500,
         accept_timeout_ms: 1_000_000,
     };
@@ -324,6 +324,7 @@ fn a_lost_worker_requeues_after_grace_and_stale_attempts_are_fenced() {
         t=500 hello w2 on c2 slots=1 gpus=0 tags=[]
           send c2: welcome
         t=1010 tick
+          event logged a ["cq: attempt 1 did not finish (worker gone: w1 did not come back within 1000 ms); the job is queued again\n"] truncated=false
           event requeued a lost=true
           event assigned a#2 to w2
           send c2: assign a#2
@@ -353,6 +354,7 @@ fn a_worker_back_within_grace_keeps_its_jobs_and_a_spent_budget_ends_as_worker_l
     s.check(expect![[r#"
         t=10 c1 disconnects
         t=20 hello w1 on c2 slots=2 gpus=0 tags=[]
+          event logged b ["cq: attempt 1 did not finish (the worker came back without it); the job is queued again\n"] truncated=false
           event requeued b lost=true
           event assigned b#2 to w1
           send c2: welcome
@@ -360,6 +362,7 @@ fn a_worker_back_within_grace_keeps_its_jobs_and_a_spent_budget_ends_as_worker_l
         t=30 c2 disconnects
         t=2000 tick
           event finished b WorkerLost exit=None worker gone: w1 did not come back within 1000 ms; retry budget of 1 spent
+          event logged a ["cq: attempt 1 did not finish (worker gone: w1 did not come back within 1000 ms); the job is queued again\n"] truncated=false
           event requeued a lost=true
     "#]]);
 }
@@ -473,6 +476,7 @@ fn cancel_queued_running_and_by_namespace() {
 #[test]
 fn watchers_get_snapshots_then_numbered_updates_and_logs() {
     let mut s = script();
+    s.core.config.max_log_bytes = 20;
     s.run("c9 watches q", Command::WatchQueue { conn: 9, queue: "q".into() });
     s.worker(1, "w1", 1, 0, &[], &[]).submit("q", "a");
     let a = s.id("a");
@@ -663,7 +667,9 @@ fn progress_reaches_watchers_and_a_draining_worker_hands_work_back() {
           event submitted b queue=q ns=None prio=0
           reply Created b Queued
         t=0 c1 release a#1
+          event logged a ["cq: attempt 1 did not finish (released by its worker); the job is queued again\n"] truncated=false
           event requeued a lost=false
+          send c9: logs a @0 n=1
           send c9: job a Queued v6 waiting: no connected worker serves queue `q`
         t=0 hello w2 on c2 slots=1 gpus=0 tags=[]
           event assigned a#2 to w2
@@ -757,7 +763,9 @@ fn a_transient_error_is_retried_after_a_backoff_and_a_permanent_one_ends_the_job
     s.accept(1, "a", 2).finish(1, "a", 2, ExitStatus::Error { message: "image not found".into(), retryable: false });
     s.check(expect![[r#"
         t=0 c1 finish a#1 Error { message: "Docker does not answer", retryable: true }
+          event logged a ["cq: attempt 1 did not finish (Docker does not answer); the job is queued again\n"] truncated=false
           event requeued a lost=true
+          send c9: logs a @0 n=1
           send c1: finishAck a#1
           send c9: job a Queued v5 waiting: attempt 1 failed: Docker does not answer; retry 1 of 1 in 1 s
         t=500 tick

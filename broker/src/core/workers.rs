@@ -250,6 +250,11 @@ impl Core {
             });
             return;
         }
+        if j.state == JobState::Running {
+            // The log goes on with the next attempt's lines: say where this one ended.
+            let text = format!("cq: attempt {} did not finish ({why}); the job is queued again\n", j.attempt);
+            self.append_logs(job, vec![LogLine { stream: Stream::System, time: self.now, text }]);
+        }
         self.emit(Event::Requeued { job: job.0, lost: reason.is_some() });
         if loss == Loss::Error {
             // A transient error: try again after a backoff, and say why the job waits.
