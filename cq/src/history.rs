@@ -86,7 +86,7 @@ impl History {
             let Some(record) = record else { continue };
             let ran = self.ran.get(id).cloned().unwrap_or_default();
             let started: BTreeSet<u32> = ran.started.iter().copied().collect();
-            if started.len() > 1 {
+            if started.len() > 1 && lost_attempts(&ran, &started).is_none() {
                 violations.push(format!("started again: {id} ran as attempts {started:?}, so a container ran twice"));
             }
             if ran.started.len() > started.len() {
@@ -115,6 +115,34 @@ impl History {
         }
         violations
     }
+
+    /// Jobs run again after their earlier attempts' workers stopped reporting (killed, say, and
+    /// not back within the broker's `--lease-grace`): the retry cq promises, not a violation,
+    /// though those containers may have run beside the retry.
+    pub fn retried(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        for (id, ran) in &self.ran {
+            let started: BTreeSet<u32> = ran.started.iter().copied().collect();
+            if let Some(lost) = lost_attempts(ran, &started) {
+                notes.push(format!(
+                    "retried: {id} ran as attempts {started:?}; attempts {lost:?} never reported finishing (their \
+                     worker stopped or was lost past the broker's --lease-grace), so their containers may have run \
+                     beside the retry"
+                ));
+            }
+        }
+        notes
+    }
+}
+
+/// The earlier attempts of a job started more than once, if none of them was reported finished
+/// by a worker (as when the worker running it was killed); `None` if any was, or if it started
+/// once.
+fn lost_attempts(ran: &Ran, started: &BTreeSet<u32>) -> Option<Vec<u32>> {
+    let last = *started.last()?;
+    let earlier: Vec<u32> = started.iter().copied().filter(|a| *a != last).collect();
+    let any_finished = earlier.iter().any(|a| ran.finished.iter().any(|(f, _)| f == a));
+    (!earlier.is_empty() && !any_finished).then_some(earlier)
 }
 
 /// `cq check-history`: reads the history, fetches each job's record from the broker, prints
@@ -133,15 +161,17 @@ pub async fn check_history(client: &Client, acked: &Path, worker_logs: &[PathBuf
         records.insert(id, record);
     }
     let violations = history.check(&records);
-    for v in &violations {
-        println!("{v}");
+    let retried = history.retried();
+    for line in violations.iter().chain(&retried) {
+        println!("{line}");
     }
     let finished = records.values().flatten().filter(|r| r.state == JobState::Finished).count();
     let started: usize = history.ran.values().map(|r| r.started.len()).sum();
     println!(
-        "{} acknowledged, {} records, {finished} finished, {started} attempts started by workers: {} violations",
+        "{} acknowledged, {} records, {finished} finished, {started} attempts started by workers{}: {} violations",
         history.acknowledged.len(),
         records.values().flatten().count(),
+        if retried.is_empty() { String::new() } else { format!(", {} retried after a lost worker", retried.len()) },
         violations.len()
     );
     Ok(if violations.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
@@ -187,6 +217,7 @@ mod tests {
         records.insert(id(2), None);
         records.insert(id(1), record(1, JobState::Finished, 1, Some(0)));
         event(&mut h, 3, "running job", 1, None);
+        event(&mut h, 3, "job finished", 1, None);
         event(&mut h, 3, "running job", 2, None);
         records.insert(id(3), record(3, JobState::Finished, 2, Some(0)));
         event(&mut h, 4, "running job", 1, None);
@@ -195,5 +226,20 @@ mod tests {
         let found = h.check(&records);
         let kinds: Vec<&str> = found.iter().map(|v| v.split(':').next().unwrap()).collect();
         assert_eq!(kinds, ["lost", "wrong result", "started again", "made up", "finish lost"], "{found:#?}");
+        assert!(h.retried().is_empty());
+
+        // Job 5's first attempt never reported finishing (its worker was killed), and the
+        // broker ran it again: a retry, said apart from the violations.
+        event(&mut h, 5, "running job", 1, None);
+        event(&mut h, 5, "running job", 2, None);
+        event(&mut h, 5, "job finished", 2, Some(0));
+        records.insert(id(5), record(5, JobState::Finished, 2, Some(0)));
+        assert_eq!(h.check(&records).len(), found.len());
+        let retried = h.retried();
+        assert!(
+            retried.len() == 1
+                && retried[0].starts_with(&format!("retried: {} ran as attempts {{1, 2}}; attempts [1]", id(5))),
+            "{retried:?}"
+        );
     }
 }
