@@ -711,7 +711,7 @@ async fn a_local_data_directory_is_imported_into_a_new_cluster() {
 
 /// A `cq worker` of `url` (one broker or a list) on `queue` whose JSON log (for
 /// `cq check-history`) goes to `log`.
-fn logged_worker(url: &str, queue: &str, dir: &Path, log: &Path) -> Killed {
+fn logged_worker(url: &str, queue: &str, dir: &Path, log: &Path) -> support::KilledWorker {
     let child = Command::new(env!("CARGO_BIN_EXE_cq"))
         .args(["worker", "--url", url, "--queue", queue, "--slots", "2", "--log-format", "json", "--log", "info"])
         .arg("--data-dir")
@@ -720,7 +720,7 @@ fn logged_worker(url: &str, queue: &str, dir: &Path, log: &Path) -> Killed {
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
         .unwrap();
-    Killed(child)
+    support::KilledWorker::new(child, dir, None)
 }
 
 /// Submits job `i` of a run to `queue` through `url` (`sleep`, write an output file, then exit
@@ -758,7 +758,7 @@ async fn killing_the_owner_mid_run_loses_nothing_and_starts_no_job_twice() {
     let queues = ["q", "r"];
     let run = tempfile::tempdir().unwrap();
     let logs = [run.path().join("w1.log"), run.path().join("w2.log")];
-    let _workers: Vec<Killed> = logs
+    let _workers: Vec<support::KilledWorker> = logs
         .iter()
         .enumerate()
         .map(|(n, log)| logged_worker(&all, queues[n], &run.path().join(format!("w{n}")), log))

@@ -46,10 +46,12 @@ fn listening(args: &[&str], level: &str, log: Stdio) -> (Killed, String) {
 }
 
 /// `cq dev` on a free port with its own data directory and `extra` arguments; returns its URL.
-pub fn cq_dev_with(dir: &std::path::Path, extra: &[&str]) -> (Killed, String) {
+/// Killed with it, its local worker's containers are removed too.
+pub fn cq_dev_with(dir: &std::path::Path, extra: &[&str]) -> (KilledWorker, String) {
     let mut args = vec!["dev", "--listen", "127.0.0.1:0", "--data-dir", dir.to_str().unwrap()];
     args.extend_from_slice(extra);
-    cq_listening(&args)
+    let (process, url) = cq_listening(&args);
+    (KilledWorker { process, data_dir: dir.join("worker"), worker_id: None }, url)
 }
 
 impl Killed {
@@ -59,7 +61,7 @@ impl Killed {
 }
 
 /// A `cq worker` of the broker at `url` with its own data directory and `extra` arguments.
-pub fn cq_worker(url: &str, dir: &std::path::Path, extra: &[&str]) -> Killed {
+pub fn cq_worker(url: &str, dir: &std::path::Path, extra: &[&str]) -> KilledWorker {
     let child = Command::new(env!("CARGO_BIN_EXE_cq"))
         .args(["worker", "--url", url, "--data-dir", dir.to_str().unwrap()])
         .args(extra)
@@ -68,7 +70,50 @@ pub fn cq_worker(url: &str, dir: &std::path::Path, extra: &[&str]) -> Killed {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    Killed(child)
+    let id = extra.iter().position(|a| *a == "--worker-id").and_then(|i| extra.get(i + 1)).map(|id| id.to_string());
+    KilledWorker::new(child, dir, id)
+}
+
+/// A `cq worker` process, killed when dropped; then the containers it left (a job it was
+/// running or creating when killed) are removed too, found by the worker's label.
+pub struct KilledWorker {
+    process: Killed,
+    data_dir: std::path::PathBuf,
+    /// Its `--worker-id`, if given.
+    worker_id: Option<String>,
+}
+
+impl KilledWorker {
+    pub fn new(child: Child, data_dir: &std::path::Path, worker_id: Option<String>) -> KilledWorker {
+        KilledWorker { process: Killed(child), data_dir: data_dir.to_path_buf(), worker_id }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.process.id()
+    }
+}
+
+impl Drop for KilledWorker {
+    fn drop(&mut self) {
+        let _ = self.process.0.kill();
+        let _ = self.process.0.wait();
+        // The worker's id: `--worker-id`, else the one it keeps in its data directory.
+        let id = self.worker_id.clone().or_else(|| std::fs::read_to_string(self.data_dir.join("worker-id")).ok());
+        if let Some(id) = id {
+            remove_containers_of(id.trim());
+        }
+    }
+}
+
+/// Removes every container labelled as worker `id`'s (`docker rm -f`).
+pub fn remove_containers_of(id: &str) {
+    let listed = Command::new("docker").args(["ps", "-aq", "--filter", &format!("label=cq.worker={id}")]).output();
+    if let Ok(out) = listed {
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(String::from).collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker").args(["rm", "-f"]).args(&ids).stdout(Stdio::null()).status();
+        }
+    }
 }
 
 /// chromedriver on a free port, and a headless Chromium session through it.
