@@ -25,6 +25,8 @@ pub struct Ran {
     /// Attempts a worker reported finished, with the container's exit code (None: it did not
     /// exit by itself, or failed to start).
     pub finished: Vec<(u32, Option<i64>)>,
+    /// Attempts a restarted worker re-attached to: the worker had stopped meanwhile.
+    pub resumed: Vec<u32>,
 }
 
 /// A run's history.
@@ -70,6 +72,7 @@ impl History {
             Some("job finished" | "job failed to run") => {
                 ran.finished.push((attempt as u32, fields["exit_code"].as_i64()))
             }
+            Some("re-attaching to a container of a previous run") => ran.resumed.push(attempt as u32),
             _ => {}
         }
     }
@@ -101,14 +104,18 @@ impl History {
                 }
                 continue;
             }
+            let shown = |code: Option<i64>| code.map_or("no exit code".to_string(), |c| format!("exit code {c}"));
             match ran.finished.iter().find(|(a, _)| *a == record.attempt) {
                 None if record.exit_code.is_some() => violations.push(format!(
-                    "made up: {id} is recorded finished by attempt {} with exit code {:?}, which no worker reported",
-                    record.attempt, record.exit_code
+                    "made up: {id} is recorded finished by attempt {} with {}, which no worker reported",
+                    record.attempt,
+                    shown(record.exit_code)
                 )),
                 Some((_, code)) if code.is_some() && *code != record.exit_code => violations.push(format!(
-                    "wrong result: {id} attempt {} exited {code:?} on its worker and is recorded as {:?}",
-                    record.attempt, record.exit_code
+                    "wrong result: {id} attempt {} ended with {} on its worker and is recorded with {}",
+                    record.attempt,
+                    shown(*code),
+                    shown(record.exit_code)
                 )),
                 _ => {}
             }
@@ -135,20 +142,27 @@ impl History {
     }
 }
 
-/// The earlier attempts of a job started more than once, if none of them was reported finished
-/// by a worker (as when the worker running it was killed); `None` if any was, or if it started
-/// once.
+/// The earlier attempts of a job started more than once, if each of them lost its worker: none
+/// reported finished, or re-attached by a restarted worker (which then finishes it, cancelled,
+/// when the broker has moved on). `None` if a worker that never stopped reported one finished
+/// (the broker started the job again while its worker still ran it), or if it started once.
 fn lost_attempts(ran: &Ran, started: &BTreeSet<u32>) -> Option<Vec<u32>> {
     let last = *started.last()?;
     let earlier: Vec<u32> = started.iter().copied().filter(|a| *a != last).collect();
-    let any_finished = earlier.iter().any(|a| ran.finished.iter().any(|(f, _)| f == a));
-    (!earlier.is_empty() && !any_finished).then_some(earlier)
+    let lost = |a: &u32| ran.resumed.contains(a) || !ran.finished.iter().any(|(f, _)| f == a);
+    (!earlier.is_empty() && earlier.iter().all(lost)).then_some(earlier)
 }
 
 /// `cq check-history`: reads the history, fetches each job's record from the broker, prints
 /// every violation and a summary; exits 1 when there is any violation.
 pub async fn check_history(client: &Client, acked: &Path, worker_logs: &[PathBuf]) -> Result<ExitCode> {
     let history = History::read(acked, worker_logs)?;
+    if worker_logs.is_empty() {
+        eprintln!(
+            "cq: no --worker-log given: every finished job will read as a result no worker reported; pass each \
+             worker's log (written with --log-format json --log info)"
+        );
+    }
     let ids: BTreeSet<JobId> = history.acknowledged.iter().chain(history.ran.keys()).copied().collect();
     let mut records = BTreeMap::new();
     for id in ids {
@@ -234,6 +248,11 @@ mod tests {
         event(&mut h, 5, "running job", 2, None);
         event(&mut h, 5, "job finished", 2, Some(0));
         records.insert(id(5), record(5, JobState::Finished, 2, Some(0)));
+        assert_eq!(h.check(&records).len(), found.len());
+        // The killed worker, restarted, re-attaches to attempt 1 and reports it cancelled once
+        // the broker has moved on: still a retry.
+        event(&mut h, 5, "re-attaching to a container of a previous run", 1, None);
+        event(&mut h, 5, "job finished", 1, None);
         assert_eq!(h.check(&records).len(), found.len());
         let retried = h.retried();
         assert!(
