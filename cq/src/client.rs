@@ -36,6 +36,10 @@ pub struct Client {
     token: Option<String>,
 }
 
+/// Longest wait for a broker's answer to a request (or to a websocket handshake) once it has
+/// taken the connection.
+pub const ANSWER_WITHIN: Duration = Duration::from_secs(30);
+
 impl Client {
     /// A client of the broker at `url`, or of the brokers of one cluster it lists
     /// comma-separated: a request that cannot reach one goes to the next.
@@ -56,6 +60,7 @@ impl Client {
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
+            .timeout(ANSWER_WITHIN)
             .build()
             .context("building the HTTP client")?;
         Ok(Client { http, bases, current: Arc::new(AtomicUsize::new(0)), token })
@@ -89,7 +94,10 @@ impl Client {
             let req = build(&base);
             match req.send().await {
                 Ok(resp) => return Ok((resp, base)),
-                Err(e) if e.is_connect() && tried + 1 < self.bases.len() => {
+                // A broker that took the connection and never answers (stopped, say) is passed
+                // over like one that refuses it: every request is safe to send again
+                // (submissions are named by their content).
+                Err(e) if (e.is_connect() || e.is_timeout()) && tried + 1 < self.bases.len() => {
                     tracing::debug!(error = %e, broker = %base, "cannot reach this broker; trying the next");
                     self.next_base();
                     tried += 1;
@@ -106,6 +114,11 @@ impl Client {
                         self.bases.join(", ")
                     );
                 }
+                Err(e) if e.is_timeout() && !e.is_connect() => bail!(
+                    "the broker at {base} took the connection and did not answer within {} s; is it stopped or \
+                     overloaded? Try again, or give the other brokers of its cluster in --url",
+                    ANSWER_WITHIN.as_secs()
+                ),
                 Err(e) => return Err(connection_error(&base, &e)),
             }
         }
@@ -289,7 +302,14 @@ impl Client {
         }
         let url = self.ws_url("/ws/client");
         let mut upgrade_status = None;
-        let socket = tokio_tungstenite::connect_async(request).await.map_err(|e| match &e {
+        let Ok(connected) = tokio::time::timeout(ANSWER_WITHIN, tokio_tungstenite::connect_async(request)).await else {
+            bail!(
+                "the broker at {} took the connection and did not answer within {} s; is it stopped or overloaded?",
+                self.base(),
+                ANSWER_WITHIN.as_secs()
+            );
+        };
+        let socket = connected.map_err(|e| match &e {
             tokio_tungstenite::tungstenite::Error::Http(resp) if resp.status() == 503 => {
                 upgrade_status = Some(503);
                 anyhow!("{url}: the broker is not serving yet")
