@@ -644,7 +644,11 @@ fn handle(
             // The task answers with a `cancelled` finish once its container is gone; a finish
             // already waiting for its ack is kept, and the broker acknowledges it all the same.
             if let Some(r) = jobs.get(&(job_id, attempt)) {
-                tracing::info!(job = %job_id, attempt, reason, "cancelling job");
+                // Said once: every message about a stale attempt (its log batches still on the
+                // way, say) brings the broker's cancel again.
+                if *r.stop.borrow() == Stop::No {
+                    tracing::info!(job = %job_id, attempt, reason, "cancelling job");
+                }
                 let _ = r.stop.send(Stop::Cancel);
             }
             Vec::new()
@@ -659,7 +663,14 @@ fn handle(
             Vec::new()
         }
         BrokerToWorker::Error(e) => {
-            tracing::warn!(code = ?e.code, message = %e.message, job = ?e.job_id, "the broker reported an error");
+            // A stale attempt's messages are refused one by one while it stops: said once.
+            let stopping =
+                e.job_id.is_some_and(|j| jobs.iter().any(|((job, _), r)| *job == j && *r.stop.borrow() != Stop::No));
+            if e.code == protocol::messages::ErrorCode::StaleAttempt && stopping {
+                tracing::debug!(message = %e.message, job = e.job_id.map(|j| j.to_string()), "the broker refused a message of an attempt being stopped");
+            } else {
+                tracing::warn!(code = ?e.code, message = %e.message, job = e.job_id.map(|j| j.to_string()), "the broker reported an error");
+            }
             // A finish the broker will never take (the attempt is no longer current).
             if e.code == protocol::messages::ErrorCode::StaleAttempt
                 && let Some(job) = e.job_id
