@@ -169,7 +169,7 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
     let mut drain_deadline: Option<Instant> = None;
     let mut unacked: HashMap<JobId, WorkerToBroker> = HashMap::new();
     // A message that could not be sent, sent first on the next connection; for a batch of log
-    // lines, the cursor to save once it is.
+    // lines, its job's log cursor (saved as it is sent, put back if the send fails).
     let mut pending: Option<WorkerToBroker> = None;
     let mut pending_cursor: Option<job::LogCursor> = None;
     let mut backoff = Backoff::new();
@@ -296,14 +296,18 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
             }
         }
         if let Some(msg) = pending.take() {
+            if let Some(cursor) = &pending_cursor {
+                cursor.save().await;
+            }
             if let Err(e) = send(ws, &msg).await {
                 tracing::warn!(error = %e, "lost the broker while catching up");
+                if let Some(cursor) = &pending_cursor {
+                    cursor.restore().await;
+                }
                 pending = Some(msg);
                 continue 'connection;
             }
-            if let Some(cursor) = pending_cursor.take() {
-                cursor.save().await;
-            }
+            pending_cursor = None;
         }
         loop {
             if draining && jobs.is_empty() && unacked.is_empty() {
@@ -378,14 +382,17 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                         }
                     };
                     if let Some(m) = msg {
+                        if let Some(cursor) = &cursor {
+                            cursor.save().await;
+                        }
                         if let Err(e) = send(ws, &m).await {
                             tracing::warn!(error = %e, "the connection to the broker failed");
+                            if let Some(cursor) = &cursor {
+                                cursor.restore().await;
+                            }
                             pending = Some(m);
                             pending_cursor = cursor;
                             continue 'connection;
-                        }
-                        if let Some(cursor) = cursor {
-                            cursor.save().await;
                         }
                     }
                 }

@@ -89,18 +89,28 @@ pub enum Out {
 
 /// The engine's timestamp of the last whole line of a job's log sent to the broker, kept in the
 /// attempt's directory. A worker restarted after a crash re-attaches and reads the log from
-/// there, so the cursor is saved only once the batch has been written to the broker's socket:
-/// lines read while no broker was connected are read again, not lost.
+/// there. The controller saves it as it sends the batch (not when the job task reads it) and
+/// puts the previous one back if the send fails: lines read while no broker was connected are
+/// read again after a crash, not lost, and lines the broker has are not sent twice.
 #[derive(Debug, Clone)]
 pub struct LogCursor {
     file: PathBuf,
+    /// After this batch.
     ns: u128,
+    /// Before it.
+    before: u128,
 }
 
 impl LogCursor {
-    /// Saves the cursor (a job's directory removed meanwhile is not created again).
+    /// Saves the cursor past the batch (a job's directory removed meanwhile is not created
+    /// again).
     pub async fn save(&self) {
         let _ = tokio::fs::write(&self.file, self.ns.to_string()).await;
+    }
+
+    /// Puts the cursor back to before the batch, which did not reach the broker.
+    pub async fn restore(&self) {
+        let _ = tokio::fs::write(&self.file, self.before.to_string()).await;
     }
 }
 
@@ -743,7 +753,8 @@ impl LogSink {
         let lines = std::mem::take(&mut self.batch);
         self.bytes = 0;
         let msg = WorkerToBroker::Logs { job_id: self.job, attempt: self.attempt, lines };
-        let cursor = (whole_ns > 0).then(|| LogCursor { file: self.cursor_file.clone(), ns: whole_ns });
+        let before = u128::from(self.sent.ns.load(Ordering::SeqCst));
+        let cursor = (whole_ns > 0).then(|| LogCursor { file: self.cursor_file.clone(), ns: whole_ns, before });
         let _ = self.tx.send(Out::Logs(msg, cursor)).await;
         // Nothing can stop the task between the send and these stores (no await): `sent` never
         // claims a line that was not handed over.
