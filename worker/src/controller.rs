@@ -296,14 +296,8 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
             }
         }
         if let Some(msg) = pending.take() {
-            if let Some(cursor) = &pending_cursor {
-                cursor.save().await;
-            }
-            if let Err(e) = send(ws, &msg).await {
+            if let Err(e) = send_with_cursor(ws, &msg, pending_cursor.as_ref()).await {
                 tracing::warn!(error = %e, "lost the broker while catching up");
-                if let Some(cursor) = &pending_cursor {
-                    cursor.restore().await;
-                }
                 pending = Some(msg);
                 continue 'connection;
             }
@@ -381,19 +375,13 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                             }
                         }
                     };
-                    if let Some(m) = msg {
-                        if let Some(cursor) = &cursor {
-                            cursor.save().await;
-                        }
-                        if let Err(e) = send(ws, &m).await {
-                            tracing::warn!(error = %e, "the connection to the broker failed");
-                            if let Some(cursor) = &cursor {
-                                cursor.restore().await;
-                            }
-                            pending = Some(m);
-                            pending_cursor = cursor;
-                            continue 'connection;
-                        }
+                    if let Some(m) = msg
+                        && let Err(e) = send_with_cursor(ws, &m, cursor.as_ref()).await
+                    {
+                        tracing::warn!(error = %e, "the connection to the broker failed");
+                        pending = Some(m);
+                        pending_cursor = cursor;
+                        continue 'connection;
                     }
                 }
                 _ = tick.tick() => {
@@ -441,6 +429,21 @@ fn log_finish(m: &WorkerToBroker) {
 }
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Sends `msg`; for a batch of log lines, its job's log cursor is saved as it goes and put back
+/// if the send fails.
+async fn send_with_cursor(ws: &mut Socket, msg: &WorkerToBroker, cursor: Option<&job::LogCursor>) -> Result<()> {
+    if let Some(cursor) = cursor {
+        cursor.save().await;
+    }
+    let sent = send(ws, msg).await;
+    if sent.is_err()
+        && let Some(cursor) = cursor
+    {
+        cursor.restore().await;
+    }
+    sent
+}
 
 async fn send(ws: &mut Socket, msg: &WorkerToBroker) -> Result<()> {
     let text = fit(msg)?;
