@@ -170,8 +170,7 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
     let mut unacked: HashMap<JobId, WorkerToBroker> = HashMap::new();
     // A message that could not be sent, sent first on the next connection; for a batch of log
     // lines, its job's log cursor (saved as it is sent, put back if the send fails).
-    let mut pending: Option<WorkerToBroker> = None;
-    let mut pending_cursor: Option<job::LogCursor> = None;
+    let mut pending: Option<(WorkerToBroker, Option<job::LogCursor>)> = None;
     let mut backoff = Backoff::new();
     let mut failures = 0u32;
     // When the last connection was made; `None` before the first attempt.
@@ -295,13 +294,12 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                 continue 'connection;
             }
         }
-        if let Some(msg) = pending.take() {
-            if let Err(e) = send_with_cursor(ws, &msg, pending_cursor.as_ref()).await {
-                tracing::warn!(error = %e, "lost the broker while catching up");
-                pending = Some(msg);
-                continue 'connection;
-            }
-            pending_cursor = None;
+        if let Some((msg, cursor)) = pending.take()
+            && let Err(e) = send_with_cursor(ws, &msg, cursor.as_ref()).await
+        {
+            tracing::warn!(error = %e, "lost the broker while catching up");
+            pending = Some((msg, cursor));
+            continue 'connection;
         }
         loop {
             if draining && jobs.is_empty() && unacked.is_empty() {
@@ -344,7 +342,7 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                     let reply = handle(msg, &config, &env, &tx, &mut jobs, &mut free_gpus, &mut unacked, draining);
                     for m in reply {
                         if send(ws, &m).await.is_err() {
-                            pending = Some(m);
+                            pending = Some((m, None));
                             continue 'connection;
                         }
                     }
@@ -379,8 +377,7 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                         && let Err(e) = send_with_cursor(ws, &m, cursor.as_ref()).await
                     {
                         tracing::warn!(error = %e, "the connection to the broker failed");
-                        pending = Some(m);
-                        pending_cursor = cursor;
+                        pending = Some((m, cursor));
                         continue 'connection;
                     }
                 }
