@@ -151,6 +151,7 @@ const connEl = $('#conn');
 const conn = new Connection({
   token,
   base: apiBase,
+  queue: () => queue.name,
   onState(state, detail) {
     connEl.dataset.state = state;
     connEl.textContent = {
@@ -424,6 +425,13 @@ async function run(force, { onScreen = false } = {}) {
     return;
   }
   config.queue = $('#queue').value.trim() || config.queue;
+  if (conn.open && conn.bound !== config.queue) {
+    // Another queue: its socket comes first (a cluster serves each queue from its shard).
+    showJob(null);
+    runWhenOpen = { force, definition };
+    switchQueue(config.queue);
+    return;
+  }
   if (!conn.open) {
     // The job on screen is no longer the one being asked for.
     showJob(null);
@@ -902,13 +910,13 @@ const definitions = new Map();
 
 function switchQueue(name) {
   if (queue.name === name) return;
-  conn.send('unwatchQueue', { queue: queue.name });
   queue.name = name;
   queue.jobs = new Map();
   queue.workers = [];
   queueView.page = 0;
   queueRows.clear();
-  conn.send('watchQueue', { queue: name });
+  // A new socket for the new queue: the page's subscriptions are made again once it opens.
+  conn.rebind();
   renderQueue();
 }
 

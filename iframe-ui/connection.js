@@ -6,8 +6,10 @@ const BACKOFF_MIN = 250;
 const BACKOFF_MAX = 10000;
 
 export class Connection {
-  constructor({ token, base, onMessage, onState, onOpen }) {
+  constructor({ token, base, queue, onMessage, onState, onOpen }) {
     this.token = token;
+    /** Names the queue the socket serves: a broker of a cluster serves it from that queue's shard. */
+    this.queue = queue || (() => '');
     /** Another broker's origin (`http(s)://host`), or empty for this page's. */
     this.base = base || '';
     this.onMessage = onMessage;
@@ -22,13 +24,16 @@ export class Connection {
   }
 
   url() {
-    if (this.base) return `${this.base.replace(/^http/, 'ws')}/ws/client`;
+    const query = this.bound ? `?queue=${encodeURIComponent(this.bound)}` : '';
+    if (this.base) return `${this.base.replace(/^http/, 'ws')}/ws/client${query}`;
     const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
-    return `${proto}//${location.host}/ws/client`;
+    return `${proto}//${location.host}/ws/client${query}`;
   }
 
   connect() {
     this.onState(this.everOpened ? 'reconnecting' : 'connecting');
+    /** The queue this socket is opened for. */
+    this.bound = this.queue();
     const ws = new WebSocket(this.url());
     this.ws = ws;
     ws.onopen = () => {
@@ -61,6 +66,11 @@ export class Connection {
       for (const { reject } of this.pending.values()) reject(new Error('the connection to the broker was lost'));
       this.pending.clear();
       if (this.stopped) return;
+      if (this.rebinding) {
+        this.rebinding = false;
+        this.connect();
+        return;
+      }
       if (this.held) {
         this.onState('reconnecting', 'held');
         return;
@@ -92,6 +102,13 @@ export class Connection {
       }
       this.pending.set(request, { resolve, reject });
     });
+  }
+
+  /** Opens a socket for another queue (the one `queue()` names now), at once. */
+  rebind() {
+    if (!this.ws || this.ws.readyState === WebSocket.CLOSED) return this.connect();
+    this.rebinding = true;
+    this.ws.close();
   }
 
   /** Drops the socket as a network failure would (used by tests and the reconnect demo). */

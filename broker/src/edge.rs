@@ -56,8 +56,9 @@ pub enum Route {
     Refuse(String),
 }
 
-/// Decides how a standby serves `path` while `owner` holds the log.
-pub fn route(path: &str, headers: &HeaderMap, owner: &Holder) -> Route {
+/// Decides how a standby serves `target` (a path and query) while `owner` holds the log.
+pub fn route(target: &str, headers: &HeaderMap, owner: &Holder) -> Route {
+    let path = target.split('?').next().unwrap_or(target);
     let Some(url) = owner.advertise_url.as_deref() else {
         return Route::Refuse(format!(
             "this broker is a standby: {} owns the log and advertises no URL to relay to (--advertise-url); \
@@ -81,7 +82,8 @@ pub fn route(path: &str, headers: &HeaderMap, owner: &Holder) -> Route {
         ));
     }
     if path == "/ws/worker" {
-        return Route::Redirect(format!("{}/ws/worker", url.trim_end_matches('/')));
+        // The query names the worker's queues, which the owner routes by too.
+        return Route::Redirect(format!("{}{target}", url.trim_end_matches('/')));
     }
     Route::Relay
 }
@@ -218,6 +220,11 @@ fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// True for a header that belongs to one connection and is not passed on.
+pub fn is_hop_by_hop(name: &header::HeaderName) -> bool {
+    HOP_BY_HOP.contains(name) || name == "keep-alive" || name == "proxy-connection"
+}
+
 /// Removes the hop-by-hop headers and those `Connection` names; an upgrade keeps its
 /// `Connection: upgrade` and `Upgrade`, which the handshake needs at every hop.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
@@ -253,6 +260,9 @@ mod tests {
         let none = HeaderMap::new();
         let a = owner(Some("http://10.0.0.1:8000/"));
         assert!(matches!(route("/ws/worker", &none, &a), Route::Redirect(l) if l == "http://10.0.0.1:8000/ws/worker"));
+        assert!(
+            matches!(route("/ws/worker?queues=a,b", &none, &a), Route::Redirect(l) if l == "http://10.0.0.1:8000/ws/worker?queues=a,b")
+        );
         assert!(matches!(route("/ws/client", &none, &a), Route::Relay));
         assert!(matches!(route("/q/x/j", &none, &a), Route::Relay));
         let mut relayed = HeaderMap::new();

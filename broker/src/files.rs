@@ -413,14 +413,27 @@ fn parse_range(spec: &str, size: u64) -> RangeSpec {
     }
 }
 
-/// One collection pass: asks the core for every blob retained jobs reference, then deletes the
-/// rest that are past the grace period.
+/// One collection pass: asks every shard's core for the blobs its retained jobs reference, then
+/// deletes the rest that are past the grace period. Every shard must be served by this broker:
+/// a blob only another broker's shard references would otherwise look unreferenced.
 pub async fn collect(ctx: &Context) -> Result<GcStats, ErrorBody> {
-    let (definitions, outputs) = match ctx.handle.call(Command::BlobRefs).await {
-        Reply::BlobRefs { definitions, outputs } => (definitions, outputs),
-        Reply::Error(e) => return Err(e),
-        other => return Err(ErrorBody::new(ErrorCode::Internal, format!("unexpected reply {other:?}"))),
-    };
+    let (mut definitions, mut outputs) = (Vec::new(), Vec::new());
+    for (shard, handle) in ctx.all.iter().enumerate() {
+        if !handle.is_ready() {
+            return Err(ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!("shard {shard} is not served by this broker, so its references are not known here"),
+            ));
+        }
+        match handle.call(Command::BlobRefs).await {
+            Reply::BlobRefs { definitions: d, outputs: o } => {
+                definitions.extend(d);
+                outputs.extend(o);
+            }
+            Reply::Error(e) => return Err(e),
+            other => return Err(ErrorBody::new(ErrorCode::Internal, format!("unexpected reply {other:?}"))),
+        }
+    }
     let referenced = tokio::task::spawn_blocking(move || {
         let mut set: HashSet<String> = outputs.into_iter().collect();
         for d in &definitions {

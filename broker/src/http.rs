@@ -14,7 +14,7 @@ use protocol::job::JobState;
 use protocol::messages::{ErrorBody, ErrorCode, SubmitBody, SubmitOutcome};
 use serde::Deserialize;
 use serde_json::json;
-use warp::http::StatusCode;
+use warp::http::{HeaderMap, StatusCode};
 use warp::{Filter, Rejection, Reply};
 
 use crate::auth::{Role, bearer};
@@ -102,6 +102,9 @@ pub fn routes(
         warp::reply::with_status(text, StatusCode::OK).into_response()
     });
     let readyz = warp::path!("readyz").and(warp::get()).and(with_ctx.clone()).map(|ctx: Arc<Context>| {
+        if ctx.all.len() > 1 {
+            return shards_ready(&ctx);
+        }
         if ctx.handle.is_ready() {
             warp::reply::with_status("ready\n", StatusCode::OK).into_response()
         } else if let Some(owner) = ctx.handle.standby_for() {
@@ -210,12 +213,24 @@ pub fn routes(
                 other => unexpected(other),
             }))
         });
-    let queues = warp::path!("q").and(warp::get()).and(client.clone()).then(|ctx: Arc<Context>| async move {
-        respond(ctx.handle.call(Command::Summary { queue: None }).await, |r| match r {
-            CoreReply::Summary(s) => json_reply(StatusCode::OK, &json!({ "queues": s })),
-            other => unexpected(other),
-        })
-    });
+    let queues = warp::path!("q").and(warp::get()).and(client.clone()).and(asked()).then(
+        |ctx: Arc<Context>, (target, headers): (String, HeaderMap)| async move {
+            let mut queues = Vec::new();
+            for handle in ctx.all.iter().filter(|h| h.is_ready()) {
+                match handle.call(Command::Summary { queue: None }).await {
+                    CoreReply::Summary(s) => queues.extend(s.into_iter().map(|q| json!(q))),
+                    CoreReply::Error(e) => return error_reply(e),
+                    other => return unexpected(other),
+                }
+            }
+            match crate::router::gather(&ctx, &target, &headers, "queues").await {
+                Ok(more) => queues.extend(more),
+                Err(e) => return error_reply(e),
+            }
+            queues.sort_by(|a, b| a["queue"].as_str().cmp(&b["queue"].as_str()));
+            json_reply(StatusCode::OK, &json!({ "queues": queues }))
+        },
+    );
 
     let job = warp::path!("j" / String).and(warp::get()).and(reader.clone()).and_then(
         |id: String, ctx: Arc<Context>| async move {
@@ -227,21 +242,32 @@ pub fn routes(
         },
     );
 
-    let find = warp::path!("j").and(warp::get()).and(client.clone()).and(warp::query::<FindQuery>()).and_then(
-        |ctx: Arc<Context>, q: FindQuery| async move {
-            let prefix = q
-                .prefix
-                .as_deref()
-                .ok_or_else(|| reject(ErrorCode::BadMessage, "give `prefix`, the first hex digits of a job id"))?
-                .parse()
-                .map_err(|m: String| reject(ErrorCode::BadMessage, format!("`prefix`: {m}")))?;
-            let limit = q.limit.unwrap_or(FIND_LIMIT).clamp(1, FIND_LIMIT);
-            Ok::<_, Rejection>(respond(ctx.handle.call(Command::FindJobs { prefix, limit }).await, |r| match r {
-                CoreReply::Jobs(jobs) => json_reply(StatusCode::OK, &json!({ "jobs": jobs })),
-                other => unexpected(other),
-            }))
-        },
-    );
+    let find =
+        warp::path!("j").and(warp::get()).and(client.clone()).and(warp::query::<FindQuery>()).and(asked()).and_then(
+            |ctx: Arc<Context>, q: FindQuery, (target, headers): (String, HeaderMap)| async move {
+                let prefix: IdPrefix = q
+                    .prefix
+                    .as_deref()
+                    .ok_or_else(|| reject(ErrorCode::BadMessage, "give `prefix`, the first hex digits of a job id"))?
+                    .parse()
+                    .map_err(|m: String| reject(ErrorCode::BadMessage, format!("`prefix`: {m}")))?;
+                let limit = q.limit.unwrap_or(FIND_LIMIT).clamp(1, FIND_LIMIT);
+                let mut jobs = Vec::new();
+                for handle in ctx.all.iter().filter(|h| h.is_ready()) {
+                    match handle.call(Command::FindJobs { prefix: prefix.clone(), limit }).await {
+                        CoreReply::Jobs(found) => jobs.extend(found.into_iter().map(|j| json!(j))),
+                        CoreReply::Error(e) => return Ok(error_reply(e)),
+                        other => return Ok(unexpected(other)),
+                    }
+                }
+                match crate::router::gather(&ctx, &target, &headers, "jobs").await {
+                    Ok(more) => jobs.extend(more),
+                    Err(e) => return Ok(error_reply(e)),
+                }
+                jobs.truncate(limit);
+                Ok::<_, Rejection>(json_reply(StatusCode::OK, &json!({ "jobs": jobs })))
+            },
+        );
 
     let definition = warp::path!("j" / String / "definition").and(warp::get()).and(client.clone()).and_then(
         |id: String, ctx: Arc<Context>| async move {
@@ -664,19 +690,58 @@ impl Drop for Unwatch {
 }
 
 async fn metrics(ctx: Arc<Context>) -> warp::reply::Response {
-    let o = if ctx.handle.is_ready() {
-        match ctx.handle.call(Command::Overview).await {
-            CoreReply::Overview(o) => o,
-            _ => return error_reply(ErrorBody::new(ErrorCode::Unavailable, "no metrics")),
+    // The shards this broker serves, summed; those it is a standby for add nothing.
+    let mut o = crate::core::Overview::default();
+    for handle in ctx.all.iter() {
+        if handle.is_ready() {
+            match handle.call(Command::Overview).await {
+                CoreReply::Overview(shard) => o.add(shard),
+                _ => return error_reply(ErrorBody::new(ErrorCode::Unavailable, "no metrics")),
+            }
+        } else if handle.standby_for().is_none() {
+            return error_reply(ErrorBody::new(ErrorCode::Unavailable, "the broker is still recovering its log"));
         }
-    } else if ctx.handle.standby_for().is_some() {
-        crate::core::Overview::default()
-    } else {
-        return error_reply(ErrorBody::new(ErrorCode::Unavailable, "the broker is still recovering its log"));
-    };
+    }
     let text = ctx.handle.metrics.render(&o);
     warp::reply::with_header(text, "content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")
         .into_response()
+}
+
+/// `/readyz` of a broker of a cluster with several shards: ready once every shard is served,
+/// here or by a broker it knows (so it can relay); each shard's state follows.
+fn shards_ready(ctx: &Context) -> warp::reply::Response {
+    let mut ready = true;
+    let mut lines = String::new();
+    for (s, handle) in ctx.all.iter().enumerate() {
+        let state = match handle.standby_for() {
+            None if handle.is_ready() => "served here".to_string(),
+            None => {
+                ready = false;
+                "recovering here".to_string()
+            }
+            Some(owner @ crate::lease::Standby::Owner(_)) => format!("owner: {owner}"),
+            Some(crate::lease::Standby::Unknown) => {
+                ready = false;
+                "owner not known yet".to_string()
+            }
+        };
+        lines.push_str(&format!("shard {s}: {state}\n"));
+    }
+    let (status, head) = if ready { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") };
+    warp::reply::with_status(format!("{head}\n{lines}"), status).into_response()
+}
+
+/// The path and query of a request and its headers, to ask the other owners the same
+/// ([`crate::router::gather`]).
+fn asked() -> impl Filter<Extract = ((String, HeaderMap),), Error = Infallible> + Clone {
+    warp::path::full()
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::headers_cloned())
+        .map(|path: warp::path::FullPath, query: String, headers: HeaderMap| {
+            let target =
+                if query.is_empty() { path.as_str().to_string() } else { format!("{}?{query}", path.as_str()) };
+            (target, headers)
+        })
 }
 
 async fn recover(rejection: Rejection) -> Result<warp::reply::Response, Infallible> {

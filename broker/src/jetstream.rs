@@ -59,8 +59,13 @@ pub struct NatsConfig {
     /// Replicas of the stream and the snapshot bucket (3 in production; at most the number of
     /// NATS servers).
     pub replicas: usize,
-    /// The shard this log belongs to (0 while a broker serves one shard).
+    /// The shard this log belongs to.
     pub shard: u32,
+    /// How many shards the cluster has, as this broker asks (`None`: as the cluster has, or 1
+    /// for a new one). Checked against the cluster's settings at start ([`crate::lease::settings`]).
+    pub shards: Option<u32>,
+    /// This broker's share of the shards, when it runs several ([`crate::shards::Placement`]).
+    pub placement: Option<std::sync::Arc<crate::shards::Placement>>,
     /// This broker's name in the lease and the log's owner markers.
     pub node: String,
     /// Where other brokers and clients reach this broker, kept in its lease.
@@ -83,6 +88,8 @@ impl NatsConfig {
             cluster: "cq".into(),
             replicas: 3,
             shard: 0,
+            shards: None,
+            placement: None,
             node: "broker".into(),
             advertise_url: None,
             lease: Some(crate::ownership::LeaseTimes::default()),

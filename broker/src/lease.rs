@@ -18,8 +18,10 @@
 //!   meanwhile wins. Refused alone is not enough (a wrong `--advertise-url`), nor unrenewed
 //!   alone (NATS electing a leader).
 //!
-//! [`shared_link_key`] keeps the one other thing every broker of a cluster must agree on, the
-//! read-link signing key, in the bucket `<cluster>_config`.
+//! [`settings`] keeps what every broker of a cluster must agree on (the read-link signing key,
+//! the number of shards) in the bucket `<cluster>_config`. [`announce`] keeps a key per live
+//! broker (`node.<name>`) in the lease bucket, so brokers running several shards take a fair
+//! share each ([`crate::shards::Placement`]).
 
 use std::time::Duration;
 
@@ -70,6 +72,11 @@ impl Lease {
     /// How the owner signs its marker in the log.
     pub fn owner_name(&self) -> String {
         format!("{}/{}", self.node, self.epoch)
+    }
+
+    /// True once the lease is known lost.
+    pub fn is_lost(&self) -> bool {
+        *self.lost.borrow()
     }
 
     /// Resolves once the lease is lost (not renewed in time, or taken): the broker must stop
@@ -204,6 +211,16 @@ pub async fn acquire(
         }
         match ownership.poll(Instant::now()) {
             Step::Create => {
+                // A broker running several shards takes its fair share at once; over it, it lets
+                // the others go first, then takes the shard anyway if nobody did.
+                if let Some(placement) = &config.placement {
+                    placement.settled().await;
+                    tokio::time::sleep(placement.turn(config.shard)).await;
+                    if !placement.try_take() {
+                        tokio::time::sleep(crate::shards::HEAD_START).await;
+                        placement.take();
+                    }
+                }
                 let (mut answer, refused) =
                     match tokio::time::timeout(ANSWER_WITHIN, store.create(&key, value.clone())).await {
                         Ok(Ok(revision)) => (Created::Yes(revision), None),
@@ -247,6 +264,11 @@ pub async fn acquire(
                     {
                         answer = Created::Yes(taken);
                     }
+                }
+                if !matches!(answer, Created::Yes(_))
+                    && let Some(placement) = &config.placement
+                {
+                    placement.give_back();
                 }
                 ownership.created(answer, Instant::now());
             }
@@ -441,10 +463,19 @@ async fn keep(
     }
 }
 
-/// The cluster's read-link signing key (`link-key` in the bucket `<cluster>_config`): the first
-/// broker to start makes it, every other one reads it, so a link made by one broker is honoured
-/// by any other (after a takeover, say).
-pub async fn shared_link_key(config: &NatsConfig) -> Result<[u8; 32], LogError> {
+/// What every broker of a cluster must agree on, kept in the bucket `<cluster>_config`.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The read-link signing key (`link-key`): the first broker to start makes it, every other
+    /// one reads it, so a link made by one broker is honoured by any other (after a takeover, say).
+    pub link_key: [u8; 32],
+    /// How many shards the cluster has (`shards`): set by the first broker, from its `--shards`
+    /// (1 if not given); a broker asking for another number is refused.
+    pub shards: u32,
+}
+
+/// Reads the cluster's [`Settings`], making those not yet set.
+pub async fn settings(config: &NatsConfig) -> Result<Settings, LogError> {
     let client = connect(config).await?;
     let js = jetstream::new(client);
     let name = format!("{}_config", config.cluster);
@@ -457,36 +488,127 @@ pub async fn shared_link_key(config: &NatsConfig) -> Result<[u8; 32], LogError> 
         ..Default::default()
     };
     let store = open_bucket(&js, bucket, format!("creating the settings bucket {name}")).await?;
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).map_err(|e| kv_err("making the link key")(&e))?;
-    // A bucket just created (or whose servers are electing a leader) answers "no stream found"
-    // for a moment: tried again for up to 30 s.
-    let give_up = Instant::now() + crate::jetstream::COMMIT_RETRY_FOR;
-    loop {
-        match store.create("link-key", Bytes::copy_from_slice(&key)).await {
-            Ok(_) => return Ok(key),
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => break,
-            Err(e) if Instant::now() < give_up => {
-                tracing::debug!(error = %e, "could not store the link key yet; retrying");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(kv_err(format!("storing the link key in {name}"))(&e)),
-        }
-    }
-    let stored = store.get("link-key").await.map_err(|e| kv_err(format!("reading the link key from {name}"))(&e))?;
-    match stored {
-        Some(bytes) if bytes.len() == key.len() => {
-            key.copy_from_slice(&bytes);
-            Ok(key)
-        }
-        _ => Err(LogError::Nats {
+    let mut fresh = [0u8; 32];
+    getrandom::fill(&mut fresh).map_err(|e| kv_err("making the link key")(&e))?;
+    let stored = create_or_read(&store, &name, "link-key", Bytes::copy_from_slice(&fresh)).await?;
+    let mut link_key = [0u8; 32];
+    if stored.len() != link_key.len() {
+        return Err(LogError::Nats {
             context: format!("reading the link key from {name}"),
             message:
                 "`link-key` is not a 32-byte key; delete it to make a new one (every link made so far stops working)"
                     .into(),
+        });
+    }
+    link_key.copy_from_slice(&stored);
+    let asked = config.shards.unwrap_or(1);
+    let stored = create_or_read(&store, &name, "shards", Bytes::from(asked.to_string())).await?;
+    let shards = std::str::from_utf8(&stored).ok().and_then(|s| s.parse::<u32>().ok()).filter(|n| *n >= 1);
+    let Some(shards) = shards else {
+        return Err(LogError::Nats {
+            context: format!("reading the number of shards from {name}"),
+            message: format!("`shards` holds {stored:?}, not a number of shards"),
+        });
+    };
+    if config.shards.is_some_and(|asked| asked != shards) {
+        return Err(LogError::Nats {
+            context: "--shards".into(),
+            message: format!(
+                "cluster {} was created with {shards} shard{}, and this broker asks for {asked}; the number is fixed \
+                 when a cluster is created: start it with --shards {shards} (or without --shards)",
+                config.cluster,
+                if shards == 1 { "" } else { "s" }
+            ),
+        });
+    }
+    Ok(Settings { link_key, shards })
+}
+
+/// The value of `key` in `store` (the bucket `name`), made `value` if the key is missing. A
+/// bucket just created (or whose servers are electing a leader) answers "no stream found" for a
+/// moment: tried again for up to 30 s.
+async fn create_or_read(store: &kv::Store, name: &str, key: &str, value: Bytes) -> Result<Bytes, LogError> {
+    let give_up = Instant::now() + crate::jetstream::COMMIT_RETRY_FOR;
+    loop {
+        match store.create(key, value.clone()).await {
+            Ok(_) => return Ok(value),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => break,
+            Err(e) if Instant::now() < give_up => {
+                tracing::debug!(error = %e, key, "could not store a cluster setting yet; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(kv_err(format!("storing `{key}` in {name}"))(&e)),
+        }
+    }
+    match store.get(key).await.map_err(|e| kv_err(format!("reading `{key}` from {name}"))(&e))? {
+        Some(bytes) => Ok(bytes),
+        None => Err(LogError::Nats {
+            context: format!("reading `{key}` from {name}"),
+            message: "the key exists but reads as deleted; try again".into(),
         }),
     }
 }
+
+/// Announces this broker in the lease bucket (`node.<name>`, rewritten every renewal interval,
+/// so it vanishes a lease after the broker dies) and counts the brokers announced, for
+/// `placement`'s fair share, until `shutdown`; then removes the announcement. The placement is
+/// settled after the second count, one interval after this broker first announced itself.
+pub async fn announce(
+    config: NatsConfig,
+    times: LeaseTimes,
+    placement: std::sync::Arc<crate::shards::Placement>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let name: String =
+        config.node.chars().map(|c| if c.is_ascii_alphanumeric() || "-_=".contains(c) { c } else { '_' }).collect();
+    let key = format!("node.{name}");
+    let mut store = None;
+    let mut rounds = 0u32;
+    loop {
+        if store.is_none() {
+            store = match connect(&config).await {
+                Ok(client) => bucket(&jetstream::new(client), &config, &times).await.ok(),
+                Err(_) => None,
+            };
+        }
+        if let Some(store) = &store {
+            let value = Bytes::from(config.advertise_url.clone().unwrap_or_default());
+            let put = tokio::time::timeout(ANSWER_WITHIN, store.put(&key, value)).await;
+            if let Ok(Ok(_)) = put
+                && let Some(nodes) = live_nodes(store).await
+            {
+                placement.set_nodes(nodes, &name);
+            }
+        }
+        rounds += 1;
+        if rounds >= 2 {
+            placement.set_settled();
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(times.renew_every) => {}
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+    }
+    if let Some(store) = store {
+        let _ = tokio::time::timeout(ANSWER_WITHIN, store.delete(&key)).await;
+    }
+}
+
+/// The names of the brokers announced in the lease bucket, if NATS answers in time.
+async fn live_nodes(store: &kv::Store) -> Option<Vec<String>> {
+    let names = async {
+        let mut keys = store.keys().await.ok()?;
+        let mut names = Vec::new();
+        while let Some(key) = keys.next().await {
+            if let Some(name) = key.ok()?.strip_prefix("node.") {
+                names.push(name.to_string());
+            }
+        }
+        Some(names)
+    };
+    tokio::time::timeout(ANSWER_WITHIN, names).await.ok().flatten()
+}
+
 /// True if NATS refused a write because the key was not at the revision expected: another
 /// broker wrote it first, so NATS answered and the race was lost. The read that follows may
 /// still show the key released (a replica behind the write), so the error decides. NATS says

@@ -5,7 +5,7 @@
 //! The signature is HMAC-SHA256 over the job id and the expiry, under a key the broker generates
 //! once and keeps in its data directory (so links survive a restart; deleting the file revokes
 //! every link), or, in cluster mode, in NATS for every broker of the cluster
-//! ([`crate::lease::shared_link_key`]).
+//! ([`crate::lease::settings`]).
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -170,11 +170,19 @@ pub fn start(
     config: StoreConfig,
     shutdown: watch::Receiver<bool>,
 ) -> (Handle, tokio::task::JoinHandle<Result<(), LogError>>) {
+    start_with(config, shutdown, Arc::new(Metrics::default()))
+}
+
+/// [`start`], counting into `metrics` (shared by the shards of one broker).
+pub fn start_with(
+    config: StoreConfig,
+    shutdown: watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+) -> (Handle, tokio::task::JoinHandle<Result<(), LogError>>) {
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let outbox = Arc::new(Outbox::default());
     let ready = Arc::new(AtomicBool::new(false));
     let standby = Arc::new(StandbyNote::new(None));
-    let metrics = Arc::new(Metrics::default());
     if let Some(nats) = &config.nats {
         metrics.shard_not_serving(nats.shard);
     }
@@ -365,6 +373,9 @@ async fn core_task(
             break;
         }
     }
+    // Stopping with the others (one shard's lease was lost, say) while this one's is lost too:
+    // deposed all the same, so no final snapshot.
+    deposed |= lease.as_ref().is_some_and(Lease::is_lost);
     ready.store(false, Ordering::Release);
     metrics.shard_not_serving(shard);
     rx.close();

@@ -24,11 +24,10 @@ use crate::access::{self, AccessConfig, ConnectionCounter, Policy, TimedBody, Ve
 use crate::auth::Role;
 use crate::auth::Tokens;
 use crate::blob::{BlobConfig, BlobStore};
-use crate::edge;
 use crate::files::{self, BoxError};
 use crate::http;
-use crate::lease::Standby;
 use crate::log::LogError;
+use crate::router;
 use crate::runtime::{self, StoreConfig};
 use crate::ws::{self, Context};
 
@@ -65,9 +64,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let policy = Arc::new(Policy::new(&config.access, config.tokens.is_open()).map_err(ServeError::Access)?);
-    let links = Arc::new(match &config.store.nats {
-        // Every broker of a cluster signs and checks links with the same key.
-        Some(nats) => crate::link::LinkKey::from_bytes(crate::lease::shared_link_key(nats).await?),
+    // What every broker of a cluster agrees on: the link key and the number of shards.
+    let settings = match &config.store.nats {
+        Some(nats) => Some(crate::lease::settings(nats).await?),
+        None => None,
+    };
+    let links = Arc::new(match &settings {
+        Some(settings) => crate::link::LinkKey::from_bytes(settings.link_key),
         None => crate::link::LinkKey::load_or_create(&config.store.data_dir).map_err(ServeError::LinkKey)?,
     });
     if config.tokens.is_open() {
@@ -86,29 +89,62 @@ pub async fn run(
     }
     let blobs = Arc::new(BlobStore::open(&config.blobs, &config.store.data_dir)?);
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
     let node = config.store.nats.as_ref().map(|n| n.node.clone()).unwrap_or_default();
-    let (handle, core) = runtime::start(config.store, stop_rx.clone());
-    let outbox = handle.outbox.clone();
-    let ctx = Arc::new(Context {
-        handle,
-        tokens: config.tokens,
-        blobs,
-        shutdown: stop_rx.clone(),
-        policy,
-        links,
-        access: config.access.clone(),
-        node,
-    });
+    // One core per shard: served here while this broker owns it, a standby otherwise.
+    let shards = settings.as_ref().map_or(1, |s| s.shards);
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let placement = (shards > 1).then(|| Arc::new(crate::shards::Placement::new(shards)));
+    let mut handles = Vec::new();
+    let mut cores = futures_util::stream::FuturesUnordered::new();
+    for shard in 0..shards {
+        let mut store = config.store.clone();
+        if let Some(nats) = store.nats.as_mut() {
+            nats.shard = shard;
+            nats.placement = placement.clone();
+        }
+        let (handle, core) = runtime::start_with(store, stop_rx.clone(), metrics.clone());
+        handles.push(handle);
+        cores.push(core);
+    }
+    if let (Some(placement), Some(nats)) = (&placement, &config.store.nats) {
+        tracing::info!(shards, "this cluster has several shards: taking a fair share of them");
+        let times = nats.lease.unwrap_or_default();
+        tokio::spawn(crate::lease::announce(nats.clone(), times, placement.clone(), stop_rx.clone()));
+    }
+    let all: Arc<[runtime::Handle]> = handles.into();
+    let ctxs: Arc<Vec<Arc<Context>>> = Arc::new(
+        (0..shards)
+            .map(|shard| {
+                Arc::new(Context {
+                    handle: all[shard as usize].clone(),
+                    shard,
+                    all: all.clone(),
+                    tokens: config.tokens.clone(),
+                    blobs: blobs.clone(),
+                    shutdown: stop_rx.clone(),
+                    policy: policy.clone(),
+                    links: links.clone(),
+                    access: config.access.clone(),
+                    node: node.clone(),
+                })
+            })
+            .collect(),
+    );
+    let ctx = ctxs[0].clone();
     let counter = ConnectionCounter::new(config.access.max_connections_per_address);
     let header_read_timeout = config.access.header_read_timeout;
-    let routes = http::routes(ctx.clone(), config.max_body);
+    let services: Arc<Vec<_>> = Arc::new(
+        ctxs.iter()
+            .map(|ctx| TowerToHyperService::new(warp::service(http::routes(ctx.clone(), config.max_body))))
+            .collect(),
+    );
     let gc = config.blobs.gc_interval.map(|every| tokio::spawn(collect_blobs(ctx.clone(), every)));
 
     let mut stopping = stop_rx.clone();
-    let accept_ctx = ctx.clone();
+    let accept_ctxs = ctxs.clone();
     let mut server = tokio::spawn(async move {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let warp = TowerToHyperService::new(warp::service(routes));
         loop {
             let stream = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -134,14 +170,15 @@ pub async fn run(
             if let Err(e) = stream.set_nodelay(true) {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
-            let ctx = accept_ctx.clone();
-            let warp = warp.clone();
+            let ctxs = accept_ctxs.clone();
+            let services = services.clone();
             // Shared with the request handlers, so a websocket keeps its connection counted
             // after the HTTP connection has handed it over.
             let counted = Arc::new(counted);
             let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                let ctx = ctx.clone();
-                let warp = warp.clone();
+                let ctxs = ctxs.clone();
+                let ctx = ctxs[0].clone();
+                let services = services.clone();
                 let counted = counted.clone();
                 async move {
                     // The page's description is public, for any metapage to read before it frames
@@ -176,10 +213,10 @@ pub async fn run(
                     let timeout = ctx.access.body_read_timeout;
                     let mut req = req.map(|body| TimedBody::new(body, timeout));
                     req.extensions_mut().insert(counted.clone());
-                    let mut resp = match route(req, ctx.clone()).await {
+                    let mut resp = match route(req, &ctxs).await {
                         Ok(resp) => resp,
-                        Err(req) => {
-                            let resp = match hyper::service::Service::call(&warp, req).await {
+                        Err((req, shard)) => {
+                            let resp = match hyper::service::Service::call(&services[shard], req).await {
                                 Ok(resp) => resp,
                                 Err(never) => match never {},
                             };
@@ -218,21 +255,40 @@ pub async fn run(
         drop(listener);
         graceful.shutdown().await;
     });
-    let stop = async move {
-        shutdown.await;
-        tracing::info!("shutting down");
-        let _ = stop_tx.send(true);
-        outbox.close_all(close::GOING_AWAY, "broker shutting down");
-    };
-    let stop = tokio::spawn(stop);
-    let mut core = core;
-    let result = tokio::select! {
-        result = &mut core => {
-            server.abort();
-            result.unwrap_or(Ok(()))
+    let stopping_all = {
+        let stop_tx = stop_tx.clone();
+        let all = all.clone();
+        move || {
+            let _ = stop_tx.send(true);
+            for handle in all.iter() {
+                handle.outbox.close_all(close::GOING_AWAY, "broker shutting down");
+            }
         }
-        _ = &mut server => core.await.unwrap_or(Ok(())),
     };
+    let stop = {
+        let stopping_all = stopping_all.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            stopping_all();
+        })
+    };
+    // The broker stops when asked, or when a shard's core stops on its own (a storage failure,
+    // a lost lease): the other shards then stop gracefully too, handing their leases over.
+    let mut result = Ok(());
+    tokio::select! {
+        Some(ended) = futures_util::StreamExt::next(&mut cores) => {
+            result = ended.unwrap_or(Ok(()));
+            stopping_all();
+        }
+        _ = &mut server => {}
+    }
+    while let Some(ended) = futures_util::StreamExt::next(&mut cores).await {
+        if result.is_ok() {
+            result = ended.unwrap_or(Ok(()));
+        }
+    }
+    server.abort();
     stop.abort();
     if let Some(gc) = gc {
         gc.abort();
@@ -240,31 +296,22 @@ pub async fn run(
     Ok(result?)
 }
 
-/// Serves a request that passed the origin policy if it is for the file streams or a websocket;
-/// gives it back for the warp routes otherwise.
+/// Serves a request that passed the origin policy if it is for the file streams or a websocket,
+/// or for a shard another broker owns; gives it back, with the shard to serve it, for the warp
+/// routes otherwise.
 async fn route(
     req: hyper::Request<TimedBody>,
-    ctx: Arc<Context>,
-) -> Result<hyper::Response<files::Body>, hyper::Request<TimedBody>> {
-    // A standby holds no queue: it relays requests to the owner, redirects workers there, or
-    // answers "come back later" at once while it cannot (its core would otherwise hold the
-    // request until this broker takes the log over). Its health and metrics are its own.
-    let local = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
-    if let Some(standby) = ctx.handle.standby_for().filter(|_| !local) {
-        let owner = match standby {
-            Standby::Owner(owner) => owner,
-            Standby::Unknown => {
-                return Ok(edge::unavailable(
-                    "this broker is a standby and does not yet know which broker owns the log; try again".into(),
-                ));
-            }
-        };
-        return Ok(match edge::route(req.uri().path(), req.headers(), &owner) {
-            edge::Route::Relay => edge::relay(req, &ctx.node, &owner, ctx.handle.watch_standby()).await,
-            edge::Route::Redirect(location) => edge::redirect(&location),
-            edge::Route::Refuse(message) => edge::unavailable(message),
-        });
-    }
+    ctxs: &[Arc<Context>],
+) -> Result<hyper::Response<files::Body>, (hyper::Request<TimedBody>, usize)> {
+    // A standby of a shard holds none of its queues: it relays requests to the owner, redirects
+    // workers there, or answers "come back later" at once while it cannot (its core would
+    // otherwise hold the request until this broker takes the shard over). Its health and metrics
+    // are its own.
+    let (req, shard) = match router::route(ctxs, req).await {
+        router::Routed::Answered(resp) => return Ok(resp),
+        router::Routed::Here(req, shard) => (req, shard),
+    };
+    let ctx = ctxs[shard].clone();
     if files::claims(req.uri().path()) {
         return Ok(files::handle(ctx, req).await);
     }
@@ -278,7 +325,7 @@ async fn route(
             Ok(resp) => resp.map(|()| files::empty()),
             Err((status, message)) => files::plain(status, message),
         }),
-        None => Err(req),
+        None => Err((req, shard)),
     }
 }
 
@@ -288,7 +335,8 @@ async fn collect_blobs(ctx: Arc<Context>, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        if !ctx.handle.is_ready() {
+        // Only a broker serving every shard knows every reference (see `files::collect`).
+        if !ctx.all.iter().all(|h| h.is_ready()) {
             continue;
         }
         if let Err(e) = files::collect(&ctx).await {

@@ -44,7 +44,12 @@ const WRITE_BATCH: usize = 64;
 /// What every socket task needs.
 #[derive(Debug, Clone)]
 pub struct Context {
+    /// The core of the shard this context serves ([`Context::shard`]).
     pub handle: Handle,
+    /// Which shard of [`Context::all`] this context serves (0 without a cluster of several).
+    pub shard: u32,
+    /// Every shard's core on this broker, its own and the ones it is a standby for.
+    pub all: Arc<[Handle]>,
     pub tokens: Tokens,
     pub blobs: Arc<BlobStore>,
     pub shutdown: watch::Receiver<bool>,
@@ -175,6 +180,24 @@ async fn worker_session(mut sink: Sink, stream: Stream, ctx: Context, header_tok
         Err(m) => refuse(&mut sink, Role::Worker, ErrorCode::BadMessage, close::BAD_HELLO, m.clone()).await,
     };
     let (true, Ok(hello)) = (admitted, hello) else { return };
+    let shards = ctx.all.len() as u32;
+    match crate::shards::shard_of_all(hello.queues.iter().map(String::as_str), shards) {
+        Ok(None) => {}
+        Ok(Some(s)) if s == ctx.shard => {}
+        Ok(Some(s)) => {
+            let m = format!(
+                "the queues of this worker live on shard {s}, and this socket reached shard {}: connect with \
+                 ?queues= naming them in the URL (cq's worker does)",
+                ctx.shard
+            );
+            refuse(&mut sink, Role::Worker, ErrorCode::BadMessage, close::BAD_HELLO, m).await;
+            return;
+        }
+        Err(m) => {
+            refuse(&mut sink, Role::Worker, ErrorCode::BadMessage, close::BAD_HELLO, m).await;
+            return;
+        }
+    }
     let reg = ctx.handle.outbox.register();
     let worker_id = hello.worker_id.clone();
     if let Reply::Error(e) = ctx.handle.call(Command::WorkerHello { conn: reg.conn, hello }).await {
@@ -400,6 +423,10 @@ async fn inbound_message(text: &str, conn: ConnId, role: Role, ctx: &Context) ->
                 }
                 ClientToBroker::Submit(m) => {
                     let m = *m;
+                    if let Some(mut e) = elsewhere(ctx, &m.queue) {
+                        e.request = m.request;
+                        return Some(error_text(role, e));
+                    }
                     let prepared = submission::prepare(
                         &m.queue,
                         m.definition,
@@ -421,7 +448,10 @@ async fn inbound_message(text: &str, conn: ConnId, role: Role, ctx: &Context) ->
                 ClientToBroker::Cancel { request, job_id, namespace } => {
                     (Command::Cancel { job: job_id, namespace }, request)
                 }
-                ClientToBroker::WatchQueue { queue } => (Command::WatchQueue { conn, queue }, None),
+                ClientToBroker::WatchQueue { queue } => match elsewhere(ctx, &queue) {
+                    Some(e) => return Some(error_text(role, e)),
+                    None => (Command::WatchQueue { conn, queue }, None),
+                },
                 ClientToBroker::UnwatchQueue { queue } => (Command::UnwatchQueue { conn, queue }, None),
                 ClientToBroker::WatchJob { job_id, since } => {
                     (Command::WatchJob { conn, job: job_id, since, follow: false }, None)
@@ -432,6 +462,21 @@ async fn inbound_message(text: &str, conn: ConnId, role: Role, ctx: &Context) ->
             None
         }
     }
+}
+
+/// Why a client socket bound to one shard cannot serve `queue`, if it lives on another.
+fn elsewhere(ctx: &Context, queue: &str) -> Option<ErrorBody> {
+    let s = crate::shards::shard_of(queue, ctx.all.len() as u32);
+    (s != ctx.shard).then(|| {
+        ErrorBody::new(
+            ErrorCode::BadMessage,
+            format!(
+                "queue `{queue}` lives on shard {s} of this cluster and this socket serves shard {}: open a socket \
+                 with ?queue={queue} in its URL for it",
+                ctx.shard
+            ),
+        )
+    })
 }
 
 /// Drops outputs a worker reported with a name that could escape a download directory (`..`,

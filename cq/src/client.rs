@@ -248,9 +248,20 @@ impl Client {
         let mut down_since: Option<tokio::time::Instant> = None;
         // Brokers given that could not be reached before any connection was made.
         let mut unreached = 0;
+        // The job's queue, which names the shard a cluster's broker serves the socket from.
+        let queue = self.get(&format!("/j/{job}")).await.ok().and_then(|v| v["queue"].as_str().map(str::to_string));
+        let path = match &queue {
+            Some(q) => {
+                format!(
+                    "/ws/client?queue={}",
+                    percent_encoding::utf8_percent_encode(q, percent_encoding::NON_ALPHANUMERIC)
+                )
+            }
+            None => "/ws/client".to_string(),
+        };
         loop {
             let before = connects;
-            let result = self.follow_once(job, &mut since, &mut connects, &mut on_log, &mut on_update).await;
+            let result = self.follow_once(job, &path, &mut since, &mut connects, &mut on_log, &mut on_update).await;
             match result {
                 Ok(Some(view)) => return Ok(view),
                 Ok(None) => {}
@@ -289,18 +300,19 @@ impl Client {
     async fn follow_once(
         &self,
         job: JobId,
+        path: &str,
         since: &mut u64,
         connects: &mut u64,
         on_log: &mut impl FnMut(&LogLine),
         on_update: &mut impl FnMut(&JobView),
     ) -> Result<Option<JobView>> {
-        let mut request = self.ws_url("/ws/client").into_client_request().context("building the websocket request")?;
+        let mut request = self.ws_url(path).into_client_request().context("building the websocket request")?;
         if let Some(t) = &self.token {
             request
                 .headers_mut()
                 .insert("authorization", format!("Bearer {t}").parse().context("token is not a valid header value")?);
         }
-        let url = self.ws_url("/ws/client");
+        let url = self.ws_url(path);
         let mut upgrade_status = None;
         let Ok(connected) = tokio::time::timeout(ANSWER_WITHIN, tokio_tungstenite::connect_async(request)).await else {
             bail!(

@@ -280,6 +280,7 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
             creds_file: args.cluster.nats_creds,
             cluster: args.cluster.nats_cluster,
             replicas: args.cluster.nats_replicas,
+            shards: args.cluster.shards,
             node,
             advertise_url: args.cluster.advertise_url,
             lease: Some(times),
@@ -288,9 +289,9 @@ pub async fn broker(args: BrokerArgs) -> Result<ExitCode> {
         };
         nats.validate().map_err(|e| anyhow::anyhow!("--nats: {e}"))?;
         tracing::warn!(
-            stream = %nats.stream_name(),
+            cluster = %nats.cluster,
             node = %nats.node,
-            "cluster mode is experimental: one shard whose log is in NATS JetStream, owned by one broker at a time"
+            "cluster mode is experimental: each shard's log is in NATS JetStream, owned by one broker at a time"
         );
         Some(nats)
     };
@@ -706,17 +707,22 @@ pub async fn cluster_import(args: crate::ImportArgs) -> Result<ExitCode> {
         creds_file: args.nats_creds,
         cluster: args.nats_cluster,
         replicas: args.nats_replicas,
+        shards: args.shards,
         node: host_name().unwrap_or_else(|| "cq".into()),
         ..broker::jetstream::NatsConfig::new(args.nats)
     };
     let report = broker::import::import(&config, &args.data_dir).await?;
+    let streams: Vec<String> = report
+        .shards
+        .iter()
+        .map(|(stream, jobs, seq)| format!("{stream} ({jobs} jobs, a snapshot at sequence {seq})"))
+        .collect();
     eprintln!(
-        "cq: imported {} jobs from {} into stream {} (a snapshot at sequence {}); start the cluster's brokers now. \
-         Copy the blobs as well: {} into the cluster's blob store. Read links made before stop working.",
+        "cq: imported {} jobs from {} into {}; start the cluster's brokers now. Copy the blobs as well: {} into \
+         the cluster's blob store. Read links made before stop working.",
         report.jobs,
         args.data_dir.display(),
-        report.stream,
-        report.sequence,
+        streams.join(", "),
         args.data_dir.join("blobs").display()
     );
     Ok(ExitCode::SUCCESS)

@@ -112,6 +112,10 @@ struct ImportArgs {
     /// The cluster's NATS servers (nats://host:port, comma-separated), as its brokers get them.
     #[arg(long, env = "CQ_NATS", value_delimiter = ',', value_name = "URL", required = true)]
     nats: Vec<String>,
+    /// How many shards the new cluster has (its brokers then start with the same --shards, or
+    /// none) [default: 1]
+    #[arg(long, env = "CQ_SHARDS", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    shards: Option<u32>,
     /// NATS credentials file (JWT and NKey seed).
     #[arg(long, env = "CQ_NATS_CREDS", value_name = "FILE")]
     nats_creds: Option<PathBuf>,
@@ -444,20 +448,26 @@ struct BrokerArgs {
 
 /// Cluster mode: the log in NATS JetStream instead of the data directory.
 #[derive(Debug, Args)]
-#[command(next_help_heading = "Cluster (experimental: one shard, one active broker and standbys)")]
+#[command(next_help_heading = "Cluster (experimental)")]
 pub struct ClusterArgs {
-    /// Keep the log in a NATS JetStream stream on these servers (nats://host:port, comma-separated)
-    /// instead of the data directory. Experimental: one shard, owned under a lease by one broker
-    /// at a time; further brokers of the cluster wait as standbys and take over when the owner
-    /// dies or stops, relaying requests to the owner meanwhile. See docs/operations.md for the NATS
-    /// settings this needs (3 servers, sync_interval: always, max_payload).
+    /// Keep the log in NATS JetStream streams on these servers (nats://host:port, comma-separated)
+    /// instead of the data directory. Experimental. Each shard is owned under a lease by one
+    /// broker at a time; the other brokers relay its requests to the owner and take it over when
+    /// the owner dies or stops. See docs/operations.md for the NATS settings this needs (3
+    /// servers, sync_interval: always, max_payload).
     #[arg(long, env = "CQ_NATS", value_delimiter = ',', value_name = "URL")]
     pub nats: Vec<String>,
+    /// How many shards the cluster spreads its queues over, fixed when the cluster is created: the
+    /// first broker's number is kept, and a broker asking for another is refused. Each broker
+    /// serves a fair share of them [default: the cluster's; 1 for a new cluster]
+    #[arg(long, env = "CQ_SHARDS", value_name = "N", requires = "nats",
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub shards: Option<u32>,
     /// NATS credentials file (JWT and NKey seed).
     #[arg(long, env = "CQ_NATS_CREDS", value_name = "FILE", requires = "nats")]
     pub nats_creds: Option<PathBuf>,
-    /// Name of the cq cluster in NATS: prefixes the stream (`<NAME>_LOG_0`), its subject
-    /// (`<name>.log.0`) and the snapshot bucket (`<name>_snapshots`).
+    /// Name of the cq cluster in NATS: prefixes the streams (`<NAME>_LOG_<shard>`), their subjects
+    /// (`<name>.log.<shard>`) and the buckets (`<name>_snapshots`, `<name>_owners`, `<name>_config`).
     #[arg(long, env = "CQ_NATS_CLUSTER", default_value = "cq", value_name = "NAME", requires = "nats")]
     pub nats_cluster: String,
     /// Replicas of the log stream, the snapshot bucket and the lease bucket.

@@ -1192,3 +1192,150 @@ async fn a_nats_server_that_cannot_hold_the_log_is_refused_at_start_with_what_to
     let said = broker(&["--max-body", "65536"]);
     assert!(said.contains("pass --nats-replicas 1"), "{said}");
 }
+
+/// How many shards each broker at `urls` serves (`cq_shard_owned` of its `/metrics`).
+async fn shards_owned(http: &reqwest::Client, urls: &[String]) -> Vec<usize> {
+    let mut owned = Vec::new();
+    for url in urls {
+        let text = http.get(format!("{url}/metrics")).send().await.unwrap().text().await.unwrap();
+        owned.push(text.lines().filter(|l| l.starts_with("cq_shard_owned{") && l.ends_with(" 1")).count());
+    }
+    owned
+}
+
+/// Waits until every shard of the brokers at `urls` is served: each broker's `/readyz` says
+/// ready, and their owned shards add up to `shards`.
+async fn wait_all_served(http: &reqwest::Client, urls: &[String], shards: usize) -> Vec<usize> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut ready = true;
+        for url in urls {
+            ready &= readyz(http, url).await.starts_with("ready\n");
+        }
+        let owned = shards_owned(http, urls).await;
+        if ready && owned.iter().sum::<usize>() == shards {
+            return owned;
+        }
+        assert!(Instant::now() < deadline, "the shards were not all served: {owned:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_broker_owning_the_most_shards_mid_run_loses_nothing_and_starts_no_job_twice() {
+    let Some(bin) = nats_server() else { return };
+    let nats = Nats::start(&bin).await;
+    let http = reqwest::Client::new();
+    const SHARDS: u32 = 4;
+    // Three brokers started together share the four shards.
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut brokers: Vec<(Killed, String)> = ["a", "b", "c"]
+        .iter()
+        .zip(&dirs)
+        .map(|(node, dir)| {
+            cq_broker_with(&nats, dir.path(), "spread", &["--node-id", node, "--lease-ttl", "2s", "--shards", "4"])
+        })
+        .collect();
+    let urls: Vec<String> = brokers.iter().map(|b| b.1.clone()).collect();
+    let owned = wait_all_served(&http, &urls, SHARDS as usize).await;
+    eprintln!("shards owned by a, b, c: {owned:?}");
+    assert!(owned.iter().all(|n| *n <= 2), "each broker takes at most its fair share of 4 over 3: {owned:?}");
+
+    // The number of shards is the cluster's: a broker asking for another is refused.
+    let other = tempfile::tempdir().unwrap();
+    let refused = Command::new(env!("CARGO_BIN_EXE_cq"))
+        .args(["broker", "--listen", "127.0.0.1:0", "--shared-blob-dir", "--nats-cluster", "spread"])
+        .args(["--nats", &nats.url_list(), "--shards", "2", "--data-dir"])
+        .arg(other.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && said.contains("created with 4 shards"), "{said}");
+
+    // One queue per shard, a worker each, given every broker's address.
+    let queues: Vec<String> = (0..SHARDS)
+        .map(|s| (0..).map(|i| format!("q{i}")).find(|q| broker::shards::shard_of(q, SHARDS) == s).unwrap())
+        .collect();
+    let all = urls.join(",");
+    let run = tempfile::tempdir().unwrap();
+    let logs: Vec<PathBuf> = (0..queues.len()).map(|n| run.path().join(format!("w{n}.log"))).collect();
+    let _workers: Vec<support::KilledWorker> = logs
+        .iter()
+        .enumerate()
+        .map(|(n, log)| logged_worker(&all, &queues[n], &run.path().join(format!("w{n}")), log))
+        .collect();
+    // Submissions through every broker in turn: most go to a shard another broker owns.
+    let mut acked = Vec::new();
+    for i in 0..24 {
+        acked.push(submit_until_acknowledged(&http, &urls[i % 3], &queues[i % queues.len()], i).await);
+    }
+    // Every queue is listed by every broker, whichever shard it is on.
+    for url in &urls {
+        let listed: Value = http.get(format!("{url}/q")).send().await.unwrap().json().await.unwrap();
+        let names: Vec<&str> =
+            listed["queues"].as_array().unwrap().iter().filter_map(|q| q["queue"].as_str()).collect();
+        for q in &queues {
+            assert!(names.contains(&q.as_str()), "{url}/q lacks {q}: {listed}");
+        }
+    }
+
+    // Kill -9 of the broker owning the most shards while jobs run on one of its queues.
+    let owned = shards_owned(&http, &urls).await;
+    let victim = (0..3).max_by_key(|&n| owned[n]).unwrap();
+    let survivors: Vec<String> = (0..3).filter(|&n| n != victim).map(|n| urls[n].clone()).collect();
+    let text = http.get(format!("{}/metrics", urls[victim])).send().await.unwrap().text().await.unwrap();
+    let its_queues: Vec<&String> = queues
+        .iter()
+        .filter(|q| text.contains(&format!("cq_shard_owned{{shard=\"{}\"}} 1", broker::shards::shard_of(q, SHARDS))))
+        .collect();
+    assert!(!its_queues.is_empty(), "broker {victim} owns {} shards", owned[victim]);
+    let deadline = Instant::now() + WAIT;
+    'running: loop {
+        for q in &its_queues {
+            let s: Value = http.get(format!("{}/q/{q}", survivors[0])).send().await.unwrap().json().await.unwrap();
+            if s["running"].as_u64().unwrap_or(0) >= 1 {
+                break 'running;
+            }
+        }
+        assert!(Instant::now() < deadline, "no job ran on the queues of the broker to kill");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    brokers[victim].0.0.kill().unwrap();
+    brokers[victim].0.0.wait().unwrap();
+    for i in 24..40 {
+        acked.push(submit_until_acknowledged(&http, &survivors[i % 2], &queues[i % queues.len()], i).await);
+    }
+    // The survivors serve every shard between them.
+    let owned = wait_all_served(&http, &survivors, SHARDS as usize).await;
+    eprintln!("after the kill, shards owned by the survivors: {owned:?}");
+
+    // Every acknowledged job ends, asked of either survivor (found on whichever owns it).
+    let deadline = Instant::now() + WAIT * 2;
+    for (n, id) in acked.iter().enumerate() {
+        loop {
+            let job: Value =
+                http.get(format!("{}/j/{id}", survivors[n % 2])).send().await.unwrap().json().await.unwrap();
+            if job["state"] == "finished" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "job {id} did not finish: {job}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let acked_file = run.path().join("acknowledged");
+    std::fs::write(&acked_file, acked.join("\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cq"))
+        .args(["check-history", "--url", &survivors[0], "--acknowledged"])
+        .arg(&acked_file)
+        .args(logs.iter().flat_map(|l| [std::ffi::OsStr::new("--worker-log"), l.as_os_str()]))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{said}");
+    assert!(
+        out.status.success() && said.ends_with(": 0 violations\n"),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.starts_with("40 acknowledged, 40 records, 40 finished, 40 attempts started"), "{said}");
+}

@@ -517,9 +517,11 @@ fn spawn_job(
 /// Opens the socket, says hello and waits for the welcome; returns the socket, the heartbeat
 /// interval and the base URL of the broker it ended at (after a standby's redirect, the owner).
 async fn connect(config: &Config, broker_url: &str, held: Vec<HeldJob>) -> Result<(Socket, Duration, String)> {
+    // The queues name the shard a broker of a cluster serves this worker from.
+    let queues = url::form_urlencoded::byte_serialize(config.queues.join(",").as_bytes()).collect::<String>();
     let mut ws_url = match broker_url.split_once("://") {
-        Some(("https", rest)) => format!("wss://{}/ws/worker", rest.trim_end_matches('/')),
-        Some(("http", rest)) => format!("ws://{}/ws/worker", rest.trim_end_matches('/')),
+        Some(("https", rest)) => format!("wss://{}/ws/worker?queues={queues}", rest.trim_end_matches('/')),
+        Some(("http", rest)) => format!("ws://{}/ws/worker?queues={queues}", rest.trim_end_matches('/')),
         _ => bail!("the broker URL must start with http:// or https://, got `{broker_url}`"),
     };
     // A standby of a cluster redirects workers to the broker that owns the queues (once; a
@@ -582,7 +584,8 @@ async fn connect(config: &Config, broker_url: &str, held: Vec<HeldJob>) -> Resul
     .context("no welcome from the broker")??;
     match welcome {
         BrokerToWorker::Welcome { heartbeat_ms, .. } => {
-            let rest = ws_url.strip_prefix("ws").unwrap_or(&ws_url);
+            let without_query = ws_url.split('?').next().unwrap_or(&ws_url);
+            let rest = without_query.strip_prefix("ws").unwrap_or(without_query);
             let base = format!("http{}", rest.strip_suffix("/ws/worker").unwrap_or(rest));
             Ok((ws, Duration::from_millis(heartbeat_ms.max(100)), base))
         }

@@ -177,6 +177,18 @@ pub struct Overview {
     pub connections: u64,
 }
 
+impl Overview {
+    /// Adds another shard's overview to this one (their queues are distinct).
+    pub fn add(&mut self, other: Overview) {
+        self.queues.extend(other.queues);
+        self.finished.extend(other.finished);
+        self.dispatched += other.dispatched;
+        self.jobs += other.jobs;
+        self.workers += other.workers;
+        self.connections += other.connections;
+    }
+}
+
 /// A message the runtime must deliver once the events before it are durable.
 #[derive(Debug, Clone)]
 pub enum Effect {
