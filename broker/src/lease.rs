@@ -204,23 +204,30 @@ pub async fn acquire(
     let mut told: Option<Holder> = None;
     let mut failing = false;
     let mut seen: Option<Seen> = None;
+    // Whether this broker's placement counts the shard held (from the wait before a create).
+    let mut counted = false;
     set_note(standby, Some(Standby::Unknown));
     let epoch = loop {
         if let Some(epoch) = ownership.owner_epoch(Instant::now()) {
             break epoch;
         }
+        // A broker running several shards lets the brokers before it in this shard's order try
+        // first, and over its fair share gives them a head start more, then takes the shard
+        // anyway if nobody did. Waited before the create is sent, so the lease counts from it.
+        if let Some(placement) = &config.placement
+            && !counted
+            && ownership.create_due(Instant::now())
+        {
+            placement.settled().await;
+            tokio::time::sleep(placement.turn(config.shard)).await;
+            if !placement.try_take() {
+                tokio::time::sleep(crate::shards::HEAD_START).await;
+                placement.take();
+            }
+            counted = true;
+        }
         match ownership.poll(Instant::now()) {
             Step::Create => {
-                // A broker running several shards takes its fair share at once; over it, it lets
-                // the others go first, then takes the shard anyway if nobody did.
-                if let Some(placement) = &config.placement {
-                    placement.settled().await;
-                    tokio::time::sleep(placement.turn(config.shard)).await;
-                    if !placement.try_take() {
-                        tokio::time::sleep(crate::shards::HEAD_START).await;
-                        placement.take();
-                    }
-                }
                 let (mut answer, refused) =
                     match tokio::time::timeout(ANSWER_WITHIN, store.create(&key, value.clone())).await {
                         Ok(Ok(revision)) => (Created::Yes(revision), None),
@@ -266,10 +273,12 @@ pub async fn acquire(
                     }
                 }
                 if !matches!(answer, Created::Yes(_))
+                    && counted
                     && let Some(placement) = &config.placement
                 {
                     placement.give_back();
                 }
+                counted = false;
                 ownership.created(answer, Instant::now());
             }
             Step::Wait(until) => {
@@ -300,7 +309,16 @@ pub async fn acquire(
                     },
                 }
             }
-            Step::Renew { .. } | Step::StepDown => unreachable!("a standby neither renews nor steps down"),
+            // Taken, but the answer came so late that this broker's share of the lease has
+            // already run out: start over as a standby (the key expires on its own).
+            Step::StepDown => {
+                tracing::warn!(shard = config.shard, "took the lease too late to use it; trying again");
+                if let Some(placement) = &config.placement {
+                    placement.give_back();
+                }
+                ownership = Ownership::new(times, Instant::now() + times.retry_every);
+            }
+            Step::Renew { .. } => unreachable!("a standby does not renew"),
         }
     };
     set_note(standby, None);

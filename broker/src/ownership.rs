@@ -127,6 +127,11 @@ impl Ownership {
         }
     }
 
+    /// True if a standby's next [`Ownership::poll`] at `now` asks to create the key.
+    pub fn create_due(&self, now: Instant) -> bool {
+        matches!(self.state, State::Standby { next_try } if now >= next_try)
+    }
+
     /// Whether the node gave the lease up or lost it; it never takes it again.
     pub fn is_deposed(&self) -> bool {
         self.state == State::Deposed

@@ -129,7 +129,7 @@ async fn locate(ctxs: &[Arc<Context>], job: JobId, req: Request<TimedBody>) -> R
             None if !ctx.handle.is_ready() => moving = true,
             None => {}
             Some(Standby::Unknown) => moving = true,
-            Some(Standby::Owner(owner)) if !relayed && !asked.contains(&owner) => {
+            Some(Standby::Owner(owner)) if !relayed && !asked.iter().any(|a| same_broker(a, &owner)) => {
                 asked.push(owner.clone());
                 match probe(&owner, &job, req.uri().query(), req.headers(), &ctx.node).await {
                     Some(StatusCode::NOT_FOUND) => {}
@@ -147,6 +147,11 @@ async fn locate(ctxs: &[Arc<Context>], job: JobId, req: Request<TimedBody>) -> R
     }
     // Nowhere: the shard's own handlers answer "no job" (or what they answer a bad request).
     Routed::Here(req, serving(ctxs))
+}
+
+/// True if two leases are held by one broker (each lease has a nonce of its own).
+fn same_broker(a: &Holder, b: &Holder) -> bool {
+    a.node == b.node && a.advertise_url == b.advertise_url
 }
 
 /// Asks `owner` whether it holds `job` (`GET /j/{id}` with the client's headers, as relayed);
@@ -212,7 +217,7 @@ pub async fn gather(
                     format!("shard {s} is moving between brokers; try again"),
                 ));
             }
-            Some(Standby::Owner(owner)) if !asked.contains(&owner) => {
+            Some(Standby::Owner(owner)) if !asked.iter().any(|a| same_broker(a, &owner)) => {
                 asked.push(owner.clone());
                 let answer = ask(&owner, target, headers, &ctx.node).await;
                 let Some((status, body)) = answer else {

@@ -1279,6 +1279,34 @@ async fn killing_the_broker_owning_the_most_shards_mid_run_loses_nothing_and_sta
         }
     }
 
+    // What differs across shards (docs/operations.md, "Several shards"). A definition live in
+    // one queue is refused in another queue of its shard, and is a job of its own on another
+    // shard, with the same id; either broker finds it by id or prefix.
+    let idle: Vec<String> = (0..SHARDS)
+        .map(|s| (0..).map(|i| format!("idle{i}")).find(|q| broker::shards::shard_of(q, SHARDS) == s).unwrap())
+        .collect();
+    let same = json!({"definition": {"image": "cq-test/busybox", "command": ["echo", "twice"]}});
+    let post = |url: &String, queue: &str| http.post(format!("{url}/q/{queue}/j")).json(&same).send();
+    let first: Value = post(&urls[0], &idle[0]).await.unwrap().json().await.unwrap();
+    let id = first["jobId"].as_str().unwrap().to_string();
+    let neighbour = format!("{}:x", idle[0]);
+    assert_eq!(post(&urls[1], &neighbour).await.unwrap().status(), 409, "the same shard sees the live job");
+    let elsewhere = post(&urls[2], &idle[1]).await.unwrap();
+    assert_eq!(elsewhere.status(), 201, "another shard does not");
+    assert_eq!(elsewhere.json::<Value>().await.unwrap()["jobId"], id.as_str());
+    for url in &urls {
+        let job: Value = http.get(format!("{url}/j/{id}")).send().await.unwrap().json().await.unwrap();
+        assert!(job["queue"] == idle[0].as_str() || job["queue"] == idle[1].as_str(), "{job}");
+        let found: Value =
+            http.get(format!("{url}/j?prefix={}", &id[..12])).send().await.unwrap().json().await.unwrap();
+        assert_eq!(found["jobs"].as_array().unwrap().len(), 2, "{found}");
+    }
+    // A worker's queues must share a shard; the refusal says how.
+    let refused = http.get(format!("{}/ws/worker?queues={},{}", urls[0], queues[0], queues[1])).send().await.unwrap();
+    assert_eq!(refused.status(), 400);
+    let said = refused.text().await.unwrap();
+    assert!(said.contains("different shards") && said.contains("before `:`"), "{said}");
+
     // Kill -9 of the broker owning the most shards while jobs run on one of its queues.
     let owned = shards_owned(&http, &urls).await;
     let victim = (0..3).max_by_key(|&n| owned[n]).unwrap();
