@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Benchmarks cq's log on one machine, in one run, three ways: one broker with its local log (no
-# NATS), one broker with its log on a 3-node NATS JetStream cluster, and three brokers of one
+# NATS), one broker with its log on a 3-node NATS JetStream cluster, three brokers of one
 # cluster (one owner, two standbys relaying clients and redirecting workers), the simulated
-# clients and workers spread over all three. Each way runs `cq bench` twice: submit → ack latency
+# clients and workers spread over all three, and three brokers of a cluster of 4 shards (each
+# serving its share) with 4 queues. Each way runs `cq bench` twice: submit → ack latency
 # at a steady rate, then full lifecycles as fast as they go. Everything listens on 127.0.0.1 and
 # is stopped at the end. Needs `cargo build --release -p cq` first.
 #   scripts/bench-cluster.sh                 # 10,000 jobs at 1,000/s, then 20,000 lifecycles
@@ -52,8 +53,8 @@ broker() {
 bench() {
   echo "### $1"
   shift
-  "$cq" bench --log warn --url "$1" --jobs "$rate_jobs" --rate "$rate" --workers 10 --slots 64 | grep -v '^|---' | grep 'latency\|cq bench'
-  "$cq" bench --log warn --url "$1" --jobs "$jobs" --workers 10 --slots 64 | grep 'jobs/s\|submissions/s'
+  "$cq" bench --log warn --url "$1" --jobs "$rate_jobs" --rate "$rate" --workers 10 --slots 64 "${@:2}" | grep -v '^|---' | grep 'latency\|cq bench'
+  "$cq" bench --log warn --url "$1" --jobs "$jobs" --workers 10 --slots 64 "${@:2}" | grep 'jobs/s\|submissions/s'
   echo
 }
 
@@ -81,7 +82,7 @@ EOF
   pids+=($!)
 done
 nats="nats://127.0.0.1:${clients[0]},nats://127.0.0.1:${clients[1]},nats://127.0.0.1:${clients[2]}"
-cluster_broker() { broker --nats "$nats" --nats-cluster "$1" --node-id "$2" --shared-blob-dir --data-dir "$dir/$1-$2"; }
+cluster_broker() { broker --nats "$nats" --nats-cluster "$1" --node-id "$2" --shared-blob-dir --data-dir "$dir/$1-$2" "${@:3}"; }
 
 cluster_broker one a
 wait_for "$url" ready
@@ -98,3 +99,14 @@ cluster_broker three c
 wait_for "$url" standby
 c=$url
 bench "three brokers (one owner, two standbys), clients and workers spread over them" "$a,$b,$c"
+
+# Three brokers started together on a cluster of 4 shards: each serves a share; 4 queues.
+cluster_broker sharded a --shards 4
+a=$url
+cluster_broker sharded b --shards 4
+b=$url
+cluster_broker sharded c --shards 4
+c=$url
+for u in "$a" "$b" "$c"; do wait_for "$u" ready; done
+echo "shards served by a, b, c: $(for u in "$a" "$b" "$c"; do curl -s "$u/readyz" | grep -c 'served here'; done | xargs)"
+bench "three brokers, 4 shards (each broker serves its share), 4 queues" "$a,$b,$c" --queues 4

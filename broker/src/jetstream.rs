@@ -1,4 +1,4 @@
-//! The log of one shard in a NATS JetStream stream, for cluster mode (experimental: one shard,
+//! The log of one shard in a NATS JetStream stream, for cluster mode (experimental; each shard
 //! owned by one broker at a time under a lease, [`crate::lease`]).
 //!
 //! - **Stream** `<CLUSTER>_LOG_<shard>` on subject `<cluster>.log.<shard>`, file storage,
@@ -256,7 +256,16 @@ impl JetStreamLog {
         let (first, last) = (state.first_sequence, state.last_sequence);
 
         let mut report = RecoveryReport::default();
-        let snapshots = list_snapshots(&store, &config.snapshot_prefix()).await?;
+        let mut snapshots = list_snapshots(&store, &config.snapshot_prefix()).await?;
+        // A purged stream has a snapshot below it. The list is a consumer of the bucket's
+        // metadata, which ends at once when the server it asks says nothing is pending (a
+        // replica behind, on a loaded machine): asked again for a while before the stream is
+        // called corrupt.
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+        while snapshots.is_empty() && first > 1 && tokio::time::Instant::now() < give_up {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            snapshots = list_snapshots(&store, &config.snapshot_prefix()).await?;
+        }
         let snapshot_seq = match snapshots.iter().map(|(seq, _)| *seq).max() {
             Some(seq) => {
                 if seq > last {

@@ -10,7 +10,7 @@
 //! - `GET /q` and `GET /j?prefix=` gather every shard's answer ([`gather`]), in the handlers.
 //! - Health, readiness, metrics, the page and blobs are served here whatever shard they touch.
 //!
-//! With one shard every request goes to shard 0, as before shards existed: served here by its
+//! With one shard every request goes to shard 0, served here by its
 //! owner, relayed or redirected by its standbys.
 
 use std::sync::Arc;

@@ -24,6 +24,9 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
         crate::Scenario::Connections => return crate::bench_more::connections(args).await,
         crate::Scenario::Lifecycle => {}
     }
+    if args.queues > args.clients || (args.workers > 0 && args.queues > args.workers) {
+        bail!("--queues {} needs at least as many --clients and --workers, each taking one queue", args.queues);
+    }
     let tmp;
     // Further brokers of a cluster, given after the first in --url.
     let mut others: Vec<String> = Vec::new();
@@ -60,7 +63,10 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
     // Clients and workers take the brokers given in turn.
     let sockets: Vec<String> = std::iter::once(&url).chain(&others).map(|u| websocket_url(u)).collect();
     let ws = |n: usize| sockets[n % sockets.len()].clone();
-    let queue = format!("bench-{}", std::process::id());
+    // With several queues (--queues), each worker and client takes one in turn: a cluster of
+    // several shards serves them from different brokers.
+    let queues: Vec<String> = (0..args.queues.max(1)).map(|k| format!("bench-{}-{k}", std::process::id())).collect();
+    let queue_of = |n: usize| queues[n % queues.len()].clone();
     let run_tag = Instant::now().elapsed().as_nanos() ^ u128::from(std::process::id());
 
     // One clock for the whole run: submissions carry their send time, workers read it on push.
@@ -69,7 +75,7 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
     // Workers first, so every job is pushed the moment it is enqueued.
     let mut workers = Vec::new();
     for w in 0..args.workers {
-        let (ws, queue) = (ws(w), queue.clone());
+        let (ws, queue) = (ws(w), queue_of(w));
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let task = worker(ws, queue, format!("bench-w{w}"), args.slots, ready_tx, t0, pushes.clone());
         workers.push((tokio::spawn(task), ready_rx));
@@ -86,7 +92,7 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
         let n = args.jobs / args.clients + usize::from(c < args.jobs % args.clients);
         // Each client paces itself to its share of --rate (0: as fast as the window allows).
         let every = (args.rate > 0).then(|| Duration::from_secs_f64(args.clients as f64 / args.rate as f64));
-        clients.push(tokio::spawn(client(ws(c), queue.clone(), c, n, run_tag, t0, every)));
+        clients.push(tokio::spawn(client(ws(c), queue_of(c), c, n, run_tag, t0, every)));
     }
     let mut latencies = Vec::with_capacity(args.jobs);
     for c in clients {
@@ -95,7 +101,15 @@ pub async fn bench(args: BenchArgs) -> Result<std::process::ExitCode> {
     let submitted = started.elapsed();
     // Wait until every job has been finished by some worker (with workers at all).
     let lifecycle = if args.workers > 0 {
-        let done = wait_finished(&url, &queue, args.jobs).await?;
+        let mut done = 0;
+        for (k, queue) in queues.iter().enumerate() {
+            // Each queue gets the jobs of the clients that submit to it.
+            let share: usize = (0..args.clients)
+                .filter(|c| c % queues.len() == k)
+                .map(|c| args.jobs / args.clients + usize::from(c < args.jobs % args.clients))
+                .sum();
+            done += wait_finished(&url, queue, share).await?;
+        }
         Some((done, started.elapsed()))
     } else {
         None
@@ -203,7 +217,7 @@ async fn worker(
     pushes: Arc<Mutex<Vec<Duration>>>,
 ) -> Result<()> {
     let hello = json!({"type": "hello", "data": {"protocol": 1, "workerId": id, "queues": [queue], "slots": slots}});
-    let mut socket = connect(&format!("{ws}/ws/worker"), hello).await?;
+    let mut socket = connect(&format!("{ws}/ws/worker?queues={queue}"), hello).await?;
     let mut ready = Some(ready);
     while let Some(msg) = socket.next().await {
         let Message::Text(text) = msg? else { continue };
@@ -251,7 +265,8 @@ async fn client(
         i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         i
     });
-    let mut socket = connect(&format!("{ws}/ws/client"), json!({"type": "hello", "data": {"protocol": 1}})).await?;
+    let url = format!("{ws}/ws/client?queue={queue}");
+    let mut socket = connect(&url, json!({"type": "hello", "data": {"protocol": 1}})).await?;
     let mut sent_at = vec![Instant::now(); n];
     let mut latencies = Vec::with_capacity(n);
     let (mut next, mut acked) = (0usize, 0usize);

@@ -249,7 +249,12 @@ impl Client {
         // Brokers given that could not be reached before any connection was made.
         let mut unreached = 0;
         // The job's queue, which names the shard a cluster's broker serves the socket from.
-        let queue = self.get(&format!("/j/{job}")).await.ok().and_then(|v| v["queue"].as_str().map(str::to_string));
+        let queue = match self.get(&format!("/j/{job}")).await {
+            Ok(v) => v["queue"].as_str().map(str::to_string),
+            // No such job: the socket would say the same.
+            Err(e) if e.to_string().contains("(HTTP 404") => return Err(e),
+            Err(_) => None,
+        };
         let path = match &queue {
             Some(q) => {
                 format!(

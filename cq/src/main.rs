@@ -158,6 +158,10 @@ struct BenchArgs {
     /// Slots per simulated worker.
     #[arg(long, default_value_t = 64)]
     slots: u32,
+    /// lifecycle: queues the clients and workers take in turn (a cluster of several shards
+    /// spreads them over its brokers); at most --clients and --workers.
+    #[arg(long, default_value_t = 1)]
+    queues: usize,
     /// Submit at this steady rate in jobs/s (0: as fast as possible, 512 in flight per client).
     #[arg(long, default_value_t = 0)]
     rate: u64,

@@ -436,7 +436,7 @@ fn the_cluster_overlay_runs_brokers_on_a_nats_cluster_they_can_use() {
     let broker: StatefulSet = typed(doc, &patch.path);
     assert_eq!(name_of(&broker.metadata), name_of(&base_broker.metadata), "patches the base broker");
     let bspec = broker.spec.as_ref().unwrap();
-    assert_eq!(bspec.replicas, Some(3), "an owner and two standbys");
+    assert_eq!(bspec.replicas, Some(3), "three brokers sharing the shards");
     let bpod = pod(&bspec.template);
     let bc = container(bpod, "broker");
     let urls = flag(bc, "nats").expect("--nats");
@@ -445,6 +445,8 @@ fn the_cluster_overlay_runs_brokers_on_a_nats_cluster_they_can_use() {
     let replicas: i32 = flag(bc, "nats-replicas").unwrap().parse().unwrap();
     assert!(replicas <= servers, "{replicas} replicas on {servers} servers");
     assert!(flag(bc, "s3-bucket").is_some(), "cluster mode needs shared blob storage");
+    let shards: u32 = flag(bc, "shards").expect("--shards").parse().unwrap();
+    assert!(shards >= 3, "every broker of the three serves a share: {shards} shards");
     let env = |name: &str| bc.env.iter().flatten().find(|e| e.name == name);
     for var in ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"] {
         assert!(env(var).is_some(), "{var} for S3");
