@@ -36,6 +36,9 @@ use crate::jetstream::{NatsConfig, connect};
 use crate::log::LogError;
 use crate::ownership::{Created, LeaseTimes, Ownership, Renewed, Step};
 
+/// How long a broker of several shards waits after it first announced itself before it takes
+/// any, so that brokers started together see each other and share.
+const SETTLE_FOR: Duration = Duration::from_secs(1);
 /// Longest wait for one answer of the lease store before it counts as unknown.
 const ANSWER_WITHIN: Duration = Duration::from_secs(2);
 /// Shortest time an owner's key must go unrenewed (and at least two renewal intervals) before a
@@ -219,6 +222,9 @@ pub async fn acquire(
             && ownership.create_due(Instant::now())
         {
             placement.settled().await;
+            if let Some(until) = placement.left_until(config.shard) {
+                tokio::time::sleep_until(until).await;
+            }
             tokio::time::sleep(placement.turn(config.shard)).await;
             if !placement.try_take() {
                 tokio::time::sleep(crate::shards::HEAD_START).await;
@@ -570,7 +576,8 @@ async fn create_or_read(store: &kv::Store, name: &str, key: &str, value: Bytes) 
 /// Announces this broker in the lease bucket (`node.<name>`, rewritten every renewal interval,
 /// so it vanishes a lease after the broker dies) and counts the brokers announced, for
 /// `placement`'s fair share, until `shutdown`; then removes the announcement. The placement is
-/// settled after the second count, one interval after this broker first announced itself.
+/// settled after the second count and at least [`SETTLE_FOR`] after this broker first announced
+/// itself. A broker serving more than its share for longer than a lease gives a shard up.
 pub async fn announce(
     config: NatsConfig,
     times: LeaseTimes,
@@ -582,6 +589,12 @@ pub async fn announce(
     let key = format!("node.{name}");
     let mut store = None;
     let mut rounds = 0u32;
+    // Rounds in a row this broker served more than its share. A shard is given up only after
+    // a lease's worth of them, so a dead broker's key (which outlives it by a lease) does not
+    // make the survivors give up the shards they just took from it.
+    let mut over = 0u32;
+    let over_for = (times.ttl.as_millis() / times.renew_every.as_millis().max(1)) as u32 + 2;
+    let started = Instant::now();
     loop {
         if store.is_none() {
             store = match connect(&config).await {
@@ -599,8 +612,24 @@ pub async fn announce(
             }
         }
         rounds += 1;
-        if rounds >= 2 {
+        if rounds >= 2 && started.elapsed() >= SETTLE_FOR {
             placement.set_settled();
+        }
+        match placement.over_share() {
+            Some(shard) => {
+                over += 1;
+                if over >= over_for {
+                    tracing::info!(
+                        shard,
+                        serving = placement.serving(),
+                        share = placement.share(),
+                        "serving more than a fair share of the shards: handing one over"
+                    );
+                    placement.give_up(shard);
+                    over = 0;
+                }
+            }
+            None => over = 0,
         }
         tokio::select! {
             _ = tokio::time::sleep(times.renew_every) => {}

@@ -209,6 +209,7 @@ async fn recover_cluster(
     core_config: &CoreConfig,
     standby: &StandbyNote,
     shutdown: &mut watch::Receiver<bool>,
+    refusing: Option<&mut mpsc::Receiver<Request>>,
 ) -> Result<Option<Recovered>, LogError> {
     let mut lease = match nats.lease {
         Some(times) => {
@@ -217,6 +218,7 @@ async fn recover_cluster(
             tokio::select! {
                 lease = crate::lease::acquire(nats, times, holder, standby) => Some(lease?),
                 _ = stopped(shutdown) => return Ok(None),
+                () = refuse_meanwhile(refusing, nats.shard) => unreachable!("never resolves"),
             }
         }
         None => None,
@@ -278,9 +280,46 @@ async fn core_task(
     flags: Flags,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), LogError> {
+    let mut gave_up = false;
+    loop {
+        let served = serve(&config, &mut rx, &outbox, &metrics, &flags, &mut shutdown, gave_up).await;
+        let shard = config.nats.as_ref().map_or(0, |n| n.shard);
+        if let Some(placement) = config.nats.as_ref().and_then(|n| n.placement.as_ref()) {
+            placement.set_serving(shard, false);
+        }
+        match served? {
+            Served::Stopped => return Ok(()),
+            // Handed over to another broker of the cluster: a standby for it again.
+            Served::GaveUp => gave_up = true,
+        }
+    }
+}
+
+/// How [`serve`] ended without an error.
+enum Served {
+    /// The broker stops.
+    Stopped,
+    /// This broker gave the shard up to the others ([`crate::shards::Placement::give_up`]).
+    GaveUp,
+}
+
+/// Takes the log (in cluster mode: waits for its lease), recovers it and serves it until the
+/// broker stops or, in a cluster of several shards, this broker gives the shard up. After
+/// giving it up once (`gave_up`), commands that still reach the core while it waits for the
+/// lease again are refused as unavailable rather than held.
+async fn serve(
+    config: &StoreConfig,
+    rx: &mut mpsc::Receiver<Request>,
+    outbox: &Arc<Outbox>,
+    metrics: &Arc<Metrics>,
+    flags: &Flags,
+    shutdown: &mut watch::Receiver<bool>,
+    gave_up: bool,
+) -> Result<Served, LogError> {
     let Flags { ready, standby } = flags;
-    let StoreConfig { data_dir, fsync, core: core_config, nats } = config;
+    let StoreConfig { data_dir, fsync, core: core_config, nats } = config.clone();
     let shard = nats.as_ref().map(|n| n.shard).unwrap_or(0);
+    let placement = nats.as_ref().and_then(|n| n.placement.clone());
     let (mut core, log, report, mut lease, started): (Core, Box<dyn LogBackend>, _, _, _) = match nats {
         None => tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
@@ -290,10 +329,13 @@ async fn core_task(
         })
         .await
         .expect("recovery does not panic")?,
-        Some(nats) => match recover_cluster(&nats, &core_config, &standby, &mut shutdown).await? {
-            Some((core, log, report, lease, started)) => (core, Box::new(log), report, lease, started),
-            None => return Ok(()),
-        },
+        Some(nats) => {
+            let refusing = gave_up.then_some(&mut *rx);
+            match recover_cluster(&nats, &core_config, standby, shutdown, refusing).await? {
+                Some((core, log, report, lease, started)) => (core, Box::new(log), report, lease, started),
+                None => return Ok(Served::Stopped),
+            }
+        }
     };
     let clock = Clock::new();
     core.finish_recovery(clock.now());
@@ -321,20 +363,24 @@ async fn core_task(
         log_bytes = 0;
     }
     metrics.shard_serving(shard, lease.as_ref().map(Lease::epoch));
+    if let Some(placement) = &placement {
+        placement.set_serving(shard, true);
+    }
     ready.store(true, Ordering::Release);
     let mut deposed = false;
+    let mut giving_up = false;
 
     loop {
         let deadline = core.next_deadline().map(|d| clock.instant(d));
         let first = tokio::select! {
             biased;
-            _ = stopped(&mut shutdown) => break,
+            _ = stopped(shutdown) => break,
             r = rx.recv() => match r {
                 Some(r) => Some(r),
                 // Every handle is gone without a shutdown: the broker itself was dropped (its
                 // runtime is going away). Write nothing more, no final snapshot: what is in the
                 // log is recovered on the next start, as after a crash.
-                None => return Ok(()),
+                None => return Ok(Served::Stopped),
             },
             _ = sleep_until(deadline) => None,
             // The writer stopped on a storage failure (or, on JetStream, because another writer
@@ -344,6 +390,11 @@ async fn core_task(
             // final snapshot could race the new owner's recovery).
             _ = lease_lost(&mut lease) => {
                 deposed = true;
+                break;
+            }
+            // Serving more than a fair share: hand this shard over, as a stop would.
+            _ = asked_to_give_up(&placement, shard) => {
+                giving_up = true;
                 break;
             }
         };
@@ -378,7 +429,14 @@ async fn core_task(
     deposed |= lease.as_ref().is_some_and(Lease::is_lost);
     ready.store(false, Ordering::Release);
     metrics.shard_not_serving(shard);
-    rx.close();
+    if giving_up && !deposed {
+        // From now on requests for the shard are answered "moving" (then relayed to the new
+        // owner), and its sockets are closed: they reconnect, to the new owner.
+        standby.send_replace(Some(crate::lease::Standby::Unknown));
+        outbox.close_all(close::GOING_AWAY, "this shard is moving to another broker");
+    } else {
+        rx.close();
+    }
     let mut final_jobs = 0;
     if !deposed {
         // Commands already queued came from peers before the shutdown (a worker's last release
@@ -416,7 +474,37 @@ async fn core_task(
     if let Some(lease) = lease {
         lease.release().await;
     }
-    written
+    if giving_up && written.is_ok() {
+        if let Some(placement) = &placement {
+            placement.gave_up(shard);
+        }
+        tracing::info!(shard, "handed this shard over to the other brokers");
+        return Ok(Served::GaveUp);
+    }
+    written.map(|()| Served::Stopped)
+}
+
+/// Resolves once this broker is asked to give `shard` up; never without a placement.
+async fn asked_to_give_up(placement: &Option<Arc<crate::shards::Placement>>, shard: u32) {
+    match placement {
+        Some(placement) => placement.asked_to_give_up(shard).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Answers every command that reaches a core waiting for a lease it gave up: the shard is
+/// served elsewhere now. Never resolves.
+async fn refuse_meanwhile(rx: Option<&mut mpsc::Receiver<Request>>, shard: u32) {
+    let Some(rx) = rx else { return std::future::pending().await };
+    while let Some(req) = rx.recv().await {
+        if let ReplyTo::Call(tx) = req.reply {
+            let _ = tx.send(Reply::Error(ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!("shard {shard} moved to another broker; try again"),
+            )));
+        }
+    }
+    std::future::pending().await
 }
 
 /// The log writer thread and the channel to it. If the core task is dropped before it ends

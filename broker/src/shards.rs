@@ -10,18 +10,24 @@
 //! trying [`TURN`] after the one before ([`Placement::turn`]). A broker holding its fair share
 //! (`ceil(shards / live)`) already gives the others a further head start ([`HEAD_START`]), then
 //! takes the shard anyway, so a shard is never left without an owner because the count was stale
-//! (a dead broker's key outlives it by a lease).
+//! (a dead broker's key outlives it by a lease). A broker that serves more than its share for
+//! longer than a lease (a broker joined, or came back) gives its highest-numbered shard up, as a
+//! graceful stop would, and leaves it to the others for [`GIVEN_UP_FOR`].
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// How long a broker waits for each broker before it in a shard's order.
 pub const TURN: Duration = Duration::from_millis(500);
 /// How long a broker already holding its fair share waits before it tries to take one more.
 pub const HEAD_START: Duration = Duration::from_secs(2);
+/// How long a broker leaves a shard it gave up to the others before it tries to take it again.
+pub const GIVEN_UP_FOR: Duration = Duration::from_secs(5);
 
 /// The part of a queue's name that decides its shard: up to the first `:`.
 pub fn key(queue: &str) -> &str {
@@ -69,6 +75,12 @@ pub struct Placement {
     /// has seen itself announced).
     order: Mutex<(Vec<String>, Option<usize>)>,
     settled: watch::Sender<bool>,
+    /// The shards this broker serves now.
+    serving: Mutex<BTreeSet<u32>>,
+    /// The shard this broker is asked to give up, if any ([`Placement::give_up`]).
+    give_up: watch::Sender<Option<u32>>,
+    /// Shards given up, and until when this broker leaves them to the others.
+    given_up: Mutex<HashMap<u32, Instant>>,
 }
 
 impl Placement {
@@ -79,6 +91,69 @@ impl Placement {
             held: AtomicU32::new(0),
             order: Mutex::new((Vec::new(), None)),
             settled: watch::channel(false).0,
+            serving: Mutex::new(BTreeSet::new()),
+            give_up: watch::channel(None).0,
+            given_up: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Notes that this broker serves `shard` from now on, or no longer.
+    pub fn set_serving(&self, shard: u32, serving: bool) {
+        let mut set = self.serving.lock().expect("placement lock");
+        if serving {
+            set.insert(shard);
+        } else {
+            set.remove(&shard);
+        }
+    }
+
+    /// How many shards this broker serves.
+    pub fn serving(&self) -> usize {
+        self.serving.lock().expect("placement lock").len()
+    }
+
+    /// The shard to give up when this broker serves more than its share, if it does: its
+    /// highest-numbered.
+    pub fn over_share(&self) -> Option<u32> {
+        let set = self.serving.lock().expect("placement lock");
+        (set.len() as u32 > self.share()).then(|| set.last().copied()).flatten()
+    }
+
+    /// Asks the core of `shard` to give it up (a graceful hand-over, as on a stop).
+    pub fn give_up(&self, shard: u32) {
+        self.give_up.send_replace(Some(shard));
+    }
+
+    /// Resolves once this broker is asked to give `shard` up.
+    pub async fn asked_to_give_up(&self, shard: u32) {
+        let mut rx = self.give_up.subscribe();
+        let _ = rx.wait_for(|s| *s == Some(shard)).await;
+    }
+
+    /// Notes that `shard` was given up: no longer asked, no longer held, and left to the others
+    /// for [`GIVEN_UP_FOR`].
+    pub fn gave_up(&self, shard: u32) {
+        self.give_up.send_if_modified(|s| {
+            let asked = *s == Some(shard);
+            if asked {
+                *s = None;
+            }
+            asked
+        });
+        self.give_back();
+        self.given_up.lock().expect("placement lock").insert(shard, Instant::now() + GIVEN_UP_FOR);
+    }
+
+    /// Until when this broker leaves `shard` to the others, if it gave it up lately.
+    pub fn left_until(&self, shard: u32) -> Option<Instant> {
+        let mut given_up = self.given_up.lock().expect("placement lock");
+        match given_up.get(&shard) {
+            Some(until) if *until > Instant::now() => Some(*until),
+            Some(_) => {
+                given_up.remove(&shard);
+                None
+            }
+            None => None,
         }
     }
 
@@ -191,6 +266,26 @@ mod tests {
         let p = Placement::new(4);
         p.set_nodes(names(), "d");
         assert_eq!(p.turn(0), TURN * 3);
+    }
+
+    #[test]
+    fn a_broker_over_its_share_gives_up_its_last_shard_and_leaves_it_a_while() {
+        let p = Placement::new(4);
+        for s in [0, 1, 3] {
+            assert!(p.try_take());
+            p.set_serving(s, true);
+        }
+        assert_eq!(p.over_share(), None, "alone, 3 of 4 is within the share");
+        p.set_nodes(vec!["a".into(), "b".into()], "a");
+        assert_eq!(p.over_share(), Some(3), "2 of 4 each for two brokers");
+        p.give_up(3);
+        let mut asked = Box::pin(p.asked_to_give_up(3));
+        assert!(futures_util::FutureExt::now_or_never(asked.as_mut()).is_some());
+        p.set_serving(3, false);
+        p.gave_up(3);
+        assert_eq!((p.held(), p.serving(), p.over_share()), (2, 2, None));
+        assert!(p.left_until(3).is_some() && p.left_until(1).is_none());
+        assert!(futures_util::FutureExt::now_or_never(Box::pin(p.asked_to_give_up(3))).is_none());
     }
 
     #[test]

@@ -1251,9 +1251,18 @@ async fn killing_the_broker_owning_the_most_shards_mid_run_loses_nothing_and_sta
         })
         .collect();
     let urls: Vec<String> = brokers.iter().map(|b| b.1.clone()).collect();
-    let owned = wait_all_served(&http, &urls, SHARDS as usize).await;
+    // Each takes at most its fair share of 4 over 3 (at once when they see each other start, or
+    // after one hands a shard over).
+    let deadline = Instant::now() + WAIT;
+    let owned = loop {
+        let owned = wait_all_served(&http, &urls, SHARDS as usize).await;
+        if owned.iter().all(|n| *n <= 2) {
+            break owned;
+        }
+        assert!(Instant::now() < deadline, "the shards were not shared fairly: {owned:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     eprintln!("shards owned by a, b, c: {owned:?}");
-    assert!(owned.iter().all(|n| *n <= 2), "each broker takes at most its fair share of 4 over 3: {owned:?}");
 
     // The number of shards is the cluster's: a broker asking for another is refused.
     let other = tempfile::tempdir().unwrap();
@@ -1380,4 +1389,95 @@ async fn killing_the_broker_owning_the_most_shards_mid_run_loses_nothing_and_sta
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(said.starts_with("40 acknowledged, 40 records, 40 finished, 40 attempts started"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_that_joins_later_is_handed_its_share_while_jobs_run() {
+    let Some(bin) = nats_server() else { return };
+    let nats = Nats::start(&bin).await;
+    let http = reqwest::Client::new();
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let start = |node: &str, dir: &Path| {
+        cq_broker_with(&nats, dir, "joined", &["--node-id", node, "--lease-ttl", "2s", "--shards", "4"])
+    };
+    // Alone, the first broker serves every shard.
+    let a = start("a", dirs[0].path());
+    let mut urls = vec![a.1.clone()];
+    assert_eq!(wait_all_served(&http, &urls, 4).await, [4]);
+
+    // Jobs that run for a while on two queues of different shards.
+    let queues: Vec<String> = (0..4u32)
+        .map(|s| (0..).map(|i| format!("q{i}")).find(|q| broker::shards::shard_of(q, 4) == s).unwrap())
+        .collect();
+    let (q1, q2) = (&queues[1], &queues[3]);
+    let b_dir = tempfile::tempdir().unwrap();
+    let run = tempfile::tempdir().unwrap();
+    let logs = [run.path().join("w1.log"), run.path().join("w2.log")];
+    let _workers: Vec<support::KilledWorker> = [q1, q2]
+        .iter()
+        .enumerate()
+        .map(|(n, q)| logged_worker(&urls[0], q, &run.path().join(format!("w{n}")), &logs[n]))
+        .collect();
+    let long = |i: usize| {
+        json!({"definition": {"image": "cq-test/busybox",
+        "command": ["sh", "-c", format!("sleep 3; echo long {i} | tee /outputs/said")]}})
+    };
+    let mut acked = Vec::new();
+    for i in 0..8 {
+        let queue = if i % 2 == 0 { q1 } else { q2 };
+        let r: Value =
+            http.post(format!("{}/q/{queue}/j", urls[0])).json(&long(i)).send().await.unwrap().json().await.unwrap();
+        acked.push(r["jobId"].as_str().unwrap().to_string());
+    }
+
+    // A second broker joins: the first hands it half of the shards, one at a time, while the
+    // jobs run; their workers follow their shards' new owner without restarting anything.
+    let b = start("b", b_dir.path());
+    urls.push(b.1.clone());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let owned = shards_owned(&http, &urls).await;
+        if owned == [2, 2] && readyz(&http, &urls[1]).await.starts_with("ready\n") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the shards were not shared: {owned:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The first broker gave up its highest-numbered shards: q2's among them, while its jobs ran.
+    let text = http.get(format!("{}/metrics", urls[1])).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("cq_shard_owned{shard=\"3\"} 1"), "{text}");
+    for i in 8..12 {
+        acked.push(submit_until_acknowledged(&http, &urls[i % 2], &queues[i % 4], i).await);
+    }
+    // Queues 0 and 2 have no worker: only the jobs of q1 and q2 must finish.
+    let deadline = Instant::now() + WAIT * 2;
+    let mut finished = Vec::new();
+    for id in &acked {
+        loop {
+            let job: Value = http.get(format!("{}/j/{id}", urls[1])).send().await.unwrap().json().await.unwrap();
+            if job["queue"] == queues[0].as_str() || job["queue"] == queues[2].as_str() {
+                assert_eq!(job["state"], "queued", "{job}");
+                break;
+            }
+            if job["state"] == "finished" {
+                finished.push(id.clone());
+                break;
+            }
+            assert!(Instant::now() < deadline, "job {id} did not finish: {job}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let acked_file = run.path().join("acknowledged");
+    std::fs::write(&acked_file, finished.join("\n")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cq"))
+        .args(["check-history", "--url", &urls[1], "--acknowledged"])
+        .arg(&acked_file)
+        .args(logs.iter().flat_map(|l| [std::ffi::OsStr::new("--worker-log"), l.as_os_str()]))
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{said}");
+    assert!(out.status.success() && said.ends_with(": 0 violations\n"), "{said}");
+    let n = finished.len();
+    assert!(said.starts_with(&format!("{n} acknowledged, {n} records, {n} finished, {n} attempts started")), "{said}");
 }
