@@ -202,9 +202,8 @@ pub async fn acquire(
     let value = Bytes::from(serde_json::to_vec(&holder).expect("a holder serialises"));
     // The watch only hastens a take when the owner releases; without one (NATS electing a
     // leader, say) the standby tries on its timer and watches again at its next wait.
-    let mut watch = watch_key(&store, &key).await;
+    let mut look = Lookout { watch: watch_key(&store, &key).await, told: None };
     let mut ownership = Ownership::new(times, Instant::now());
-    let mut told: Option<Holder> = None;
     let mut failing = false;
     let mut seen: Option<Seen> = None;
     // Whether this broker's placement counts the shard held (from the wait before a create).
@@ -221,13 +220,13 @@ pub async fn acquire(
             && !counted
             && ownership.create_due(Instant::now())
         {
+            // Meanwhile the key is watched, so that a new owner is known (and relayed to) at once.
             placement.settled().await;
-            if let Some(until) = placement.left_until(config.shard) {
-                tokio::time::sleep_until(until).await;
-            }
-            tokio::time::sleep(placement.turn(config.shard)).await;
+            let turn = placement.left_until(config.shard).unwrap_or_else(Instant::now) + placement.turn(config.shard);
+            look.until(turn, &store, &key, &holder.nonce, config.shard, standby).await;
             if !placement.try_take() {
-                tokio::time::sleep(crate::shards::HEAD_START).await;
+                let head_start = Instant::now() + crate::shards::HEAD_START;
+                look.until(head_start, &store, &key, &holder.nonce, config.shard, standby).await;
                 placement.take();
             }
             counted = true;
@@ -262,7 +261,7 @@ pub async fn acquire(
                 if answer == Created::Taken
                     && let Some((owner, revision)) = held
                 {
-                    tell(config.shard, standby, owner.clone(), &mut told);
+                    tell(config.shard, standby, owner.clone(), &mut look.told);
                     let now = Instant::now();
                     let unrenewed = match &seen {
                         Some(s) if s.revision == revision => now.saturating_duration_since(s.since),
@@ -288,31 +287,8 @@ pub async fn acquire(
                 ownership.created(answer, Instant::now());
             }
             Step::Wait(until) => {
-                if watch.is_none() {
-                    watch = watch_key(&store, &key).await;
-                }
-                let Some(watching) = watch.as_mut() else {
-                    tokio::time::sleep_until(until).await;
-                    continue;
-                };
-                tokio::select! {
-                    _ = tokio::time::sleep_until(until) => {}
-                    entry = watching.next() => match entry {
-                        Some(Ok(e)) if matches!(e.operation, kv::Operation::Delete | kv::Operation::Purge) => {
-                            ownership.key_freed(Instant::now());
-                        }
-                        // Another standby took over: forward to it from now on.
-                        Some(Ok(e)) => {
-                            if let Ok(owner) = serde_json::from_slice::<Holder>(&e.value)
-                                && owner.nonce != holder.nonce
-                            {
-                                tell(config.shard, standby, owner, &mut told);
-                            }
-                        }
-                        // A failing or ended watch (a reconnect) is made again at the next wait,
-                        // rather than polled in a loop until the timer.
-                        Some(Err(_)) | None => watch = None,
-                    },
+                if look.until(until, &store, &key, &holder.nonce, config.shard, standby).await {
+                    ownership.key_freed(Instant::now());
                 }
             }
             // Taken, but the answer came so late that this broker's share of the lease has
@@ -333,6 +309,61 @@ pub async fn acquire(
     let (release_tx, release_rx) = oneshot::channel();
     let task = tokio::spawn(keep(store, key, value, ownership, lost_tx, release_rx));
     Ok(Lease { epoch, node: holder.node, lost, release: Some(release_tx), task })
+}
+
+/// What a standby watches of the lease key: the watch (made again when it fails), and the
+/// owner it last told of.
+struct Lookout {
+    watch: Option<kv::Watch>,
+    told: Option<Holder>,
+}
+
+impl Lookout {
+    /// Waits until `until`, noting in `standby` which broker takes the key meanwhile; returns
+    /// early, with true, when the key is freed (released by its owner).
+    async fn until(
+        &mut self,
+        until: Instant,
+        store: &kv::Store,
+        key: &str,
+        nonce: &str,
+        shard: u32,
+        standby: &StandbyNote,
+    ) -> bool {
+        loop {
+            if Instant::now() >= until {
+                return false;
+            }
+            if self.watch.is_none() {
+                self.watch = watch_key(store, key).await;
+            }
+            let Some(watching) = self.watch.as_mut() else {
+                tokio::time::sleep_until(until).await;
+                return false;
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return false,
+                entry = watching.next() => match entry {
+                    Some(Ok(e)) if matches!(e.operation, kv::Operation::Delete | kv::Operation::Purge) => return true,
+                    // Another standby took over: forward to it from now on.
+                    Some(Ok(e)) => {
+                        if let Ok(owner) = serde_json::from_slice::<Holder>(&e.value)
+                            && owner.nonce != nonce
+                        {
+                            tell(shard, standby, owner, &mut self.told);
+                        }
+                    }
+                    // A failing or ended watch (a reconnect) is made again at the next wait,
+                    // rather than polled in a loop until the timer.
+                    Some(Err(_)) | None => {
+                        self.watch = None;
+                        tokio::time::sleep_until(until).await;
+                        return false;
+                    }
+                },
+            }
+        }
+    }
 }
 
 /// A watch of `key`, or `None` (said in the log) if NATS does not grant one now.
@@ -604,9 +635,24 @@ pub async fn announce(
         }
         if let Some(store) = &store {
             let value = Bytes::from(config.advertise_url.clone().unwrap_or_default());
+            if rounds == 0
+                && let Ok(Ok(Some(other))) = tokio::time::timeout(ANSWER_WITHIN, store.get(&key)).await
+                && other != value
+            {
+                tracing::warn!(
+                    node = %config.node,
+                    other = %String::from_utf8_lossy(&other),
+                    "another broker announces itself with this --node-id (at the address given; or this broker's previous \
+                     run, until its key expires): give each broker its own, or they count as one when the shards are \
+                     shared out"
+                );
+            }
             let put = tokio::time::timeout(ANSWER_WITHIN, store.put(&key, value)).await;
+            // A list without this broker's own key, just written, is a listing that ended early
+            // (a replica behind): the last good one is kept.
             if let Ok(Ok(_)) = put
                 && let Some(nodes) = live_nodes(store).await
+                && nodes.contains(&name)
             {
                 placement.set_nodes(nodes, &name);
             }

@@ -145,8 +145,14 @@ async fn locate(ctxs: &[Arc<Context>], job: JobId, req: Request<TimedBody>) -> R
             "job {job} is not on the shards that are served now, and a shard is moving between brokers; try again"
         )));
     }
-    // Nowhere: the shard's own handlers answer "no job" (or what they answer a bad request).
-    Routed::Here(req, serving(ctxs))
+    // Nowhere: a shard served here answers "no job" (or what it answers a bad request); a
+    // broker serving none says so itself.
+    if ctxs.iter().any(|c| c.handle.is_ready()) {
+        return Routed::Here(req, serving(ctxs));
+    }
+    let mut body = ErrorBody::new(ErrorCode::NotFound, format!("no job {job}"));
+    body.job_id = Some(job);
+    Routed::Answered(files::error(body))
 }
 
 /// True if two leases are held by one broker (each lease has a nonce of its own).

@@ -77,6 +77,14 @@ pub struct Handle {
 impl Handle {
     /// Applies `cmd` and waits for the reply; for changes, until they are durable.
     pub async fn call(&self, cmd: Command) -> Reply {
+        // A standby's core holds no queue and takes no command until it owns the log: waiting
+        // for it would wait for a takeover that may never come.
+        if !self.is_ready() && self.standby_for().is_some() {
+            return Reply::Error(ErrorBody::new(
+                ErrorCode::Unavailable,
+                "this broker is a standby for this shard and cannot answer it; try again",
+            ));
+        }
         let (tx, rx) = oneshot::channel();
         if self.tx.send(Request { cmd, reply: ReplyTo::Call(tx) }).await.is_err() {
             return unavailable();

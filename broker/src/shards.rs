@@ -51,8 +51,8 @@ pub fn shard_of_all<'a>(queues: impl IntoIterator<Item = &'a str>, shards: u32) 
             Some((t, other)) if t != s => {
                 return Err(format!(
                     "queues `{other}` and `{queue}` live on different shards ({t} and {s}) of this cluster; run one \
-                     worker per shard, or name the queues with a common prefix before `:` (like `{}:{}`), which \
-                     puts them on one shard",
+                     worker per shard, or give the queues a common prefix before `:` (like `group:{}` and \
+                     `group:{}`), which puts them on one shard",
                     key(other),
                     key(queue)
                 ));

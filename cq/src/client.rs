@@ -206,6 +206,8 @@ impl Client {
         match jobs.as_slice() {
             [] => bail!("no job's id starts with `{prefix}` (finished jobs are kept for the broker's --retention)"),
             [one] => Ok(one.id),
+            // One id in several queues of a cluster's different shards: one job id all the same.
+            [first, rest @ ..] if rest.iter().all(|j| j.id == first.id) => Ok(first.id),
             many => {
                 let lines: Vec<String> = many
                     .iter()
@@ -292,7 +294,7 @@ impl Client {
             if down.elapsed() >= FOLLOW_RECONNECT_FOR {
                 let url = self.url_flag();
                 bail!(
-                    "lost the connection to the broker at {} for {} s; the job goes on there: follow it again with `cq logs -f{url} {job}`, or see `cq status{url} {job}`",
+                    "lost the connection to the broker at {} for {} s; the job is not cancelled and may still run: follow it again with `cq logs -f{url} {job}`, or see `cq status{url} {job}` (with a cluster, give every broker's address in --url to ride out the loss of one)",
                     self.bases.join(", "),
                     FOLLOW_RECONNECT_FOR.as_secs(),
                 );

@@ -474,7 +474,7 @@ pub struct ClusterArgs {
     /// (`<name>.log.<shard>`) and the buckets (`<name>_snapshots`, `<name>_owners`, `<name>_config`).
     #[arg(long, env = "CQ_NATS_CLUSTER", default_value = "cq", value_name = "NAME", requires = "nats")]
     pub nats_cluster: String,
-    /// Replicas of the log stream, the snapshot bucket and the lease bucket.
+    /// Replicas of the log streams and of the snapshot, lease and settings buckets.
     #[arg(long, env = "CQ_NATS_REPLICAS", default_value_t = 3, requires = "nats")]
     pub nats_replicas: usize,
     /// This broker's name in its lease and the log's owner markers [default: the host name]
@@ -485,8 +485,8 @@ pub struct ClusterArgs {
     /// --listen names one address]
     #[arg(long, env = "CQ_ADVERTISE_URL", value_name = "URL", requires = "nats")]
     pub advertise_url: Option<String>,
-    /// How long the lease of the log outlives its owner's last renewal (renewed every tenth of
-    /// it): a dead owner is replaced after about this long. Keep it well above NATS's leader
+    /// How long the lease of a shard's log outlives its owner's last renewal (renewed every tenth
+    /// of it): a dead owner is replaced after about this long. Keep it well above NATS's leader
     /// election (4 to 9 s), or a NATS server's restart deposes the owner.
     #[arg(long, env = "CQ_LEASE_TTL", default_value = "15s", value_parser = humantime::parse_duration, requires = "nats")]
     pub lease_ttl: std::time::Duration,

@@ -1411,6 +1411,26 @@ async fn killing_the_broker_owning_the_most_shards_mid_run_loses_nothing_and_sta
     assert_eq!(refused.status(), 400);
     let said = refused.text().await.unwrap();
     assert!(said.contains("different shards") && said.contains("before `:`"), "{said}");
+    // A worker started so stops at once, saying why, rather than trying for ever.
+    let wdir = tempfile::tempdir().unwrap();
+    let mut worker = Command::new(env!("CARGO_BIN_EXE_cq"))
+        .args(["worker", "--url", &urls[1], "--queue", &queues[0], "--queue", &queues[1], "--data-dir"])
+        .arg(wdir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "a worker whose queues span shards kept trying");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut worker.stderr.take().unwrap(), &mut said).unwrap();
+    assert!(!status.success() && said.contains("different shards"), "{said}");
 
     // Kill -9 of the broker owning the most shards while jobs run on one of its queues.
     let owned = shards_owned(&http, &urls).await;
@@ -1502,6 +1522,11 @@ async fn a_broker_that_joins_later_is_handed_its_share_while_jobs_run() {
     // jobs run; their workers follow their shards' new owner without restarting anything.
     let b = start("b", b_dir.path());
     urls.push(b.1.clone());
+    // Serving no shard yet (or one just handed over), it answers for a job nobody has at once.
+    wait_all_served(&http, &urls, 4).await;
+    let nobody = "0".repeat(64);
+    let asked = http.get(format!("{}/j/{nobody}", urls[1])).timeout(Duration::from_secs(10)).send().await.unwrap();
+    assert_eq!(asked.status(), 404, "{}", asked.text().await.unwrap());
     let deadline = Instant::now() + WAIT;
     loop {
         let owned = shards_owned(&http, &urls).await;

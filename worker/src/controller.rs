@@ -264,6 +264,9 @@ async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send) -> Res
                 connected_at = Some(Some(Instant::now()));
                 (socket, heartbeat)
             }
+            Err(e) if e.downcast_ref::<Refused>().is_some() => {
+                return Err(e.context("the broker refused this worker's settings"));
+            }
             Err(e) => {
                 failures += 1;
                 // Said at the first failure of a streak and every tenth after: during a
@@ -514,6 +517,12 @@ fn spawn_job(
     });
 }
 
+/// The broker refused this worker's settings (its queues span a cluster's shards, say):
+/// trying again cannot help, so the worker stops.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Refused(String);
+
 /// Opens the socket, says hello and waits for the welcome; returns the socket, the heartbeat
 /// interval and the base URL of the broker it ended at (after a standby's redirect, the owner).
 async fn connect(config: &Config, broker_url: &str, held: Vec<HeldJob>) -> Result<(Socket, Duration, String)> {
@@ -561,7 +570,15 @@ async fn connect(config: &Config, broker_url: &str, held: Vec<HeldJob>) -> Resul
                     .as_deref()
                     .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok())
                     .and_then(|v| v["error"]["message"].as_str().map(str::to_string));
-                bail!("{ws_url} answered {}{}", resp.status(), said.map(|m| format!(": {m}")).unwrap_or_default())
+                let said = format!(
+                    "{ws_url} answered {}{}",
+                    resp.status(),
+                    said.map(|m| format!(": {m}")).unwrap_or_default()
+                );
+                if resp.status().as_u16() == 400 {
+                    return Err(Refused(said).into());
+                }
+                bail!(said)
             }
             Err(e) => return Err(anyhow::Error::new(e).context(format!("connecting to {ws_url}"))),
         }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig, NetworkCreateRequest};
+use bollard::models::{ContainerCreateBody, DeviceRequest, HostConfig, Mount, MountType, NetworkCreateRequest};
 use bollard::query_parameters::{
     BuildImageOptions, CreateContainerOptions, CreateImageOptions, InspectContainerOptions, KillContainerOptions,
     ListContainersOptions, LogsOptions, RemoveContainerOptions, StopContainerOptions,
@@ -425,6 +425,17 @@ pub struct ContainerSpec {
     pub network: String,
 }
 
+/// A bind mount of the host directory `source` (which exists) at `target`.
+fn bind(source: &str, target: &str, read_only: bool) -> Mount {
+    Mount {
+        source: Some(source.to_string()),
+        target: Some(target.to_string()),
+        typ: Some(MountType::BIND),
+        read_only: Some(read_only),
+        ..Default::default()
+    }
+}
+
 /// Creates and starts a job's container; returns its id.
 pub async fn start_container(docker: &Docker, def: &JobDefinition, spec: &ContainerSpec) -> Result<String, JobError> {
     let mut env: Vec<String> = def.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -438,12 +449,14 @@ pub async fn start_container(docker: &Docker, def: &JobDefinition, spec: &Contai
     env.push(format!("JOB_OUTPUTS_URL_PREFIX={}/outputs/", spec.url_prefix));
     let memory = spec.granted.memory.map(|m| m as i64);
     let host = HostConfig {
-        binds: Some(vec![
-            format!("{}:/inputs:ro", spec.inputs_dir),
-            format!("{}:/outputs", spec.outputs_dir),
-            format!("{}:/cache", spec.cache_dir),
+        // Mounts rather than `host:container` binds, which a `:` in a host path (a queue named
+        // `gpu:a` names its cache directory) would cut in the wrong place.
+        mounts: Some(vec![
+            bind(&spec.inputs_dir, "/inputs", true),
+            bind(&spec.outputs_dir, "/outputs", false),
+            bind(&spec.cache_dir, "/cache", false),
             // The reference mounts its shared cache at /job-cache; the same directory serves both.
-            format!("{}:/job-cache", spec.cache_dir),
+            bind(&spec.cache_dir, "/job-cache", false),
         ]),
         network_mode: Some(spec.network.clone()),
         privileged: Some(false),

@@ -767,7 +767,9 @@ async fn cache_is_one_directory_per_queue() {
     let b = Broker::start(30_000);
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(&b.url, &unique("cache"), dir.path(), 1);
-    cfg.queues = vec!["qa".into(), "qb".into()];
+    // Named with a `:` (as a cluster's queues sharing a shard are): the host path of the cache
+    // holds it, which a `host:container` bind would cut in the wrong place.
+    cfg.queues = vec!["gpu:a".into(), "gpu:b".into()];
     let _w = start_worker(cfg);
     let submit = |queue: &'static str, script: &str| {
         let url = format!("{}/q/{queue}/j", b.url);
@@ -778,12 +780,12 @@ async fn cache_is_one_directory_per_queue() {
             body["jobId"].as_str().unwrap_or_else(|| panic!("{body}")).to_string()
         }
     };
-    let plant = submit("qa", "echo 'echo planted' > /cache/run.sh").await;
+    let plant = submit("gpu:a", "echo 'echo planted' > /cache/run.sh").await;
     assert_eq!(b.finished(&plant).await["reason"], "succeeded");
-    let other = submit("qb", "if [ -e /cache/run.sh ]; then echo SEEN; else echo ABSENT; fi").await;
+    let other = submit("gpu:b", "if [ -e /cache/run.sh ]; then echo SEEN; else echo ABSENT; fi").await;
     assert_eq!(b.finished(&other).await["reason"], "succeeded");
     assert!(b.log_text(&other).await.contains("ABSENT"), "another queue's job does not see the file");
-    let same = submit("qa", "sh /cache/run.sh").await;
+    let same = submit("gpu:a", "sh /cache/run.sh").await;
     assert_eq!(b.finished(&same).await["reason"], "succeeded");
     assert!(b.log_text(&same).await.contains("planted"), "the same queue's next job does");
 }
