@@ -108,5 +108,11 @@ b=$url
 cluster_broker sharded c --shards 4
 c=$url
 for u in "$a" "$b" "$c"; do wait_for "$u" ready; done
-echo "shards served by a, b, c: $(for u in "$a" "$b" "$c"; do curl -s "$u/readyz" | grep -c 'served here'; done | xargs)"
+# Until each serves its share (2, 1 and 1 in some order; a broker over it hands shards over).
+served() { for u in "$a" "$b" "$c"; do curl -s "$u/readyz" | grep -c 'served here' || true; done | xargs; }
+for _ in $(seq 1 600); do
+  case "$(served | tr ' ' '\n' | sort | xargs)" in "1 1 2") break ;; esac
+  sleep 0.1
+done
+echo "shards served by a, b, c: $(served)"
 bench "three brokers, 4 shards (each broker serves its share), 4 queues" "$a,$b,$c" --queues 4

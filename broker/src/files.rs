@@ -1,4 +1,4 @@
-//! The file endpoints: `PUT`/`GET`/`HEAD /f/{sha256}`, `POST /f/{sha256}/upload`, `POST /f/gc`
+//! The file endpoints: `PUT`/`GET`/`HEAD /f/{sha256}`, `POST /f/{sha256}/upload`, `POST /f/gc`, `GET /f/refs`
 //! and `GET /j/{id}/outputs/{path}`. They stream bodies in both directions, so they are served
 //! by hyper directly rather than through warp (whose replies are whole buffers); the server
 //! sends every other request on to warp. Documented in `docs/http-api.md`, "Files".
@@ -105,6 +105,10 @@ async fn route(ctx: &Context, req: Request<ReqBody>) -> Result<Response<Body>, E
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let method = req.method().clone();
     match segments.as_slice() {
+        ["f", "refs"] if method == Method::GET => {
+            let blobs = local_refs(ctx).await?;
+            Ok(json_response(StatusCode::OK, &json!({ "blobs": blobs })))
+        }
         ["f", "gc"] if method == Method::POST => collect(ctx).await.map(|stats| {
             json_response(
                 StatusCode::OK,
@@ -413,17 +417,16 @@ fn parse_range(spec: &str, size: u64) -> RangeSpec {
     }
 }
 
-/// One collection pass: asks every shard's core for the blobs its retained jobs reference, then
-/// deletes the rest that are past the grace period. Every shard must be served by this broker:
-/// a blob only another broker's shard references would otherwise look unreferenced.
-pub async fn collect(ctx: &Context) -> Result<GcStats, ErrorBody> {
+/// The blobs the retained jobs of this broker's shards reference (inputs of their definitions,
+/// recorded outputs); every shard it holds must be served (not still recovering).
+async fn local_refs(ctx: &Context) -> Result<HashSet<String>, ErrorBody> {
     let (mut definitions, mut outputs) = (Vec::new(), Vec::new());
     for (shard, handle) in ctx.all.iter().enumerate() {
+        if handle.standby_for().is_some() {
+            continue;
+        }
         if !handle.is_ready() {
-            return Err(ErrorBody::new(
-                ErrorCode::Unavailable,
-                format!("shard {shard} is not served by this broker, so its references are not known here"),
-            ));
+            return Err(ErrorBody::new(ErrorCode::Unavailable, format!("shard {shard} is still recovering here")));
         }
         match handle.call(Command::BlobRefs).await {
             Reply::BlobRefs { definitions: d, outputs: o } => {
@@ -434,7 +437,7 @@ pub async fn collect(ctx: &Context) -> Result<GcStats, ErrorBody> {
             other => return Err(ErrorBody::new(ErrorCode::Internal, format!("unexpected reply {other:?}"))),
         }
     }
-    let referenced = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         let mut set: HashSet<String> = outputs.into_iter().collect();
         for d in &definitions {
             set.extend(blob::input_blobs(d));
@@ -442,7 +445,50 @@ pub async fn collect(ctx: &Context) -> Result<GcStats, ErrorBody> {
         set
     })
     .await
-    .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))?;
+    .map_err(|e| ErrorBody::new(ErrorCode::Internal, e.to_string()))
+}
+
+/// One collection pass: gathers the blobs every shard references (this broker's shards, then
+/// each other owner's over `GET /f/refs`), then deletes the rest that are past the grace
+/// period. A shard with no known owner, or an owner that does not answer, skips the pass: a
+/// blob only it references would look unreferenced.
+pub async fn collect(ctx: &Context) -> Result<GcStats, ErrorBody> {
+    let mut referenced = local_refs(ctx).await?;
+    let mut asked: Vec<crate::lease::Holder> = Vec::new();
+    for (shard, handle) in ctx.all.iter().enumerate() {
+        let owner = match handle.standby_for() {
+            None => continue,
+            Some(crate::lease::Standby::Unknown) => {
+                return Err(ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    format!("shard {shard} has no known owner now, so its references are not known; try again"),
+                ));
+            }
+            Some(crate::lease::Standby::Owner(owner)) => owner,
+        };
+        if asked.iter().any(|a| crate::router::same_broker(a, &owner)) {
+            continue;
+        }
+        let mut headers = http::HeaderMap::new();
+        if let Some(token) = ctx.tokens.client.as_ref().or(ctx.tokens.worker.as_ref())
+            && let Ok(value) = HeaderValue::from_str(&format!("Bearer {token}"))
+        {
+            headers.insert(header::AUTHORIZATION, value);
+        }
+        let unanswered = || {
+            ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!("{} (which owns shard {shard}) did not give its blob references; try again", owner.node),
+            )
+        };
+        let (status, body) = crate::router::ask(&owner, "/f/refs", &headers, &ctx.node).await.ok_or_else(unanswered)?;
+        let blobs: Vec<String> = match serde_json::from_slice::<serde_json::Value>(&body) {
+            Ok(v) if status.is_success() => serde_json::from_value(v["blobs"].clone()).map_err(|_| unanswered())?,
+            _ => return Err(unanswered()),
+        };
+        referenced.extend(blobs);
+        asked.push(owner);
+    }
     let stats = ctx.blobs.collect(&referenced).await.map_err(|e| e.body())?;
     tracing::info!(kept = stats.kept, deleted = stats.deleted, freed_bytes = stats.freed_bytes, "blob collection");
     Ok(stats)

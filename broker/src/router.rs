@@ -156,7 +156,7 @@ async fn locate(ctxs: &[Arc<Context>], job: JobId, req: Request<TimedBody>) -> R
 }
 
 /// True if two leases are held by one broker (each lease has a nonce of its own).
-fn same_broker(a: &Holder, b: &Holder) -> bool {
+pub(crate) fn same_broker(a: &Holder, b: &Holder) -> bool {
     a.node == b.node && a.advertise_url == b.advertise_url
 }
 
@@ -173,7 +173,12 @@ async fn probe(owner: &Holder, job: &JobId, query: Option<&str>, headers: &Heade
 
 /// A `GET` of `target` at `owner`, relayed as broker `me` with the client's end-to-end headers;
 /// the status and body, or `None` if it does not answer in time.
-async fn ask(owner: &Holder, target: &str, headers: &HeaderMap, me: &str) -> Option<(StatusCode, bytes::Bytes)> {
+pub(crate) async fn ask(
+    owner: &Holder,
+    target: &str,
+    headers: &HeaderMap,
+    me: &str,
+) -> Option<(StatusCode, bytes::Bytes)> {
     let url = owner.advertise_url.as_deref()?;
     let address = edge::address_of(url)?;
     let exchange = async {

@@ -335,8 +335,9 @@ async fn collect_blobs(ctx: Arc<Context>, every: Duration) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        // Only a broker serving every shard knows every reference (see `files::collect`).
-        if !ctx.all.iter().all(|h| h.is_ready()) {
+        // One broker of a cluster collects: the one serving shard 0. It gathers the other
+        // shards' references from their owners (see `files::collect`).
+        if !ctx.all[0].is_ready() {
             continue;
         }
         if let Err(e) = files::collect(&ctx).await {

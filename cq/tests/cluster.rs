@@ -1562,3 +1562,54 @@ async fn a_broker_that_joins_later_is_handed_its_share_while_jobs_run() {
     }
     assert_history_clean(&urls[1], &finished, &logs, run.path());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blob_collection_keeps_what_another_broker_s_shard_references() {
+    let Some(bin) = nats_server() else { return };
+    let nats = Nats::start(&bin).await;
+    let http = reqwest::Client::new();
+    let blobs = tempfile::tempdir().unwrap();
+    let dirs: Vec<tempfile::TempDir> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let blob_dir = blobs.path().to_str().unwrap().to_string();
+    let brokers: Vec<(Killed, String)> = ["a", "b"]
+        .iter()
+        .zip(&dirs)
+        .map(|(node, dir)| {
+            let args = ["--node-id", node, "--lease-ttl", "2s", "--shards", "4", "--blob-dir", &blob_dir];
+            cq_broker_with(&nats, dir.path(), "gc", &[&args[..], &["--blob-gc-grace", "0s"]].concat())
+        })
+        .collect();
+    let urls: Vec<String> = brokers.iter().map(|b| b.1.clone()).collect();
+    let deadline = Instant::now() + WAIT;
+    while wait_all_served(&http, &urls, 4).await != [2, 2] {
+        assert!(Instant::now() < deadline, "the shards were not shared");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A job on a queue of a shard b serves references one blob; another blob is referenced by
+    // nothing. Both are uploaded through a.
+    let text = http.get(format!("{}/metrics", urls[1])).send().await.unwrap().text().await.unwrap();
+    let queue = (0..)
+        .map(|i| format!("q{i}"))
+        .find(|q| text.contains(&format!("cq_shard_owned{{shard=\"{}\"}} 1", broker::shards::shard_of(q, 4))))
+        .unwrap();
+    let mut names = Vec::new();
+    for body in ["referenced on b's shard", "referenced by nothing"] {
+        let name = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body.as_bytes()));
+        let put = http.put(format!("{}/f/{name}", urls[0])).body(body).send().await.unwrap();
+        assert!(put.status().is_success(), "{}", put.text().await.unwrap());
+        names.push(name);
+    }
+    let definition = json!({"image": "cq-test/busybox",
+        "inputs": {"a": {"type": "blob", "sha256": names[0], "size": 23}}});
+    let r = http.post(format!("{}/q/{queue}/j", urls[0])).json(&json!({ "definition": definition })).send().await;
+    assert_eq!(r.unwrap().status(), 201);
+    // Collected from each broker in turn: the blob b's shard references stays.
+    for url in &urls {
+        let stats: Value =
+            http.post(format!("{url}/f/gc")).json(&json!({})).send().await.unwrap().json().await.unwrap();
+        assert_eq!(stats["kept"], 1, "{url}: {stats}");
+        let head = |name: &String| http.head(format!("{url}/f/{name}")).send();
+        assert_eq!(head(&names[0]).await.unwrap().status(), 200);
+        assert_eq!(head(&names[1]).await.unwrap().status(), 404);
+    }
+}
