@@ -56,7 +56,8 @@ pub async fn route(ctxs: &[Arc<Context>], req: Request<TimedBody>) -> Routed {
     let mut segments = path.trim_start_matches('/').split('/');
     match (segments.next(), segments.next()) {
         (Some("q"), Some(queue)) if !queue.is_empty() => {
-            let s = shard_of(queue, shards) as usize;
+            let queue = percent_encoding::percent_decode_str(queue).decode_utf8_lossy();
+            let s = shard_of(&queue, shards) as usize;
             to_shard(ctxs, s, req).await
         }
         (Some("q"), None) | (Some("j"), None) => Routed::Here(req, serving(ctxs)),
@@ -221,7 +222,13 @@ pub async fn gather(
     let mut asked: Vec<Holder> = Vec::new();
     for (s, handle) in ctx.all.iter().enumerate() {
         match handle.standby_for() {
-            None => {}
+            None if handle.is_ready() => {}
+            None => {
+                return Err(ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    format!("shard {s} is still recovering here; try again"),
+                ));
+            }
             Some(Standby::Unknown) => {
                 return Err(ErrorBody::new(
                     ErrorCode::Unavailable,
