@@ -124,8 +124,8 @@ pub async fn relay(
     let url = owner.advertise_url.as_deref().unwrap_or_default();
     let unreachable = |what: String| {
         unavailable(format!(
-            "this broker is a standby and cannot reach {} ({url}), which owns the log: {what}; the log may be \
-             moving to another broker, try again",
+            "this broker relays this request and cannot reach {} ({url}), which owns its shard's log: {what}; \
+             the log may be moving to another broker, try again",
             owner.node
         ))
     };

@@ -524,6 +524,9 @@ struct LogsQuery {
     expires: Option<String>,
     #[allow(dead_code)]
     sig: Option<String>,
+    /// Names the job's shard in a cluster (the router reads it).
+    #[allow(dead_code)]
+    queue: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -533,6 +536,9 @@ struct LinkQuery {
     ttl: Option<u64>,
     #[allow(dead_code)]
     token: Option<String>,
+    /// Names the job's shard in a cluster (the router reads it).
+    #[allow(dead_code)]
+    queue: Option<String>,
 }
 
 /// An output path as URL path segments, each percent-encoded.
@@ -549,6 +555,9 @@ struct CancelQuery {
     namespace: Option<String>,
     #[allow(dead_code)]
     token: Option<String>,
+    /// Names the job's shard in a cluster (the router reads it).
+    #[allow(dead_code)]
+    queue: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -707,26 +716,32 @@ async fn metrics(ctx: Arc<Context>) -> warp::reply::Response {
         .into_response()
 }
 
-/// `/readyz` of a broker of a cluster with several shards: ready once every shard is served,
-/// here or by a broker it knows (so it can relay); each shard's state follows.
+/// `/readyz` of a broker of a cluster with several shards: ready once it has recovered what it
+/// took and knows who serves at least one shard (so it takes requests: a shard moving between
+/// brokers, whose requests get `503` for a moment, does not take the whole broker out of a
+/// load balancer); each shard's state follows.
 fn shards_ready(ctx: &Context) -> warp::reply::Response {
-    let mut ready = true;
+    let (mut recovering, mut known) = (false, false);
     let mut lines = String::new();
     for (s, handle) in ctx.all.iter().enumerate() {
         let state = match handle.standby_for() {
-            None if handle.is_ready() => "served here".to_string(),
+            None if handle.is_ready() => {
+                known = true;
+                "served here".to_string()
+            }
             None => {
-                ready = false;
+                recovering = true;
                 "recovering here".to_string()
             }
-            Some(owner @ crate::lease::Standby::Owner(_)) => format!("owner: {owner}"),
-            Some(crate::lease::Standby::Unknown) => {
-                ready = false;
-                "owner not known yet".to_string()
+            Some(owner @ crate::lease::Standby::Owner(_)) => {
+                known = true;
+                format!("owner: {owner}")
             }
+            Some(crate::lease::Standby::Unknown) => "owner not known yet (moving)".to_string(),
         };
         lines.push_str(&format!("shard {s}: {state}\n"));
     }
+    let ready = known && !recovering;
     let (status, head) = if ready { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") };
     warp::reply::with_status(format!("{head}\n{lines}"), status).into_response()
 }

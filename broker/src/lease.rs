@@ -225,7 +225,9 @@ pub async fn acquire(
             let turn = placement.left_until(config.shard).unwrap_or_else(Instant::now) + placement.turn(config.shard);
             look.until(turn, &store, &key, &holder.nonce, config.shard, standby).await;
             if !placement.try_take() {
-                let head_start = Instant::now() + crate::shards::HEAD_START;
+                // The further over its share, the longer a broker lets the others go first.
+                let over = placement.held().saturating_sub(placement.share()) + 1;
+                let head_start = Instant::now() + crate::shards::HEAD_START * over;
                 look.until(head_start, &store, &key, &holder.nonce, config.shard, standby).await;
                 placement.take();
             }
@@ -391,7 +393,7 @@ fn tell(shard: u32, standby: &StandbyNote, owner: Holder, told: &mut Option<Hold
         return;
     }
     let said = Standby::Owner(owner.clone());
-    tracing::info!(shard, owner = %said, "standby: another broker owns this shard's log; taking over when its lease ends");
+    tracing::info!(shard, owner = %said, "another broker owns this shard: relaying to it, and taking over if it dies or stops");
     set_note(standby, Some(said));
     *told = Some(owner);
 }
@@ -615,8 +617,7 @@ pub async fn announce(
     placement: std::sync::Arc<crate::shards::Placement>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let name: String =
-        config.node.chars().map(|c| if c.is_ascii_alphanumeric() || "-_=".contains(c) { c } else { '_' }).collect();
+    let name = presence_name(&config.node);
     let key = format!("node.{name}");
     let mut store = None;
     let mut rounds = 0u32;
@@ -635,18 +636,6 @@ pub async fn announce(
         }
         if let Some(store) = &store {
             let value = Bytes::from(config.advertise_url.clone().unwrap_or_default());
-            if rounds == 0
-                && let Ok(Ok(Some(other))) = tokio::time::timeout(ANSWER_WITHIN, store.get(&key)).await
-                && other != value
-            {
-                tracing::warn!(
-                    node = %config.node,
-                    other = %String::from_utf8_lossy(&other),
-                    "another broker announces itself with this --node-id (at the address given; or this broker's previous \
-                     run, until its key expires): give each broker its own, or they count as one when the shards are \
-                     shared out"
-                );
-            }
             let put = tokio::time::timeout(ANSWER_WITHIN, store.put(&key, value)).await;
             // A list without this broker's own key, just written, is a listing that ended early
             // (a replica behind): the last good one is kept.
@@ -684,6 +673,47 @@ pub async fn announce(
     }
     if let Some(store) = store {
         let _ = tokio::time::timeout(ANSWER_WITHIN, store.delete(&key)).await;
+    }
+}
+
+/// A broker's name as its presence key holds it (`node.<name>`): what a key may not hold
+/// becomes `_`.
+fn presence_name(node: &str) -> String {
+    node.chars().map(|c| if c.is_ascii_alphanumeric() || "-_=".contains(c) { c } else { '_' }).collect()
+}
+
+/// Refuses to start a broker whose `--node-id` a live broker of the cluster announces already
+/// (at another address): the two would count as one when the shards are shared out. A key left
+/// by a broker that died (or by this one's previous run) is not renewed, so it is told apart by
+/// watching it for two renewal intervals.
+pub async fn ensure_node_unique(config: &NatsConfig, times: LeaseTimes) -> Result<(), LogError> {
+    let client = connect(config).await?;
+    let store = bucket(&jetstream::new(client), config, &times).await?;
+    let key = format!("node.{}", presence_name(&config.node));
+    let ours = Bytes::from(config.advertise_url.clone().unwrap_or_default());
+    let read = || async {
+        match tokio::time::timeout(ANSWER_WITHIN, store.entry(&key)).await {
+            Ok(Ok(Some(e))) if e.operation == kv::Operation::Put => Some(e),
+            _ => None,
+        }
+    };
+    let Some(first) = read().await else { return Ok(()) };
+    if first.value == ours {
+        return Ok(());
+    }
+    tokio::time::sleep(times.renew_every * 2 + Duration::from_millis(200)).await;
+    match read().await {
+        Some(now) if now.revision != first.revision && now.value != ours => Err(LogError::Nats {
+            context: "--node-id".into(),
+            message: format!(
+                "a live broker of cluster {} announces itself as `{}` already (at {}); give each broker its own \
+                 --node-id",
+                config.cluster,
+                config.node,
+                String::from_utf8_lossy(&now.value)
+            ),
+        }),
+        _ => Ok(()),
     }
 }
 

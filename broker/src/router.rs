@@ -6,7 +6,8 @@
 //!   (refused if they span several); without the parameter, to shard 0.
 //! - `/j/{id}…` to the shard holding the job: this broker's shards are asked first, then each
 //!   other owner with `GET /j/{id}` ([`probe`]); a request relayed here is answered from this
-//!   broker's shards alone, so two brokers never ask each other in turn.
+//!   broker's shards alone, so two brokers never ask each other in turn. With `?queue=Q`, to
+//!   `Q`'s shard.
 //! - `GET /q` and `GET /j?prefix=` gather every shard's answer ([`gather`]), in the handlers.
 //! - Health, readiness, metrics, the page and blobs are served here whatever shard they touch.
 //!
@@ -61,9 +62,12 @@ pub async fn route(ctxs: &[Arc<Context>], req: Request<TimedBody>) -> Routed {
             to_shard(ctxs, s, req).await
         }
         (Some("q"), None) | (Some("j"), None) => Routed::Here(req, serving(ctxs)),
-        (Some("j"), Some(id)) => match id.parse::<JobId>() {
-            Ok(job) => locate(ctxs, job, req).await,
-            Err(_) => Routed::Here(req, serving(ctxs)),
+        // `?queue=` names the shard outright: the one way to reach each of two jobs with one id
+        // in queues of different shards.
+        (Some("j"), Some(id)) => match (id.parse::<JobId>(), param(&query, "queue")) {
+            (Ok(_), Some(queue)) => to_shard(ctxs, shard_of(&queue, shards) as usize, req).await,
+            (Ok(job), None) => locate(ctxs, job, req).await,
+            (Err(_), _) => Routed::Here(req, serving(ctxs)),
         },
         (Some("ws"), Some("client")) => {
             let queue = param(&query, "queue");

@@ -95,6 +95,9 @@ pub async fn run(
     let shards = settings.as_ref().map_or(1, |s| s.shards);
     let metrics = Arc::new(crate::metrics::Metrics::default());
     let placement = (shards > 1).then(|| Arc::new(crate::shards::Placement::new(shards)));
+    if let (Some(_), Some(nats)) = (&placement, &config.store.nats) {
+        crate::lease::ensure_node_unique(nats, nats.lease.unwrap_or_default()).await?;
+    }
     let mut handles = Vec::new();
     let mut cores = futures_util::stream::FuturesUnordered::new();
     for shard in 0..shards {

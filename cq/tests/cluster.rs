@@ -1356,6 +1356,15 @@ async fn killing_the_broker_owning_the_most_shards_mid_run_loses_nothing_and_sta
         .unwrap();
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && said.contains("created with 4 shards"), "{said}");
+    // So is a second live broker under a name another one has.
+    let refused = Command::new(env!("CARGO_BIN_EXE_cq"))
+        .args(["broker", "--listen", "127.0.0.1:0", "--shared-blob-dir", "--nats-cluster", "spread"])
+        .args(["--nats", &nats.url_list(), "--node-id", "a", "--lease-ttl", "2s", "--data-dir"])
+        .arg(other.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && said.contains("announces itself as `a` already"), "{said}");
 
     // One queue per shard, a worker each, given every broker's address.
     let queues: Vec<String> = (0..SHARDS)
@@ -1405,6 +1414,12 @@ async fn killing_the_broker_owning_the_most_shards_mid_run_loses_nothing_and_sta
         let found: Value =
             http.get(format!("{url}/j?prefix={}", &id[..12])).send().await.unwrap().json().await.unwrap();
         assert_eq!(found["jobs"].as_array().unwrap().len(), 2, "{found}");
+        // Each one by its queue.
+        for queue in [&idle[0], &idle[1]] {
+            let job: Value =
+                http.get(format!("{url}/j/{id}?queue={queue}")).send().await.unwrap().json().await.unwrap();
+            assert_eq!(job["queue"], queue.as_str(), "{job}");
+        }
     }
     // A worker's queues must share a shard; the refusal says how.
     let refused = http.get(format!("{}/ws/worker?queues={},{}", urls[0], queues[0], queues[1])).send().await.unwrap();
