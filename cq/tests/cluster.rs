@@ -839,6 +839,25 @@ async fn killing_the_owner_mid_run_loses_nothing_and_starts_no_job_twice() {
     assert_history_clean(&b_url, &acked, &logs, run.path());
 }
 
+/// Kills `broker` with `kill -9`, then submits to `submit_url` every 20 ms until a submission is
+/// acknowledged; returns how long that took from the kill.
+async fn kill_until_acknowledged(http: &reqwest::Client, broker: Killed, submit_url: &str, kill: u64) -> Duration {
+    let mut broker = broker;
+    broker.0.kill().unwrap();
+    let killed = Instant::now();
+    broker.0.wait().unwrap();
+    let body = job(&format!("after kill {kill}"));
+    loop {
+        if let Ok(r) = http.post(submit_url).json(&body).send().await
+            && r.status().is_success()
+        {
+            return killed.elapsed();
+        }
+        assert!(killed.elapsed() < WAIT, "no submission was acknowledged after kill {kill}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Benchmark (ignored by default): failover time of a cluster of 3 brokers and 4 shards over 10
 /// kills, from `kill -9` of the broker serving the most shards to the first acknowledged
 /// submission to a queue of a shard it served, sent through another broker; the killed broker
@@ -884,21 +903,8 @@ async fn failover_time_of_shards_over_ten_kills() {
             .unwrap()
             .clone();
         let via = urls[(victim + 1) % 3].clone();
-        let (mut child, _) = brokers[victim].take().unwrap();
-        child.0.kill().unwrap();
-        let killed = Instant::now();
-        child.0.wait().unwrap();
-        let body = job(&format!("after kill {kill}"));
-        loop {
-            if let Ok(r) = http.post(format!("{via}/q/{moved}/j")).json(&body).send().await
-                && r.status().is_success()
-            {
-                break;
-            }
-            assert!(killed.elapsed() < WAIT, "no submission was acknowledged after kill {kill}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let took = killed.elapsed();
+        let (child, _) = brokers[victim].take().unwrap();
+        let took = kill_until_acknowledged(&http, child, &format!("{via}/q/{moved}/j"), kill).await;
         eprintln!("kill {kill} (broker {victim}, {} shards): {} ms", owned[victim], took.as_millis());
         times.push(took);
         brokers[victim] = Some(start(victim));
@@ -939,22 +945,9 @@ async fn failover_time_over_ten_kills() {
         // Killed at a different point of the owner's renewal cycle (1.5 s by default) each time,
         // and not just as the standby first looked at the key.
         tokio::time::sleep(Duration::from_millis(500 + (kill * 347) % 1500)).await;
-        let (mut child, _) = brokers[owner].take().unwrap();
+        let (child, _) = brokers[owner].take().unwrap();
         let other = brokers[1 - owner].as_ref().unwrap().1.clone();
-        child.0.kill().unwrap();
-        let killed = Instant::now();
-        child.0.wait().unwrap();
-        let body = job(&format!("after kill {kill}"));
-        loop {
-            if let Ok(r) = http.post(format!("{other}/q/q/j")).json(&body).send().await
-                && r.status().is_success()
-            {
-                break;
-            }
-            assert!(killed.elapsed() < WAIT, "no submission was acknowledged after kill {kill}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        let took = killed.elapsed();
+        let took = kill_until_acknowledged(&http, child, &format!("{other}/q/q/j"), kill).await;
         eprintln!("kill {kill}: {} ms", took.as_millis());
         times.push(took);
         // The killed broker comes back as the standby.
