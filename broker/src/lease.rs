@@ -635,13 +635,13 @@ pub async fn announce(
             };
         }
         if let Some(store) = &store {
-            let value = Bytes::from(config.advertise_url.clone().unwrap_or_default());
+            let value = Bytes::from(presence_value(&config, placement.serving()));
             let put = tokio::time::timeout(ANSWER_WITHIN, store.put(&key, value)).await;
             // A list without this broker's own key, just written, is a listing that ended early
             // (a replica behind): the last good one is kept.
             if let Ok(Ok(_)) = put
                 && let Some(nodes) = live_nodes(store).await
-                && nodes.contains(&name)
+                && nodes.iter().any(|(n, _)| *n == name)
             {
                 placement.set_nodes(nodes, &name);
             }
@@ -658,7 +658,7 @@ pub async fn announce(
                         shard,
                         serving = placement.serving(),
                         share = placement.share(),
-                        "serving more than a fair share of the shards: handing one over"
+                        "serving two or more shards more than another broker: handing one over"
                     );
                     placement.give_up(shard);
                     over = 0;
@@ -690,7 +690,7 @@ pub async fn ensure_node_unique(config: &NatsConfig, times: LeaseTimes) -> Resul
     let client = connect(config).await?;
     let store = bucket(&jetstream::new(client), config, &times).await?;
     let key = format!("node.{}", presence_name(&config.node));
-    let ours = Bytes::from(config.advertise_url.clone().unwrap_or_default());
+    let ours = config.advertise_url.clone().unwrap_or_default();
     let read = || async {
         match tokio::time::timeout(ANSWER_WITHIN, store.entry(&key)).await {
             Ok(Ok(Some(e))) if e.operation == kv::Operation::Put => Some(e),
@@ -698,28 +698,49 @@ pub async fn ensure_node_unique(config: &NatsConfig, times: LeaseTimes) -> Resul
         }
     };
     let Some(first) = read().await else { return Ok(()) };
-    if first.value == ours {
+    if presence_url(&first.value) == ours {
         return Ok(());
     }
     tokio::time::sleep(times.renew_every * 2 + Duration::from_millis(200)).await;
     match read().await {
-        Some(now) if now.revision != first.revision && now.value != ours => Err(LogError::Nats {
+        Some(now) if now.revision != first.revision && presence_url(&now.value) != ours => Err(LogError::Nats {
             context: "--node-id".into(),
             message: format!(
                 "a live broker of cluster {} announces itself as `{}` already (at {}); give each broker its own \
                  --node-id",
                 config.cluster,
                 config.node,
-                String::from_utf8_lossy(&now.value)
+                presence_url(&now.value)
             ),
         }),
         _ => Ok(()),
     }
 }
 
-/// The names of the brokers announced in the lease bucket, if NATS answers in time.
-async fn live_nodes(store: &kv::Store) -> Option<Vec<String>> {
-    let names = async {
+/// What a broker's presence key holds: where it is reached, and how many shards it serves.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Presence {
+    #[serde(default)]
+    url: String,
+    #[serde(default)]
+    serving: u32,
+}
+
+fn presence_value(config: &NatsConfig, serving: usize) -> Vec<u8> {
+    let presence = Presence { url: config.advertise_url.clone().unwrap_or_default(), serving: serving as u32 };
+    serde_json::to_vec(&presence).expect("a presence serialises")
+}
+
+/// The address a presence key's value names.
+fn presence_url(value: &[u8]) -> String {
+    serde_json::from_slice::<Presence>(value).map(|p| p.url).unwrap_or_else(|_| String::from_utf8_lossy(value).into())
+}
+
+/// The brokers announced in the lease bucket and how many shards each serves, if NATS answers
+/// in time.
+async fn live_nodes(store: &kv::Store) -> Option<Vec<(String, u32)>> {
+    let nodes = async {
         let mut keys = store.keys().await.ok()?;
         let mut names = Vec::new();
         while let Some(key) = keys.next().await {
@@ -727,9 +748,18 @@ async fn live_nodes(store: &kv::Store) -> Option<Vec<String>> {
                 names.push(name.to_string());
             }
         }
-        Some(names)
+        let mut nodes = Vec::with_capacity(names.len());
+        for name in names {
+            let serving = match store.get(format!("node.{name}")).await.ok()? {
+                Some(value) => serde_json::from_slice::<Presence>(&value).map(|p| p.serving).unwrap_or(0),
+                // Gone between the listing and the read: that broker stopped.
+                None => continue,
+            };
+            nodes.push((name, serving));
+        }
+        Some(nodes)
     };
-    tokio::time::timeout(ANSWER_WITHIN, names).await.ok().flatten()
+    tokio::time::timeout(ANSWER_WITHIN, nodes).await.ok().flatten()
 }
 
 /// True if NATS refused a write because the key was not at the revision expected: another

@@ -5,13 +5,15 @@
 //! and `gpu:b` share a shard, and one worker can serve both). Every broker runs a slot for every
 //! shard: the owner's serves it, the others wait as standbys and relay to the owner.
 //!
-//! [`Placement`] spreads the shards. The live brokers (their presence keys, sorted by name) take
-//! turns: shard `s` prefers the broker at position `s mod live`, then the next one, and so on, each
-//! trying [`TURN`] after the one before ([`Placement::turn`]). A broker holding its fair share
+//! [`Placement`] spreads the shards. The live brokers (their presence keys, which say how many
+//! shards each serves) take turns: the brokers serving fewer shards first, and among equals,
+//! by name starting at position `s mod live` for shard `s`, each trying [`TURN`] after the one
+//! before ([`Placement::turn`]). A broker holding its fair share
 //! (`ceil(shards / live)`) already gives the others a further head start ([`HEAD_START`]), then
 //! takes the shard anyway, so a shard is never left without an owner because the count was stale
-//! (a dead broker's key outlives it by a lease). A broker that serves more than its share for
-//! longer than a lease (a broker joined, or came back) gives its highest-numbered shard up, as a
+//! (a dead broker's key outlives it by a lease). A broker that serves two or more shards more
+//! than another live broker for longer than a lease (a broker joined, or came back) gives its
+//! highest-numbered shard up, as a
 //! graceful stop would, and leaves it to the others for [`GIVEN_UP_FOR`].
 
 use std::collections::{BTreeSet, HashMap};
@@ -64,6 +66,9 @@ pub fn shard_of_all<'a>(queues: impl IntoIterator<Item = &'a str>, shards: u32) 
     Ok(found.map(|(s, _)| s))
 }
 
+/// The live brokers (name, shards it serves), sorted by name, and this broker's place among them.
+type Order = (Vec<(String, u32)>, Option<usize>);
+
 /// This broker's share of the shards: how many it holds (or is taking) and how many brokers are
 /// live. Shared by the slots of one broker.
 #[derive(Debug)]
@@ -71,9 +76,9 @@ pub struct Placement {
     shards: u32,
     live: AtomicU32,
     held: AtomicU32,
-    /// The live brokers' names, sorted, and this broker's place among them (`None` until it
-    /// has seen itself announced).
-    order: Mutex<(Vec<String>, Option<usize>)>,
+    /// The live brokers' names and loads, sorted, and this broker's place among them (`None`
+    /// until it has seen itself announced).
+    order: Mutex<Order>,
     settled: watch::Sender<bool>,
     /// The shards this broker serves now.
     serving: Mutex<BTreeSet<u32>>,
@@ -112,11 +117,21 @@ impl Placement {
         self.serving.lock().expect("placement lock").len()
     }
 
-    /// The shard to give up when this broker serves more than its share, if it does: its
-    /// highest-numbered.
+    /// The shard to give up when this broker serves two or more shards more than another live
+    /// broker, if it does: its highest-numbered.
     pub fn over_share(&self) -> Option<u32> {
+        // The fewest shards another live broker announced serving (one lock at a time).
+        let least = {
+            let order = self.order.lock().expect("placement lock");
+            let (nodes, place) = &*order;
+            nodes.iter().enumerate().filter(|(i, _)| Some(*i) != *place).map(|(_, (_, load))| *load).min()
+        };
         let set = self.serving.lock().expect("placement lock");
-        (set.len() as u32 > self.share()).then(|| set.last().copied()).flatten()
+        let serving = set.len() as u32;
+        // Only when another broker serves two or more fewer: moving a shard from 2 to a broker
+        // with 1 would just swap them. So the brokers end within one shard of each other.
+        let uneven = least.is_some_and(|least| serving > least + 1);
+        uneven.then(|| set.last().copied()).flatten()
     }
 
     /// Asks the core of `shard` to give it up (a graceful hand-over, as on a stop).
@@ -158,23 +173,29 @@ impl Placement {
     }
 
     /// Notes the live brokers' names (this one's is `me`).
-    pub fn set_nodes(&self, mut nodes: Vec<String>, me: &str) {
+    pub fn set_nodes(&self, mut nodes: Vec<(String, u32)>, me: &str) {
         nodes.sort();
-        nodes.dedup();
+        nodes.dedup_by(|a, b| a.0 == b.0);
         self.set_live(nodes.len() as u32);
-        let place = nodes.iter().position(|n| n == me);
+        let place = nodes.iter().position(|(n, _)| n == me);
         *self.order.lock().expect("placement lock") = (nodes, place);
     }
 
-    /// How long this broker lets the brokers before it in `shard`'s order try first.
+    /// How long this broker lets the brokers before it in `shard`'s order try first. The order:
+    /// the brokers serving fewer shards first (as they announced it; this one's own count as it
+    /// is now), and among those serving as many, by name, starting at `shard mod live`.
     pub fn turn(&self, shard: u32) -> Duration {
+        let serving = self.serving() as u32;
         let order = self.order.lock().expect("placement lock");
         let (nodes, place) = &*order;
         let n = nodes.len().max(1);
-        let rank = match place {
-            Some(p) => (p + n - shard as usize % n) % n,
-            None => n,
+        let Some(me) = *place else { return TURN * n as u32 };
+        let key = |i: usize| {
+            let load = if i == me { serving } else { nodes[i].1 };
+            (load, (i + n - shard as usize % n) % n)
         };
+        let mine = key(me);
+        let rank = (0..nodes.len()).filter(|&i| i != me && key(i) < mine).count();
         TURN * rank as u32
     }
 
@@ -251,7 +272,7 @@ mod tests {
 
     #[test]
     fn the_live_brokers_take_turns_shard_by_shard() {
-        let names = || vec!["c".to_string(), "a".into(), "b".into()];
+        let names = || vec![("c".to_string(), 0), ("a".into(), 0), ("b".into(), 0)];
         let turns = |me: &str| {
             let p = Placement::new(4);
             p.set_nodes(names(), me);
@@ -262,6 +283,13 @@ mod tests {
         assert_eq!(turns("a"), [z, TURN * 2, TURN, z]);
         assert_eq!(turns("b"), [TURN, z, TURN * 2, TURN]);
         assert_eq!(turns("c"), [TURN * 2, TURN, z, TURN * 2]);
+        // A broker serving fewer shards goes first, whatever the name order says.
+        let p = Placement::new(4);
+        p.set_nodes(vec![("a".into(), 2), ("b".into(), 0), ("c".into(), 1)], "b");
+        assert_eq!((0..4).map(|s| p.turn(s)).collect::<Vec<_>>(), [z; 4]);
+        let p = Placement::new(4);
+        p.set_nodes(vec![("a".into(), 2), ("b".into(), 0), ("c".into(), 1)], "a");
+        assert_eq!(p.turn(0), z, "a serves none yet by its own count, and comes first for shard 0");
         // Not yet announced: after every other broker.
         let p = Placement::new(4);
         p.set_nodes(names(), "d");
@@ -275,8 +303,10 @@ mod tests {
             assert!(p.try_take());
             p.set_serving(s, true);
         }
-        assert_eq!(p.over_share(), None, "alone, 3 of 4 is within the share");
-        p.set_nodes(vec!["a".into(), "b".into()], "a");
+        assert_eq!(p.over_share(), None, "alone, there is nobody to give a shard to");
+        p.set_nodes(vec![("a".into(), 3), ("b".into(), 2)], "a");
+        assert_eq!(p.over_share(), None, "nobody serves 2 fewer");
+        p.set_nodes(vec![("a".into(), 3), ("b".into(), 1)], "a");
         assert_eq!(p.over_share(), Some(3), "2 of 4 each for two brokers");
         p.give_up(3);
         let mut asked = Box::pin(p.asked_to_give_up(3));

@@ -1326,12 +1326,12 @@ async fn killing_the_broker_owning_the_most_shards_mid_run_loses_nothing_and_sta
         })
         .collect();
     let urls: Vec<String> = brokers.iter().map(|b| b.1.clone()).collect();
-    // Each takes at most its fair share of 4 over 3 (at once when they see each other start, or
-    // after one hands a shard over).
+    // They end within one shard of each other: 2, 1 and 1 (at once when they see each other
+    // start, or after one hands a shard over).
     let deadline = Instant::now() + WAIT;
     let owned = loop {
         let owned = wait_all_served(&http, &urls, SHARDS as usize).await;
-        if owned.iter().all(|n| *n <= 2) {
+        if owned.iter().max().unwrap() - owned.iter().min().unwrap() <= 1 {
             break owned;
         }
         assert!(Instant::now() < deadline, "the shards were not shared fairly: {owned:?}");
@@ -1609,8 +1609,17 @@ async fn blob_collection_keeps_what_another_broker_s_shard_references() {
     }
     let definition = json!({"image": "cq-test/busybox",
         "inputs": {"a": {"type": "blob", "sha256": names[0], "size": 23}}});
-    let r = http.post(format!("{}/q/{queue}/j", urls[0])).json(&json!({ "definition": definition })).send().await;
-    assert_eq!(r.unwrap().status(), 201);
+    // Through a, which relays it to b (a 503 while a learns that a shard just moved, retried).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = http.post(format!("{}/q/{queue}/j", urls[0])).json(&json!({ "definition": definition })).send().await;
+        let r = r.unwrap();
+        if r.status() == 201 {
+            break;
+        }
+        assert!(r.status() == 503 && Instant::now() < deadline, "{}", r.text().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // Collected from each broker in turn: the blob b's shard references stays.
     for url in &urls {
         let stats: Value =
