@@ -454,27 +454,13 @@ async fn local_refs(ctx: &Context) -> Result<HashSet<String>, ErrorBody> {
 /// blob only it references would look unreferenced.
 pub async fn collect(ctx: &Context) -> Result<GcStats, ErrorBody> {
     let mut referenced = local_refs(ctx).await?;
-    let mut asked: Vec<crate::lease::Holder> = Vec::new();
-    for (shard, handle) in ctx.all.iter().enumerate() {
-        let owner = match handle.standby_for() {
-            None => continue,
-            Some(crate::lease::Standby::Unknown) => {
-                return Err(ErrorBody::new(
-                    ErrorCode::Unavailable,
-                    format!("shard {shard} has no known owner now, so its references are not known; try again"),
-                ));
-            }
-            Some(crate::lease::Standby::Owner(owner)) => owner,
-        };
-        if asked.iter().any(|a| crate::router::same_broker(a, &owner)) {
-            continue;
-        }
-        let mut headers = http::HeaderMap::new();
-        if let Some(token) = ctx.tokens.client.as_ref().or(ctx.tokens.worker.as_ref())
-            && let Ok(value) = HeaderValue::from_str(&format!("Bearer {token}"))
-        {
-            headers.insert(header::AUTHORIZATION, value);
-        }
+    let mut headers = http::HeaderMap::new();
+    if let Some(token) = ctx.tokens.client.as_ref().or(ctx.tokens.worker.as_ref())
+        && let Ok(value) = HeaderValue::from_str(&format!("Bearer {token}"))
+    {
+        headers.insert(header::AUTHORIZATION, value);
+    }
+    for (shard, owner) in crate::router::other_owners(&ctx.all)? {
         let unanswered = || {
             ErrorBody::new(
                 ErrorCode::Unavailable,
@@ -487,7 +473,6 @@ pub async fn collect(ctx: &Context) -> Result<GcStats, ErrorBody> {
             _ => return Err(unanswered()),
         };
         referenced.extend(blobs);
-        asked.push(owner);
     }
     let stats = ctx.blobs.collect(&referenced).await.map_err(|e| e.body())?;
     tracing::info!(kept = stats.kept, deleted = stats.deleted, freed_bytes = stats.freed_bytes, "blob collection");

@@ -650,7 +650,7 @@ pub async fn announce(
         if rounds >= 2 && started.elapsed() >= SETTLE_FOR {
             placement.set_settled();
         }
-        match placement.over_share() {
+        match placement.to_hand_over() {
             Some(shard) => {
                 over += 1;
                 if over >= over_for {

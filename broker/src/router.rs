@@ -160,8 +160,38 @@ async fn locate(ctxs: &[Arc<Context>], job: JobId, req: Request<TimedBody>) -> R
     Routed::Answered(files::error(body))
 }
 
+/// The other brokers that own shards, once each, with the first shard each owns: whom to ask
+/// for what every shard contributes. An error (`503`) while a shard is still recovering here or
+/// has no known owner, as an answer without it would read as complete.
+pub(crate) fn other_owners(all: &[crate::runtime::Handle]) -> Result<Vec<(usize, Holder)>, ErrorBody> {
+    let mut owners: Vec<(usize, Holder)> = Vec::new();
+    for (s, handle) in all.iter().enumerate() {
+        match handle.standby_for() {
+            None if handle.is_ready() => {}
+            None => {
+                return Err(ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    format!("shard {s} is still recovering here; try again"),
+                ));
+            }
+            Some(Standby::Unknown) => {
+                return Err(ErrorBody::new(
+                    ErrorCode::Unavailable,
+                    format!("shard {s} is moving between brokers; try again"),
+                ));
+            }
+            Some(Standby::Owner(owner)) => {
+                if !owners.iter().any(|(_, o)| same_broker(o, &owner)) {
+                    owners.push((s, owner));
+                }
+            }
+        }
+    }
+    Ok(owners)
+}
+
 /// True if two leases are held by one broker (each lease has a nonce of its own).
-pub(crate) fn same_broker(a: &Holder, b: &Holder) -> bool {
+fn same_broker(a: &Holder, b: &Holder) -> bool {
     a.node == b.node && a.advertise_url == b.advertise_url
 }
 
@@ -223,44 +253,24 @@ pub async fn gather(
     if headers.contains_key(RELAYED_BY) || ctx.all.len() <= 1 {
         return Ok(items);
     }
-    let mut asked: Vec<Holder> = Vec::new();
-    for (s, handle) in ctx.all.iter().enumerate() {
-        match handle.standby_for() {
-            None if handle.is_ready() => {}
-            None => {
-                return Err(ErrorBody::new(
-                    ErrorCode::Unavailable,
-                    format!("shard {s} is still recovering here; try again"),
-                ));
-            }
-            Some(Standby::Unknown) => {
-                return Err(ErrorBody::new(
-                    ErrorCode::Unavailable,
-                    format!("shard {s} is moving between brokers; try again"),
-                ));
-            }
-            Some(Standby::Owner(owner)) if !asked.iter().any(|a| same_broker(a, &owner)) => {
-                asked.push(owner.clone());
-                let answer = ask(&owner, target, headers, &ctx.node).await;
-                let Some((status, body)) = answer else {
-                    return Err(ErrorBody::new(
-                        ErrorCode::Unavailable,
-                        format!("{} (which owns shard {s}) did not answer; try again", Standby::Owner(owner)),
-                    ));
-                };
-                let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-                if !status.is_success() {
-                    let said = value["error"]["message"].as_str().unwrap_or("").to_string();
-                    return Err(ErrorBody::new(
-                        ErrorCode::Unavailable,
-                        format!("{} (which owns shard {s}) answered {status}: {said}", Standby::Owner(owner)),
-                    ));
-                }
-                if let Some(list) = value[field].as_array() {
-                    items.extend(list.iter().cloned());
-                }
-            }
-            Some(Standby::Owner(_)) => {}
+    for (s, owner) in other_owners(&ctx.all)? {
+        let said = Standby::Owner(owner.clone());
+        let Some((status, body)) = ask(&owner, target, headers, &ctx.node).await else {
+            return Err(ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!("{said} (which owns shard {s}) did not answer; try again"),
+            ));
+        };
+        let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        if !status.is_success() {
+            let message = value["error"]["message"].as_str().unwrap_or("").to_string();
+            return Err(ErrorBody::new(
+                ErrorCode::Unavailable,
+                format!("{said} (which owns shard {s}) answered {status}: {message}"),
+            ));
+        }
+        if let Some(list) = value[field].as_array() {
+            items.extend(list.iter().cloned());
         }
     }
     Ok(items)

@@ -119,7 +119,7 @@ impl Placement {
 
     /// The shard to give up when this broker serves two or more shards more than another live
     /// broker, if it does: its highest-numbered.
-    pub fn over_share(&self) -> Option<u32> {
+    pub fn to_hand_over(&self) -> Option<u32> {
         // The fewest shards another live broker announced serving (one lock at a time).
         let least = {
             let order = self.order.lock().expect("placement lock");
@@ -303,17 +303,17 @@ mod tests {
             assert!(p.try_take());
             p.set_serving(s, true);
         }
-        assert_eq!(p.over_share(), None, "alone, there is nobody to give a shard to");
+        assert_eq!(p.to_hand_over(), None, "alone, there is nobody to give a shard to");
         p.set_nodes(vec![("a".into(), 3), ("b".into(), 2)], "a");
-        assert_eq!(p.over_share(), None, "nobody serves 2 fewer");
+        assert_eq!(p.to_hand_over(), None, "nobody serves 2 fewer");
         p.set_nodes(vec![("a".into(), 3), ("b".into(), 1)], "a");
-        assert_eq!(p.over_share(), Some(3), "2 of 4 each for two brokers");
+        assert_eq!(p.to_hand_over(), Some(3), "2 of 4 each for two brokers");
         p.give_up(3);
         let mut asked = Box::pin(p.asked_to_give_up(3));
         assert!(futures_util::FutureExt::now_or_never(asked.as_mut()).is_some());
         p.set_serving(3, false);
         p.gave_up(3);
-        assert_eq!((p.held(), p.serving(), p.over_share()), (2, 2, None));
+        assert_eq!((p.held(), p.serving(), p.to_hand_over()), (2, 2, None));
         assert!(p.left_until(3).is_some() && p.left_until(1).is_none());
         assert!(futures_util::FutureExt::now_or_never(Box::pin(p.asked_to_give_up(3))).is_none());
     }
