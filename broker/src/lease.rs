@@ -610,7 +610,8 @@ async fn create_or_read(store: &kv::Store, name: &str, key: &str, value: Bytes) 
 /// so it vanishes a lease after the broker dies) and counts the brokers announced, for
 /// `placement`'s fair share, until `shutdown`; then removes the announcement. The placement is
 /// settled after the second count and at least [`SETTLE_FOR`] after this broker first announced
-/// itself. A broker serving more than its share for longer than a lease gives a shard up.
+/// itself. A broker serving two or more shards more than another for longer than a lease gives
+/// a shard up.
 pub async fn announce(
     config: NatsConfig,
     times: LeaseTimes,
@@ -621,9 +622,9 @@ pub async fn announce(
     let key = format!("node.{name}");
     let mut store = None;
     let mut rounds = 0u32;
-    // Rounds in a row this broker served more than its share. A shard is given up only after
-    // a lease's worth of them, so a dead broker's key (which outlives it by a lease) does not
-    // make the survivors give up the shards they just took from it.
+    // Rounds in a row this broker served two or more shards more than another. A shard is given
+    // up only after a lease's worth of them, so a dead broker's key (which outlives it by a
+    // lease) does not make the survivors give up the shards they just took from it.
     let mut over = 0u32;
     let over_for = (times.ttl.as_millis() / times.renew_every.as_millis().max(1)) as u32 + 2;
     let started = Instant::now();
